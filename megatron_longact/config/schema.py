@@ -1,0 +1,187 @@
+"""Typed configuration for every stage. Plain data: no torch, no megatron.
+
+One dataclass per component; :class:`JobConfig` composes them and is what a YAML recipe
+describes (top-level keys are the section names). ``__post_init__`` checks each section on its
+own; checks that need the world size live in the runtime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+# Paper section 4.1 defaults (SFT cold start and DAPO).
+PAPER_SFT_LR = 2e-5
+PAPER_SFT_WARMUP_RATIO = 0.03
+PAPER_RL_LR = 1e-6
+PAPER_LONGACT_RATIO = 0.3
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Which model to build."""
+
+    hf_path: str | None = None
+    """Folder holding a Hugging Face ``config.json`` (Qwen3, Qwen2, Llama). Wins over ``preset``."""
+    preset: str = "tiny-qwen3"
+    """A config shipped in ``megatron_longact/assets/models/<preset>/config.json``."""
+    attention_backend: Literal["auto", "local", "te"] = "auto"
+    """``auto``: Transformer Engine when it imports and CUDA is present, megatron's local spec
+    otherwise."""
+    init_method_std: float = 0.02
+    max_position_embeddings: int | None = None
+    """Overrides the HF value (e.g. to cap RoPE tables for a short CPU run)."""
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """megatron parallel layout; data parallel size is world / (TP * PP * CP)."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    """GPU/TE only: megatron's local norms assert it is off."""
+    use_distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                     "context_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ValueError("sequence_parallel needs tensor_model_parallel_size > 1; set it false")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW + megatron's OptimizerParamScheduler."""
+
+    lr: float = PAPER_SFT_LR
+    min_lr: float = 0.0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = PAPER_SFT_WARMUP_RATIO
+    """Fraction of ``train.train_steps`` spent warming up (ignored when ``warmup_steps`` set)."""
+    warmup_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr must lie in [0, lr={self.lr}], got {self.min_lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Token data for SFT (chat JSONL) or RL (prompt JSONL)."""
+
+    train_path: str | None = None
+    val_path: str | None = None
+    tokenizer_path: str | None = None
+    """Local Hugging Face tokenizer folder; None means the tiny tokenizer shipped in assets."""
+    seq_length: int = 1024
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    packing: bool = True
+    """Pack samples into ``seq_length`` bins (samples never attend across boundaries)."""
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        if self.seq_length < 8:
+            raise ValueError(f"seq_length must be >= 8, got {self.seq_length}")
+        if self.micro_batch_size < 1 or self.global_batch_size < self.micro_batch_size:
+            raise ValueError(
+                f"need 1 <= micro_batch_size ({self.micro_batch_size}) <= global_batch_size "
+                f"({self.global_batch_size})"
+            )
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Loop length, seeds, precision and memory knobs."""
+
+    train_steps: int = 100
+    seed: int = 1234
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """``auto``: bf16 on GPU, fp32 on CPU."""
+    recompute: Literal["none", "full", "selective"] = "none"
+    log_interval: int = 1
+    eval_interval: int = 0
+    """Steps between validation passes; 0 disables."""
+    eval_batches: int = 2
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Sharded megatron dist_checkpointing checkpoints."""
+
+    save_dir: str | None = None
+    load_dir: str | None = None
+    """Checkpoint to start from. Resuming from ``save_dir`` (its ``latest``) always wins."""
+    load_weights_only: bool = True
+    """When loading ``load_dir`` (not resuming): take the model weights only, fresh optimizer
+    and step 0 (the SFT -> RL hand-over)."""
+    save_interval: int = 0
+    """Steps between saves; 0 saves only at the end."""
+    keep_last: int = 2
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    tensorboard_dir: str | None = None
+    """Defaults to ``<checkpoint.save_dir>/../tensorboard`` when a save dir is set."""
+    wandb_project: str | None = None
+    progress: bool = True
+
+
+@dataclass(kw_only=True)
+class LongActConfig:
+    """LongAct saliency-guided sparse Q/K updates (paper section 3.3)."""
+
+    strategy: Literal["massive", "min", "random", "none"] = "massive"
+    """``none`` is the dense baseline."""
+    ratio: float = PAPER_LONGACT_RATIO
+    """lambda: fraction of each head's D dims that train (k = floor(lambda * D))."""
+    targets: list[str] = field(default_factory=lambda: ["q", "k"])
+    selection_scope: Literal["per_head", "global"] = "per_head"
+    mode: Literal["grad", "freeze"] = "grad"
+    schedule: Literal["dynamic", "every_n_steps", "static"] = "dynamic"
+    every_n_steps: int = 1
+    ema_decay: float = 0.0
+    """0 disables the EMA of M across steps."""
+    static_saliency_path: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.ratio <= 1:
+            raise ValueError(f"ratio (lambda) must lie in (0, 1], got {self.ratio}")
+        bad = [t for t in self.targets if t not in ("q", "k", "v")]
+        if bad or not self.targets:
+            raise ValueError(f"targets must be a non-empty subset of [q, k, v], got {self.targets}")
+        if self.schedule == "static" and self.static_saliency_path is None:
+            raise ValueError("schedule 'static' needs static_saliency_path (see `longact saliency`)")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    """A whole run: what ``longact sft|rl --config X.yaml`` reads."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    longact: LongActConfig = field(default_factory=LongActConfig)

@@ -1,0 +1,145 @@
+"""Build megatron-core's ``GPTModel`` from a Hugging Face config.
+
+Transformer Engine's layer spec when TE imports and CUDA is present (needed for context
+parallel and THD packed attention); megatron's local spec otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from megatron_longact.config.schema import ModelConfig, ParallelConfig, TrainConfig
+from megatron_longact.models.hf_config import (
+    HFArchitecture,
+    gpt_model_kwargs,
+    parse_hf_config,
+    read_hf_config,
+    resolve_model_dir,
+    transformer_config_kwargs,
+)
+
+
+def load_architecture(model: ModelConfig) -> HFArchitecture:
+    """Reads and validates the HF config that ``model`` points at."""
+    model_dir = resolve_model_dir(hf_path=model.hf_path, preset=model.preset)
+    return parse_hf_config(read_hf_config(model_dir), source=str(model_dir / "config.json"))
+
+
+def resolve_dtype(precision: str) -> torch.dtype:
+    """``auto`` -> bf16 with CUDA, fp32 without (CPU kernels for bf16 training are slow)."""
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+def use_transformer_engine(model: ModelConfig) -> bool:
+    """Whether to build with TE modules (errors if ``te`` is asked for and unavailable)."""
+    try:
+        import transformer_engine  # noqa: F401
+
+        te_ok = torch.cuda.is_available()
+    except ImportError:
+        te_ok = False
+    if model.attention_backend == "te" and not te_ok:
+        raise ValueError(
+            "model.attention_backend=te needs CUDA and transformer-engine "
+            "(pip install -e '.[gpu]'); use auto or local"
+        )
+    return te_ok and model.attention_backend != "local"
+
+
+def make_transformer_config(
+    arch: HFArchitecture,
+    *,
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    train: TrainConfig,
+    extra: dict[str, Any] | None = None,
+):
+    """``TransformerConfig`` for ``arch`` with the run's parallelism, precision and recompute.
+
+    ``calculate_per_token_loss`` is on: loss functions return (sum, count) and megatron divides
+    gradients by the global count (all-reduced over DP x CP), so micro-batching and DP never
+    change the effective loss normalisation.
+    """
+    from megatron.core.transformer import TransformerConfig
+
+    dtype = resolve_dtype(train.precision)
+    if arch.num_attention_heads % parallel.tensor_model_parallel_size:
+        raise ValueError(
+            f"num_attention_heads={arch.num_attention_heads} is not divisible by "
+            f"parallel.tensor_model_parallel_size={parallel.tensor_model_parallel_size}"
+        )
+    if arch.num_layers % parallel.pipeline_model_parallel_size:
+        raise ValueError(
+            f"num_hidden_layers={arch.num_layers} is not divisible by "
+            f"parallel.pipeline_model_parallel_size={parallel.pipeline_model_parallel_size}"
+        )
+    kwargs = transformer_config_kwargs(arch)
+    kwargs.update(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+        init_method_std=model.init_method_std,
+        use_cpu_initialization=True,
+        calculate_per_token_loss=True,
+        # Fused kernels exist only on GPU; on CPU megatron's unfused paths are exact.
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        deallocate_pipeline_outputs=False,
+    )
+    if not torch.cuda.is_available():
+        # Batched p2p calls torch.cuda.synchronize; plain isend/irecv works on gloo.
+        kwargs["batch_p2p_comm"] = False
+    if train.recompute == "full":
+        kwargs.update(recompute_granularity="full", recompute_method="uniform",
+                      recompute_num_layers=1)
+    elif train.recompute == "selective":
+        kwargs.update(recompute_granularity="selective")
+    kwargs.update(extra or {})
+    return TransformerConfig(**kwargs)
+
+
+def build_gpt_model(
+    arch: HFArchitecture,
+    transformer_config,
+    *,
+    model: ModelConfig,
+    pre_process: bool = True,
+    post_process: bool = True,
+):
+    """One ``GPTModel`` chunk (this rank's pipeline stage), parameters in ``params_dtype``.
+
+    Must be called on every rank after :func:`init_distributed` (it reads parallel_state).
+    """
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if use_transformer_engine(model):
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+    else:
+        spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    gpt = GPTModel(
+        config=transformer_config,
+        transformer_layer_spec=spec,
+        pre_process=pre_process,
+        post_process=post_process,
+        **gpt_model_kwargs(arch, max_position_embeddings=model.max_position_embeddings),
+    )
+    if transformer_config.params_dtype != torch.float32:
+        gpt = gpt.to(transformer_config.params_dtype)
+    if torch.cuda.is_available():
+        gpt = gpt.cuda(torch.cuda.current_device())
+    return gpt

@@ -1,0 +1,156 @@
+"""Map a Hugging Face ``config.json`` (Qwen3, Qwen2, Llama) onto megatron-core's config.
+
+Pure data: returns plain dicts of ``TransformerConfig`` and ``GPTModel`` keyword arguments so
+the converter, the planner and the model builder agree on one mapping.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "models"
+
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HFArchitecture:
+    """The architecture facts megatron needs, read from an HF config.
+
+    Shapes: ``num_attention_heads * head_dim`` need not equal ``hidden_size`` (Qwen3 decouples
+    them), so ``kv_channels`` is always set explicitly.
+    """
+
+    model_type: str
+    hidden_size: int
+    ffn_hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    rotary_base: float
+    norm_epsilon: float
+    tie_word_embeddings: bool
+    qk_layernorm: bool
+    qkv_bias: bool
+    llama3_rope_scaling: float | None
+
+
+def resolve_model_dir(*, hf_path: str | None, preset: str) -> Path:
+    """The folder whose ``config.json`` describes the model (a user path or a shipped preset)."""
+    if hf_path is not None:
+        path = Path(hf_path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model.hf_path={hf_path}: no config.json there; point it at a local Hugging Face "
+                "model folder (nothing is downloaded)"
+            )
+        return path
+    path = ASSETS_DIR / preset
+    if not (path / "config.json").is_file():
+        names = sorted(p.name for p in ASSETS_DIR.iterdir() if (p / "config.json").is_file())
+        raise ValueError(f"model.preset={preset!r} is not shipped; choose one of {names}")
+    return path
+
+
+def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
+    """Loads ``<model_dir>/config.json`` as a dict (error names the file on bad JSON)."""
+    path = Path(model_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+
+
+def parse_hf_config(hf: dict[str, Any], *, source: str = "config.json") -> HFArchitecture:
+    """Validates an HF config dict and extracts :class:`HFArchitecture`.
+
+    Raises:
+        ValueError: naming ``source`` and the field, for model types or features this mapping
+            cannot represent (MoE, sliding window, non-llama3 rope scaling, non-SiLU MLPs).
+    """
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"{source}: model_type={model_type!r} cannot be mapped; supported: "
+            f"{list(SUPPORTED_MODEL_TYPES)}"
+        )
+
+    def need(key: str) -> Any:
+        if key not in hf:
+            raise ValueError(f"{source}: missing field '{key}' required for {model_type}")
+        return hf[key]
+
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r}; only silu (SwiGLU) maps")
+    if hf.get("use_sliding_window"):
+        raise ValueError(f"{source}: use_sliding_window=true cannot be mapped; set it false")
+    if hf.get("num_experts") or hf.get("num_local_experts"):
+        raise ValueError(f"{source}: MoE configs cannot be mapped by this converter")
+    scaling = hf.get("rope_scaling")
+    llama3_factor = None
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind != "llama3":
+            raise ValueError(f"{source}: rope_scaling type {kind!r} cannot be mapped (llama3 only)")
+        llama3_factor = float(scaling["factor"])
+    heads = need("num_attention_heads")
+    hidden = need("hidden_size")
+    return HFArchitecture(
+        model_type=model_type,
+        hidden_size=hidden,
+        ffn_hidden_size=need("intermediate_size"),
+        num_layers=need("num_hidden_layers"),
+        num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hidden // heads,
+        vocab_size=need("vocab_size"),
+        max_position_embeddings=need("max_position_embeddings"),
+        rotary_base=float(hf.get("rope_theta", 10000.0)),
+        norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qk_layernorm=model_type == "qwen3",
+        # Qwen2 always has q/k/v biases; Llama and Qwen3 only with attention_bias=true.
+        qkv_bias=True if model_type == "qwen2" else bool(hf.get("attention_bias", False)),
+        llama3_rope_scaling=llama3_factor,
+    )
+
+
+def transformer_config_kwargs(arch: HFArchitecture) -> dict[str, Any]:
+    """``TransformerConfig`` fields that describe the architecture (no parallelism/precision)."""
+    return {
+        "num_layers": arch.num_layers,
+        "hidden_size": arch.hidden_size,
+        "ffn_hidden_size": arch.ffn_hidden_size,
+        "num_attention_heads": arch.num_attention_heads,
+        "num_query_groups": arch.num_query_groups,
+        "kv_channels": arch.head_dim,
+        "normalization": "RMSNorm",
+        "layernorm_epsilon": arch.norm_epsilon,
+        "gated_linear_unit": True,
+        "add_bias_linear": False,
+        "add_qkv_bias": arch.qkv_bias,
+        "qk_layernorm": arch.qk_layernorm,
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+    }
+
+
+def gpt_model_kwargs(arch: HFArchitecture, *, max_position_embeddings: int | None) -> dict[str, Any]:
+    """``GPTModel`` constructor arguments other than config and layer spec."""
+    kwargs: dict[str, Any] = {
+        "vocab_size": arch.vocab_size,
+        "max_sequence_length": max_position_embeddings or arch.max_position_embeddings,
+        "position_embedding_type": "rope",
+        "rotary_base": int(arch.rotary_base),
+        "share_embeddings_and_output_weights": arch.tie_word_embeddings,
+    }
+    if arch.llama3_rope_scaling is not None:
+        kwargs["rope_scaling"] = True
+        kwargs["rope_scaling_factor"] = arch.llama3_rope_scaling
+    return kwargs

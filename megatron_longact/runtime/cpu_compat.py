@@ -1,0 +1,159 @@
+"""Run megatron-core on a machine without CUDA (gloo backend, fp32).
+
+megatron-core assumes a GPU in a few places: it asks ``torch.cuda.current_device()``,
+creates tensors with ``device='cuda'``, forks a CUDA RNG tracker, checks
+``param.type() == 'torch.cuda.FloatTensor'`` in its optimizers and calls
+``torch.cuda.synchronize()``. This module, and only this module, bridges those to the
+CPU. :func:`enable` is a no-op when CUDA is available, so GPU runs never see it.
+
+What it does, and why each piece is needed:
+
+* a :class:`torch.overrides.TorchFunctionMode` that rewrites ``device='cuda'`` to CPU in
+  factory calls, ``Tensor.cuda()``/``.to('cuda')`` to no-ops, and reports CPU tensors as
+  ``torch.cuda.*Tensor`` from ``Tensor.type()`` (megatron's optimizer dispatch reads it);
+* ``torch.cuda.current_device``/``synchronize``/``empty_cache``/``set_device`` as no-ops;
+* a CPU RNG tracker in place of megatron's ``CudaRNGStatesTracker`` (dropout and init under
+  ``get_cuda_rng_tracker().fork()`` draw from seeded CPU generator states), and CPU RNG
+  get/set for activation recomputation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_ENABLED = False
+_MODE: TorchFunctionMode | None = None
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int)  # a bare ordinal means a CUDA device in torch APIs
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Maps CUDA device requests to the CPU for every torch call made under it."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if (i > 0 and _is_cuda_device(a) and not isinstance(a, int)) else a
+                         for i, a in enumerate(args))
+        return func(*args, **kwargs)
+
+
+class CpuRNGStatesTracker:
+    """Drop-in for megatron's ``CudaRNGStatesTracker`` backed by CPU generator states.
+
+    ``fork(name)`` swaps the global CPU RNG state for the named state, runs the block, saves
+    the advanced state under ``name`` and restores the caller's state, exactly like the CUDA
+    tracker does with the device generator.
+    """
+
+    def __init__(self, *_, **__):
+        self.reset()
+
+    def reset(self) -> None:
+        self._is_initialized = False
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return dict(self.states_)
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._is_initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name: str, seed: int) -> None:
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise RuntimeError(f"seed {seed} already exists")
+        if name in self.states_:
+            raise RuntimeError(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        generator = torch.Generator().manual_seed(seed)
+        self.states_[name] = generator.get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise RuntimeError(f"rng state {name} is not added")
+        caller_state = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(caller_state)
+
+
+def _get_cpu_rng_state(*_args, clone: bool = False, **_kwargs) -> torch.Tensor:
+    state = torch.get_rng_state()
+    return state.clone() if clone else state
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, *_args, **_kwargs) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _patch_rng() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = _get_cpu_rng_state
+    mrandom._set_cuda_rng_state = _set_cpu_rng_state
+    mrandom.CudaRNGStatesTracker = CpuRNGStatesTracker
+    mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def _patch_torch_cuda() -> None:
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.empty_cache = lambda: None
+    torch.cuda.set_device = lambda *a, **k: None
+    torch.cuda.manual_seed = lambda seed: None
+    torch.cuda.manual_seed_all = lambda seed: None
+    torch.cuda.get_rng_state = functools.partial(_get_cpu_rng_state)
+    torch.cuda.set_rng_state = _set_cpu_rng_state
+
+
+def enable() -> bool:
+    """Turn the CPU bridge on if CUDA is absent; idempotent. Returns True when active.
+
+    Call once per process before building megatron objects. Every rank must call it (it
+    is process-local; no collectives).
+    """
+    global _ENABLED, _MODE
+    if torch.cuda.is_available():
+        return False
+    if _ENABLED:
+        return True
+    _patch_torch_cuda()
+    _patch_rng()
+    _MODE = _CudaToCpuMode()
+    _MODE.__enter__()
+    _ENABLED = True
+    return True
+
+
+def is_enabled() -> bool:
+    """True when this process runs megatron on the CPU through this bridge."""
+    return _ENABLED

@@ -1,0 +1,124 @@
+"""Process groups: torch.distributed (nccl on GPU, gloo on CPU) and megatron parallel_state.
+
+The one place that knows the parallel layout. Library code asks :func:`parallel_dims` instead
+of reading environment variables.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_longact.config.schema import ParallelConfig
+from megatron_longact.runtime import cpu_compat
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelDims:
+    """Sizes and this rank's coordinates in the TP x CP x DP x PP grid."""
+
+    world_size: int
+    rank: int
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    cp_rank: int
+    dp_rank: int
+
+    @property
+    def is_last_pipeline_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def is_first_pipeline_stage(self) -> bool:
+        return self.pp_rank == 0
+
+
+def check_world_size(world_size: int, parallel: ParallelConfig) -> int:
+    """Returns the data-parallel size; raises ValueError naming the fields when it is not whole."""
+    model_parallel = (
+        parallel.tensor_model_parallel_size
+        * parallel.pipeline_model_parallel_size
+        * parallel.context_parallel_size
+    )
+    if world_size % model_parallel != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size "
+            f"({parallel.tensor_model_parallel_size}) x parallel.pipeline_model_parallel_size "
+            f"({parallel.pipeline_model_parallel_size}) x parallel.context_parallel_size "
+            f"({parallel.context_parallel_size}) = {model_parallel}; change the layout or the "
+            "number of processes"
+        )
+    return world_size // model_parallel
+
+
+def init_distributed(parallel: ParallelConfig, *, seed: int) -> ParallelDims:
+    """Initialises torch.distributed, megatron's parallel state and the RNG trackers.
+
+    Reads the launcher's RANK/WORLD_SIZE/MASTER_ADDR (torchrun or srun); a lone process with
+    none of them becomes a world of one. All ranks must call it. On a machine without CUDA it
+    enables :mod:`cpu_compat` and uses gloo.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    on_gpu = torch.cuda.is_available()
+    cpu_compat.enable()
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if on_gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend="nccl" if on_gpu else "gloo", timeout=datetime.timedelta(minutes=30)
+        )
+    world_size = dist.get_world_size()
+    dp = check_world_size(world_size, parallel)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+            context_parallel_size=parallel.context_parallel_size,
+        )
+    # Same data seed on every rank; megatron offsets the TP seed per TP rank itself.
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    return ParallelDims(
+        world_size=world_size,
+        rank=dist.get_rank(),
+        tp=parallel.tensor_model_parallel_size,
+        pp=parallel.pipeline_model_parallel_size,
+        cp=parallel.context_parallel_size,
+        dp=dp,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        cp_rank=parallel_state.get_context_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+    )
+
+
+def shutdown() -> None:
+    """Tears down megatron's groups and the default group (safe to call twice)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

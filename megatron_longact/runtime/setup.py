@@ -1,0 +1,119 @@
+"""Model, DDP, distributed optimizer and LR scheduler for a run, built in one place.
+
+The order matters and is megatron's: build the GPTModel chunk for this pipeline stage, wrap it
+in ``Float16Module`` for bf16, wrap that in megatron DDP (which allocates the contiguous
+param/grad buffers that ``param.main_grad`` views into), then build the (distributed)
+optimizer over those buffers and the scheduler over the optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megatron_longact.config.schema import JobConfig
+from megatron_longact.models.gpt import build_gpt_model, load_architecture, make_transformer_config
+from megatron_longact.models.hf_config import HFArchitecture
+from megatron_longact.runtime.distributed import ParallelDims
+
+
+@dataclass(kw_only=True)
+class TrainState:
+    """What a loop needs to run steps; the mutable counters live in ``progress``."""
+
+    arch: HFArchitecture
+    transformer_config: Any  # megatron TransformerConfig
+    model: list  # [DDP-wrapped GPTModel chunk]; megatron's schedules take a list
+    optimizer: Any  # megatron MegatronOptimizer (DistributedOptimizer when configured)
+    scheduler: Any  # megatron OptimizerParamScheduler
+    dims: ParallelDims
+    progress: dict
+
+
+def warmup_steps(job: JobConfig) -> int:
+    """Warmup length in steps: ``optim.warmup_steps`` or ceil(ratio x train_steps)."""
+    if job.optim.warmup_steps is not None:
+        return job.optim.warmup_steps
+    return math.ceil(job.optim.warmup_ratio * job.train.train_steps)
+
+
+def setup_train_state(job: JobConfig, dims: ParallelDims) -> TrainState:
+    """Builds the model chunk, DDP, optimizer and scheduler. All ranks must call it."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.transformer.module import Float16Module
+
+    arch = load_architecture(job.model)
+    if arch.vocab_size % dims.tp:
+        raise ValueError(
+            f"vocab_size={arch.vocab_size} is not divisible by tensor parallel size {dims.tp}"
+        )
+    tconfig = make_transformer_config(
+        arch, model=job.model, parallel=job.parallel, train=job.train
+    )
+    gpt = build_gpt_model(
+        arch,
+        tconfig,
+        model=job.model,
+        pre_process=dims.is_first_pipeline_stage,
+        post_process=dims.is_last_pipeline_stage,
+    )
+    if tconfig.bf16:
+        gpt = Float16Module(tconfig, gpt)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=job.parallel.overlap_grad_reduce,
+        overlap_param_gather=job.parallel.overlap_param_gather,
+        use_distributed_optimizer=job.parallel.use_distributed_optimizer,
+    )
+    ddp = DistributedDataParallel(tconfig, ddp_config, gpt)
+    # Hook point for gradient post-processing (LongAct masks wrap this, see longact/).
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=job.optim.lr,
+        min_lr=job.optim.min_lr,
+        weight_decay=job.optim.weight_decay,
+        adam_beta1=job.optim.adam_beta1,
+        adam_beta2=job.optim.adam_beta2,
+        adam_eps=job.optim.adam_eps,
+        clip_grad=job.optim.clip_grad,
+        bf16=tconfig.bf16,
+        params_dtype=tconfig.params_dtype,
+        use_distributed_optimizer=job.parallel.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_config, [ddp])
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=job.optim.lr,
+        min_lr=job.optim.min_lr,
+        lr_warmup_steps=warmup_steps(job),
+        lr_decay_steps=max(job.train.train_steps, 1),
+        lr_decay_style=job.optim.lr_decay_style,
+        start_wd=job.optim.weight_decay,
+        end_wd=job.optim.weight_decay,
+        wd_incr_steps=max(job.train.train_steps, 1),
+        wd_incr_style="constant",
+    )
+    return TrainState(
+        arch=arch,
+        transformer_config=tconfig,
+        model=[ddp],
+        optimizer=optimizer,
+        scheduler=scheduler,
+        dims=dims,
+        progress={"step": 0, "consumed_samples": 0, "data_epoch": 0, "data_index": 0},
+    )
+
+
+def unwrap_gpt(module: torch.nn.Module) -> torch.nn.Module:
+    """The bare GPTModel under DDP / Float16Module wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module

@@ -1,0 +1,142 @@
+"""One optimizer step through megatron's pipeline schedule, and the loss plumbing it needs.
+
+Loss contract (``calculate_per_token_loss``): a forward step's loss function returns
+``(loss_sum, normaliser, {"loss": [loss_sum, normaliser]})``. megatron backpropagates
+``loss_sum`` unscaled, all-reduces the normalisers over DP x CP in ``finalize_model_grads`` and
+divides the gradients by that total. The effective loss is therefore sum / global count,
+however the global batch is split into micro-batches and DP/CP ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_longact.runtime.setup import TrainState
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepResult:
+    """Metrics of one optimizer step, identical on every rank."""
+
+    loss: float
+    """Global-batch loss: sum over DP/CP/micro-batches divided by the global normaliser."""
+    num_tokens: int
+    """Global normaliser (valid tokens for token-mean losses)."""
+    grad_norm: float
+    lr: float
+    update_successful: bool
+
+
+def masked_sum_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Loss function for ``forward_step``: per-token losses [b, s] -> (sum, count, report).
+
+    ``loss_mask`` [b, s] float (1 = token counts). Returns the masked sum (scalar, the thing
+    backpropagated), the token count (int tensor) and ``{"loss": tensor([sum, count])}``.
+    """
+    losses = output_tensor.float()
+    mask = loss_mask.to(losses.dtype)
+    loss_sum = (losses * mask).sum()
+    count = mask.sum().to(torch.int)
+    return loss_sum, count, {"loss": torch.stack([loss_sum.detach(), count.to(losses.dtype)])}
+
+
+def reduce_reports(reports: list[dict], *, key: str = "loss") -> tuple[float, int]:
+    """Sums ``[sum, count]`` reports over micro-batches, DP x CP ranks and pipeline stages.
+
+    Only the last pipeline stage holds reports; the result is broadcast so that every rank
+    returns the same (global sum / global count, global count). All ranks must call it.
+    """
+    from megatron.core import parallel_state
+
+    total = torch.zeros(2, dtype=torch.float64)
+    for report in reports:
+        total += report[key].detach().double().cpu()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    total = total.to(device)
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(
+            total,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+    count = int(total[1].item())
+    return (total[0] / max(count, 1)).item(), count
+
+
+def train_step(
+    state: TrainState,
+    *,
+    forward_step_func: Callable,
+    data_iterator: Iterator,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+) -> StepResult:
+    """Zero grads, forward/backward over ``num_microbatches``, optimizer and scheduler step.
+
+    ``data_iterator`` yields one micro-batch per ``next`` on every rank (every pipeline stage
+    reads the same batches; stages ignore what they do not need). All ranks must call it.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in state.model:
+        chunk.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    forward_backward = get_forward_backward_func()
+    reports = forward_backward(
+        forward_step_func=forward_step_func,
+        data_iterator=data_iterator,
+        model=state.model,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    update_successful, grad_norm, _ = state.optimizer.step()
+    if update_successful:
+        state.scheduler.step(increment=1)
+    loss, count = reduce_reports(reports)
+    state.progress["step"] += 1
+    return StepResult(
+        loss=loss,
+        num_tokens=count,
+        grad_norm=float(grad_norm) if grad_norm is not None else 0.0,
+        lr=state.optimizer.param_groups[0]["lr"],
+        update_successful=bool(update_successful),
+    )
+
+
+@torch.no_grad()
+def eval_step(
+    state: TrainState,
+    *,
+    forward_step_func: Callable,
+    data_iterator: Iterator,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+) -> tuple[float, int]:
+    """Forward-only pass over ``num_microbatches``; returns (global mean loss, token count)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in state.model:
+        chunk.eval()
+    try:
+        reports = get_forward_backward_func()(
+            forward_step_func=forward_step_func,
+            data_iterator=data_iterator,
+            model=state.model,
+            num_microbatches=num_microbatches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=True,
+        )
+    finally:
+        for chunk in state.model:
+            chunk.train()
+    return reduce_reports(reports)

@@ -1,0 +1,39 @@
+"""megatron_longact: LongAct long-context RL post-training on megatron-core.
+
+torch is pinned loosely on purpose: install ``torch==2.13.0`` (CPU) or your cluster's CUDA
+build first; this package then accepts it as is.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_longact",
+    version="0.1.0",
+    description="LongAct: saliency-guided sparse Q/K updates for long-context RL on megatron-core",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_longact", "megatron_longact.*"]),
+    package_data={"megatron_longact": ["assets/**/*", "assets/*"]},
+    include_package_data=True,
+    install_requires=[
+        "megatron-core>=0.16.1",
+        "torch>=2.4",
+        "numpy",
+        "safetensors",
+        "transformers>=4.51",
+        "tokenizers",
+        "pyyaml",
+        "rich",
+        "tensorboard",
+        "matplotlib",
+        "psutil",  # dist_checkpointing's writer needs it
+    ],
+    extras_require={
+        # Transformer Engine and flash-attn need CUDA; NVIDIA apex is built from source
+        # (github.com/NVIDIA/apex), never PyPI's unrelated `apex` package.
+        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+        "vllm": ["vllm"],
+        "wandb": ["wandb"],
+        "dev": ["pytest", "ruff"],
+    },
+    entry_points={"console_scripts": ["longact=megatron_longact.cli:main"]},
+)
