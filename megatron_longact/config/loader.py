@@ -167,6 +167,6 @@ def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
 
 
-def dump_yaml(config: Any, path: str | Path) -> None:
-    """Writes ``config`` as YAML that :func:`load_config` reads back unchanged."""
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+def to_yaml(config: Any) -> str:
+    """``config`` as YAML text that :func:`load_config` reads back unchanged."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

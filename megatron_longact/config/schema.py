@@ -47,8 +47,11 @@ class ParallelConfig:
     overlap_param_gather: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                     "context_parallel_size"):
+        for name in (
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "context_parallel_size",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
@@ -168,7 +171,9 @@ class LongActConfig:
         if bad or not self.targets:
             raise ValueError(f"targets must be a non-empty subset of [q, k, v], got {self.targets}")
         if self.schedule == "static" and self.static_saliency_path is None:
-            raise ValueError("schedule 'static' needs static_saliency_path (see `longact saliency`)")
+            raise ValueError(
+                "schedule 'static' needs static_saliency_path (see `longact saliency`)"
+            )
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
 

@@ -101,8 +101,9 @@ def make_transformer_config(
         # Batched p2p calls torch.cuda.synchronize; plain isend/irecv works on gloo.
         kwargs["batch_p2p_comm"] = False
     if train.recompute == "full":
-        kwargs.update(recompute_granularity="full", recompute_method="uniform",
-                      recompute_num_layers=1)
+        kwargs.update(
+            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+        )
     elif train.recompute == "selective":
         kwargs.update(recompute_granularity="selective")
     kwargs.update(extra or {})

@@ -141,7 +141,9 @@ def transformer_config_kwargs(arch: HFArchitecture) -> dict[str, Any]:
     }
 
 
-def gpt_model_kwargs(arch: HFArchitecture, *, max_position_embeddings: int | None) -> dict[str, Any]:
+def gpt_model_kwargs(
+    arch: HFArchitecture, *, max_position_embeddings: int | None
+) -> dict[str, Any]:
     """``GPTModel`` constructor arguments other than config and layer spec."""
     kwargs: dict[str, Any] = {
         "vocab_size": arch.vocab_size,

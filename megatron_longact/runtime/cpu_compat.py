@@ -51,8 +51,10 @@ class _CudaToCpuMode(TorchFunctionMode):
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = "cpu"
         if func is torch.Tensor.to:
-            args = tuple("cpu" if (i > 0 and _is_cuda_device(a) and not isinstance(a, int)) else a
-                         for i, a in enumerate(args))
+            args = tuple(
+                "cpu" if (i > 0 and _is_cuda_device(a) and not isinstance(a, int)) else a
+                for i, a in enumerate(args)
+            )
         return func(*args, **kwargs)
 
 

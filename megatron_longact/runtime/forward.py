@@ -44,9 +44,11 @@ def lm_forward_step(data_iterator, model):
     """
     batch = device_batch(next(data_iterator))
     kwargs = {}
-    if "cu_seqlens" in batch:
+    if "attention_mask" not in batch and "cu_seqlens" in batch:
+        # THD: TE takes the micro-batch as one [1, b*s] token stream cut by cu_seqlens.
+        batch = {k: (v.reshape(1, -1) if v.dim() == 2 else v) for k, v in batch.items()}
         kwargs["packed_seq_params"] = packed_seq_params(
-            batch["cu_seqlens"], int(batch["tokens"].shape[1])
+            batch["cu_seqlens"], int(batch.get("max_seqlen", batch["tokens"].shape[1]))
         )
     output = model(
         input_ids=batch["tokens"],

@@ -20,8 +20,9 @@ def gather_tensor_parallel(param: torch.Tensor, *, gated: bool = False) -> torch
     if tp == 1 or not getattr(param, "tensor_model_parallel", False):
         return param.detach().float().cpu().clone()
     shards = [torch.empty_like(param) for _ in range(tp)]
-    dist.all_gather(shards, param.detach().contiguous(),
-                    group=parallel_state.get_tensor_model_parallel_group())
+    dist.all_gather(
+        shards, param.detach().contiguous(), group=parallel_state.get_tensor_model_parallel_group()
+    )
     if gated:
         halves = [shard.chunk(2, dim=0) for shard in shards]
         shards = [h[0] for h in halves] + [h[1] for h in halves]

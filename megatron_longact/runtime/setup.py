@@ -42,8 +42,11 @@ def warmup_steps(job: JobConfig) -> int:
 
 def setup_train_state(job: JobConfig, dims: ParallelDims) -> TrainState:
     """Builds the model chunk, DDP, optimizer and scheduler. All ranks must call it."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.transformer.module import Float16Module
@@ -53,9 +56,7 @@ def setup_train_state(job: JobConfig, dims: ParallelDims) -> TrainState:
         raise ValueError(
             f"vocab_size={arch.vocab_size} is not divisible by tensor parallel size {dims.tp}"
         )
-    tconfig = make_transformer_config(
-        arch, model=job.model, parallel=job.parallel, train=job.train
-    )
+    tconfig = make_transformer_config(arch, model=job.model, parallel=job.parallel, train=job.train)
     gpt = build_gpt_model(
         arch,
         tconfig,

@@ -68,8 +68,13 @@ def _train(overrides: list[str], mbs: int, init: dict | None = None):
     job = load_config(
         JobConfig,
         None,
-        ["model.preset=micro-qwen3", "optim.lr=1e-3", "optim.warmup_steps=0",
-         f"train.train_steps={STEPS}", *overrides],
+        [
+            "model.preset=micro-qwen3",
+            "optim.lr=1e-3",
+            "optim.warmup_steps=0",
+            f"train.train_steps={STEPS}",
+            *overrides,
+        ],
     )
     dims = init_distributed(job.parallel, seed=job.train.seed)
     state = setup_train_state(job, dims)
@@ -102,8 +107,8 @@ def reference():
 
 def _assert_same(ref, results, *, atol=2e-5):
     for res in results:
-        for (l_ref, g_ref), (l, g) in zip(ref["losses"], res["losses"]):
-            assert l == pytest.approx(l_ref, abs=atol)
+        for (loss_ref, g_ref), (loss, g) in zip(ref["losses"], res["losses"]):
+            assert loss == pytest.approx(loss_ref, abs=atol)
             assert g == pytest.approx(g_ref, rel=1e-4)
         for name, value in res["params"].items():
             torch.testing.assert_close(value, ref["params"][name], atol=atol, rtol=1e-4)
@@ -132,8 +137,8 @@ def test_pipeline_parallel_2_matches_single(reference):
         _train, 2, ["parallel.pipeline_model_parallel_size=2"], 2, reference["initial"]
     )
     for res in results:
-        for (l_ref, g_ref), (l, g) in zip(reference["losses"], res["losses"]):
-            assert l == pytest.approx(l_ref, abs=2e-5)
+        for (loss_ref, g_ref), (loss, g) in zip(reference["losses"], res["losses"]):
+            assert loss == pytest.approx(loss_ref, abs=2e-5)
             assert g == pytest.approx(g_ref, rel=1e-4)
         offset = res["pp_rank"] * 1  # micro-qwen3 has 2 layers: one per stage
         for name, value in res["params"].items():

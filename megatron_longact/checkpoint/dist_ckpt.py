@@ -1,0 +1,270 @@
+"""Sharded checkpoints with megatron ``dist_checkpointing``, saved atomically.
+
+Layout of ``save_dir``::
+
+    latest                 text: the name of the newest complete checkpoint ("iter_0000100")
+    iter_0000100/          megatron torch_dist checkpoint (model, optimizer, common state)
+        rng/rank00003.pt   this rank's RNG states (restored only at the same layout)
+        config.yaml        the run's config, for humans and tools
+
+A save writes into ``iter_XXXXXXX.tmp``; all ranks meet at a barrier; rank 0 renames it and then
+replaces ``latest`` (write-then-rename). A crash at any point leaves the previous ``latest``
+and its directory untouched. What is reshardable: model weights load at any TP/PP (megatron
+sharded tensors); the distributed optimizer is saved ``dp_reshardable`` (its CPU-capable
+format, see docs), so optimizer state carries over when only DP changes; at another TP/PP the
+optimizer restarts from fresh moments with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+LATEST_FILE = "latest"
+OPTIMIZER_SHARDING = "dp_reshardable"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadedCheckpoint:
+    """What :func:`load_checkpoint` restored."""
+
+    path: Path
+    step: int
+    progress: dict
+    extra: dict
+    optimizer_restored: bool
+
+
+def checkpoint_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def latest_checkpoint(save_dir: str | Path) -> Path | None:
+    """The directory ``save_dir/latest`` points at, or None when there is no complete save.
+
+    Accepts a checkpoint directory itself too (one holding ``metadata.json``).
+    """
+    root = Path(save_dir)
+    if (root / "metadata.json").is_file():
+        return root
+    pointer = root / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    target = root / pointer.read_text().strip()
+    if not (target / "metadata.json").is_file():
+        raise ValueError(
+            f"{pointer} names {target.name}, which is not a complete checkpoint; restore the "
+            "directory or point 'latest' at an older iter_* folder"
+        )
+    return target
+
+
+def _layout() -> dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    return {
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+        "cp": ps.get_context_parallel_world_size(),
+    }
+
+
+def _rng_state() -> dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _sharded_state(model: list, optimizer, *, with_optimizer: bool, is_loading: bool) -> dict:
+    model_sd = model[0].sharded_state_dict()
+    state = {"model": model_sd}
+    if with_optimizer:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd,
+            is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING},
+        )
+    return state
+
+
+def save_checkpoint(
+    save_dir: str | Path,
+    *,
+    step: int,
+    model: list,
+    optimizer,
+    scheduler,
+    progress: dict,
+    extra: dict | None = None,
+    config_yaml: str | None = None,
+    keep_last: int = 2,
+) -> Path:
+    """Saves model, optimizer, scheduler, RNG, ``progress`` and ``extra`` for ``step``.
+
+    ``extra`` holds small picklable state that is identical on all ranks (e.g. LongAct's
+    saliency and masks, the RL data cursor). All ranks must call it (collective).
+    Returns the final checkpoint directory.
+    """
+    from megatron.core import dist_checkpointing
+
+    root = Path(save_dir)
+    final = root / checkpoint_name(step)
+    tmp = root / (checkpoint_name(step) + ".tmp")
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a crash during an earlier save of this step
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        (tmp / "rng").mkdir()
+    dist.barrier()
+    state = _sharded_state(model, optimizer, with_optimizer=True, is_loading=False)
+    state["scheduler"] = scheduler.state_dict()
+    state["progress"] = dict(progress, step=step)
+    state["layout"] = _layout()
+    state["extra"] = extra or {}
+    dist_checkpointing.save(state, str(tmp))
+    torch.save(_rng_state(), tmp / "rng" / f"rank{rank:05d}.pt")
+    if rank == 0 and config_yaml is not None:
+        (tmp / "config.yaml").write_text(config_yaml)
+    dist.barrier()
+    if rank == 0:
+        if final.exists():  # a re-save of the same step (e.g. after a requeue)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer_tmp = root / (LATEST_FILE + ".tmp")
+        pointer_tmp.write_text(final.name + "\n")
+        os.replace(pointer_tmp, root / LATEST_FILE)
+        _prune(root, keep_last=keep_last, keep=final.name)
+    dist.barrier()
+    return final
+
+
+def _prune(root: Path, *, keep_last: int, keep: str) -> None:
+    if keep_last <= 0:
+        return
+    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in done[:-keep_last]:
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: list,
+    optimizer=None,
+    scheduler=None,
+    weights_only: bool = False,
+) -> LoadedCheckpoint:
+    """Loads a checkpoint directory (or a ``save_dir`` with ``latest``) into the live objects.
+
+    ``weights_only``: model weights only (a fine-tuning start: fresh optimizer, scheduler and
+    step). Otherwise restores optimizer (when the TP/PP layout matches), scheduler, progress and
+    RNG (when the whole layout matches). All ranks must call it (collective).
+
+    Raises:
+        FileNotFoundError: naming ``path`` when it holds no complete checkpoint.
+    """
+    from megatron.core import dist_checkpointing
+
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise FileNotFoundError(
+            f"{path}: no checkpoint (no 'latest' file and no metadata.json); check "
+            "checkpoint.load_dir / checkpoint.save_dir"
+        )
+    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    saved_layout = common.get("layout", {})
+    layout = _layout()
+    same_model_layout = all(saved_layout.get(k) == layout[k] for k in ("tp", "pp"))
+    with_optimizer = not weights_only and optimizer is not None and same_model_layout
+    if not weights_only and optimizer is not None and not same_model_layout:
+        logger.warning(
+            "%s was saved at TP=%s PP=%s; loading at TP=%s PP=%s: model weights only, the "
+            "optimizer restarts with fresh Adam moments",
+            ckpt,
+            saved_layout.get("tp"),
+            saved_layout.get("pp"),
+            layout["tp"],
+            layout["pp"],
+        )
+    if with_optimizer:
+        # dp_reshardable loading fills existing Adam state tensors in place.
+        optimizer._init_optimizer_states_with_dummy_values()
+    template = _sharded_state(model, optimizer, with_optimizer=with_optimizer, is_loading=True)
+    loaded = dist_checkpointing.load(template, str(ckpt))
+    model[0].load_state_dict(loaded["model"], strict=False)
+    if with_optimizer:
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+    progress = dict(common.get("progress", {}))
+    if weights_only:
+        return LoadedCheckpoint(
+            path=ckpt, step=0, progress={}, extra=common.get("extra", {}), optimizer_restored=False
+        )
+    if scheduler is not None and "scheduler" in common:
+        scheduler.load_state_dict(common["scheduler"])
+    rng_file = ckpt / "rng" / f"rank{dist.get_rank():05d}.pt"
+    if saved_layout == layout and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return LoadedCheckpoint(
+        path=ckpt,
+        step=int(progress.get("step", 0)),
+        progress=progress,
+        extra=common.get("extra", {}),
+        optimizer_restored=with_optimizer,
+    )
+
+
+def resume_or_load(
+    *,
+    save_dir: str | None,
+    load_dir: str | None,
+    load_weights_only: bool,
+    model: list,
+    optimizer,
+    scheduler,
+) -> LoadedCheckpoint | None:
+    """Start-of-run policy: resume ``save_dir``'s latest if any, else load ``load_dir``.
+
+    Resuming restores everything (the run continues its exact trajectory); loading
+    ``load_dir`` takes weights only when ``load_weights_only`` (e.g. SFT -> RL). Returns None
+    for a fresh start. All ranks must call it.
+    """
+    if save_dir is not None and latest_checkpoint(save_dir) is not None:
+        return load_checkpoint(save_dir, model=model, optimizer=optimizer, scheduler=scheduler)
+    if load_dir is not None:
+        return load_checkpoint(
+            load_dir,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            weights_only=load_weights_only,
+        )
+    return None

@@ -1,0 +1,72 @@
+"""SFT data for the loop: tokenized chat samples packed into fixed-length bins."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from megatron_longact.config.schema import DataConfig
+from megatron_longact.data.chat import load_sft_dataset
+from megatron_longact.data.packing import PackedBin, collate, fill_bin, pack_samples
+from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
+
+
+@dataclass(kw_only=True)
+class SftData:
+    tokenizer: object
+    train_bins: list[PackedBin]
+    val_bins: list[PackedBin]
+    num_train_samples: int
+    num_dropped: int
+
+
+def to_bins(samples: Sequence, *, data: DataConfig, pad_token_id: int) -> list[PackedBin]:
+    """Packs samples (``data.packing``) or pads each to ``seq_length`` in its own row."""
+    if data.packing:
+        return pack_samples(samples, seq_length=data.seq_length, pad_token_id=pad_token_id)
+    return [fill_bin([s], seq_length=data.seq_length, pad_token_id=pad_token_id) for s in samples]
+
+
+def load_sft_data(data: DataConfig) -> SftData:
+    """Tokenizes ``data.train_path`` (and ``val_path``) and bins them.
+
+    Raises FileNotFoundError / DataFormatError naming the file (and line) on bad input.
+    """
+    if data.train_path is None:
+        raise ValueError("data.train_path is not set; point it at a chat JSONL file")
+    tokenizer = load_tokenizer(data.tokenizer_path or TINY_TOKENIZER_DIR)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    train = load_sft_dataset(data.train_path, tokenizer, max_length=data.seq_length)
+    if len(train) == 0:
+        raise ValueError(
+            f"{data.train_path}: no sample fits data.seq_length={data.seq_length}; raise it"
+        )
+    val = (
+        load_sft_dataset(data.val_path, tokenizer, max_length=data.seq_length)
+        if data.val_path
+        else []
+    )
+    return SftData(
+        tokenizer=tokenizer,
+        train_bins=to_bins(train.samples, data=data, pad_token_id=pad),
+        val_bins=to_bins(list(val), data=data, pad_token_id=pad),
+        num_train_samples=len(train),
+        num_dropped=train.num_dropped,
+    )
+
+
+def bin_collate(*, use_thd: bool) -> Callable[[Sequence[PackedBin]], dict[str, torch.Tensor]]:
+    """Collate for the attention backend: THD ``cu_seqlens`` (TE) or block-causal masks."""
+    if use_thd:
+        return partial(collate, with_attention_mask=False)
+
+    def masked(bins: Sequence[PackedBin]) -> dict[str, torch.Tensor]:
+        batch = collate(bins, with_attention_mask=True)
+        batch.pop("cu_seqlens")
+        batch.pop("max_seqlen")
+        return batch
+
+    return masked
