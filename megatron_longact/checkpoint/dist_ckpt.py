@@ -117,9 +117,9 @@ def save_checkpoint(
     *,
     step: int,
     model: list,
-    optimizer,
-    scheduler,
-    progress: dict,
+    optimizer=None,
+    scheduler=None,
+    progress: dict | None = None,
     extra: dict | None = None,
     config_yaml: str | None = None,
     keep_last: int = 2,
@@ -127,7 +127,8 @@ def save_checkpoint(
     """Saves model, optimizer, scheduler, RNG, ``progress`` and ``extra`` for ``step``.
 
     ``extra`` holds small picklable state that is identical on all ranks (e.g. LongAct's
-    saliency and masks, the RL data cursor). All ranks must call it (collective).
+    saliency and masks, the RL data cursor). ``optimizer``/``scheduler`` None saves weights
+    only (e.g. a converted Hugging Face model). All ranks must call it (collective).
     Returns the final checkpoint directory.
     """
     from megatron.core import dist_checkpointing
@@ -143,9 +144,11 @@ def save_checkpoint(
         tmp.mkdir()
         (tmp / "rng").mkdir()
     dist.barrier()
-    state = _sharded_state(model, optimizer, with_optimizer=True, is_loading=False)
-    state["scheduler"] = scheduler.state_dict()
-    state["progress"] = dict(progress, step=step)
+    state = _sharded_state(
+        model, optimizer, with_optimizer=optimizer is not None, is_loading=False
+    )
+    state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+    state["progress"] = dict(progress or {}, step=step)
     state["layout"] = _layout()
     state["extra"] = extra or {}
     dist_checkpointing.save(state, str(tmp))
@@ -163,6 +166,12 @@ def save_checkpoint(
         _prune(root, keep_last=keep_last, keep=final.name)
     dist.barrier()
     return final
+
+
+def _saved_keys(ckpt: Path) -> set[str]:
+    from megatron.core import dist_checkpointing
+
+    return set(dist_checkpointing.load_tensors_metadata(str(ckpt)).keys())
 
 
 def _prune(root: Path, *, keep_last: int, keep: str) -> None:
@@ -203,8 +212,11 @@ def load_checkpoint(
     saved_layout = common.get("layout", {})
     layout = _layout()
     same_model_layout = all(saved_layout.get(k) == layout[k] for k in ("tp", "pp"))
-    with_optimizer = not weights_only and optimizer is not None and same_model_layout
-    if not weights_only and optimizer is not None and not same_model_layout:
+    has_optimizer = any(k.startswith("optimizer") for k in _saved_keys(ckpt))
+    with_optimizer = (
+        not weights_only and optimizer is not None and same_model_layout and has_optimizer
+    )
+    if not weights_only and optimizer is not None and has_optimizer and not same_model_layout:
         logger.warning(
             "%s was saved at TP=%s PP=%s; loading at TP=%s PP=%s: model weights only, the "
             "optimizer restarts with fresh Adam moments",
@@ -228,7 +240,7 @@ def load_checkpoint(
         return LoadedCheckpoint(
             path=ckpt, step=0, progress={}, extra=common.get("extra", {}), optimizer_restored=False
         )
-    if scheduler is not None and "scheduler" in common:
+    if scheduler is not None and common.get("scheduler") is not None:
         scheduler.load_state_dict(common["scheduler"])
     rng_file = ckpt / "rng" / f"rank{dist.get_rank():05d}.pt"
     if saved_layout == layout and rng_file.is_file():
