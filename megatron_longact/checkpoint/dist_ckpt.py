@@ -144,9 +144,7 @@ def save_checkpoint(
         tmp.mkdir()
         (tmp / "rng").mkdir()
     dist.barrier()
-    state = _sharded_state(
-        model, optimizer, with_optimizer=optimizer is not None, is_loading=False
-    )
+    state = _sharded_state(model, optimizer, with_optimizer=optimizer is not None, is_loading=False)
     state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     state["progress"] = dict(progress or {}, step=step)
     state["layout"] = _layout()
@@ -166,6 +164,28 @@ def save_checkpoint(
         _prune(root, keep_last=keep_last, keep=final.name)
     dist.barrier()
     return final
+
+
+def _restore_adam_steps(optimizer, loaded: dict) -> None:
+    """Puts the saved Adam step count back into torch Adam's per-parameter state.
+
+    megatron 0.16 without TE/Apex keeps the step in ``param_groups`` of the saved state, but
+    its dp_reshardable load leaves torch's per-parameter ``state['step']`` at the dummy
+    initialisation's 1, so bias correction would restart. Measured on CPU; harmless where the
+    count is already right.
+    """
+    inners = getattr(optimizer, "chained_optimizers", [optimizer])
+    saved = loaded if isinstance(loaded, list) else [loaded] if len(inners) == 1 else None
+    if saved is None:  # ChainedOptimizer saves a dict keyed by index
+        saved = [loaded[i] for i in range(len(inners))]
+    for inner, state in zip(inners, saved):
+        steps = {g["step"] for g in state["optimizer"]["param_groups"] if "step" in g}
+        if len(steps) != 1:
+            continue
+        step = float(steps.pop())
+        for param_state in inner.optimizer.state.values():
+            if "step" in param_state:
+                param_state["step"] = torch.tensor(step, dtype=torch.float32)
 
 
 def _saved_keys(ckpt: Path) -> set[str]:
@@ -227,14 +247,17 @@ def load_checkpoint(
             layout["pp"],
         )
     if with_optimizer:
-        # dp_reshardable loading fills existing Adam state tensors in place.
-        optimizer._init_optimizer_states_with_dummy_values()
+        # dp_reshardable loading fills existing Adam state tensors in place, so they must
+        # exist first; the dummy step's effects are all overwritten by the load below.
+        for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+            inner._init_optimizer_states_with_dummy_values()
     template = _sharded_state(model, optimizer, with_optimizer=with_optimizer, is_loading=True)
     loaded = dist_checkpointing.load(template, str(ckpt))
     model[0].load_state_dict(loaded["model"], strict=False)
     if with_optimizer:
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer, loaded["optimizer"])
     progress = dict(common.get("progress", {}))
     if weights_only:
         return LoadedCheckpoint(

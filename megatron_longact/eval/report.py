@@ -1,0 +1,165 @@
+"""Results tables laid out like the paper's Tables 1-3: one row per model, the paper's columns.
+
+Rows map a model name (e.g. "Qwen3-8B-SFT w/ LongAct") to the score dict a suite's ``aggregate``
+returned (or :func:`load_scores` read back). Several models in one table compare them (SFT vs
+DAPO vs LongAct); ``baseline=`` adds rows with each model's difference to that one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_longact.eval.infinitebench import TABLE3_COLUMNS
+from megatron_longact.eval.longbench_v2 import TABLE1_COLUMNS
+from megatron_longact.eval.ruler_config import TABLE2_COLUMNS
+
+Scores = Mapping[str, float]
+DECIMALS = 2  # the paper reports percentages with two decimals
+MISSING = "-"
+# The paper's Table 2 context lengths, as (label, tokens).
+PAPER_RULER_LENGTHS = (("128k", 131072), ("64k", 65536))
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A table's title and its score columns (keys of the rows' score dicts, shown as named)."""
+
+    title: str
+    columns: tuple[str, ...]
+
+
+LONGBENCH_V2_TABLE = TableSpec("Evaluation results (%) on LongBench v2", TABLE1_COLUMNS)
+INFINITEBENCH_TABLE = TableSpec("Evaluation results (%) on InfiniteBench", TABLE3_COLUMNS)
+
+
+def ruler_table(
+    lengths: Sequence[str] = tuple(label for label, _ in PAPER_RULER_LENGTHS),
+) -> TableSpec:
+    """Table 2's layout: for each length label, NIAH-sub, NIAH, VT, QA and Avg."""
+    columns = tuple(f"Ruler-{length} {col}" for length in lengths for col in TABLE2_COLUMNS)
+    return TableSpec(
+        f"Evaluation results (%) on {' and '.join(f'Ruler-{x}' for x in lengths)}", columns
+    )
+
+
+def ruler_row(scores_by_length: Mapping[str, Scores]) -> dict[str, float]:
+    """Flatten {length label: RULER scores} into one row of :func:`ruler_table`."""
+    return {
+        f"Ruler-{length} {col}": value
+        for length, scores in scores_by_length.items()
+        for col, value in scores.items()
+    }
+
+
+def load_scores(path: str | Path) -> dict[str, float]:
+    """Read a ``<suite>.scores.json`` written by the runner."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; run runner.evaluate first or check out_dir")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _value(scores: Scores, column: str) -> float | None:
+    value = scores.get(column)
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def _with_deltas(
+    rows: Mapping[str, Scores], spec: TableSpec, baseline: str | None
+) -> list[tuple[str, dict[str, float | None], bool]]:
+    """(name, values, is_delta) for every row, delta rows after the models."""
+    table = [(name, {c: _value(s, c) for c in spec.columns}, False) for name, s in rows.items()]
+    if baseline is None:
+        return table
+    if baseline not in rows:
+        raise ValueError(f"baseline {baseline!r} is not a row; rows are {list(rows)}")
+    base = table[[name for name, _, _ in table].index(baseline)][1]
+    for name, values, _ in list(table):
+        if name == baseline:
+            continue
+        deltas = {
+            c: (values[c] - base[c]) if values[c] is not None and base[c] is not None else None
+            for c in spec.columns
+        }
+        table.append((f"{name} vs {baseline}", deltas, True))
+    return table
+
+
+def _fmt(value: float | None, *, signed: bool) -> str:
+    if value is None:
+        return MISSING
+    return f"{value:+.{DECIMALS}f}" if signed else f"{value:.{DECIMALS}f}"
+
+
+def render_markdown(
+    rows: Mapping[str, Scores],
+    spec: TableSpec,
+    *,
+    baseline: str | None = None,
+    bold_best: bool = True,
+) -> str:
+    """A markdown table: title line, header ``Model | <columns>``, one line per row.
+
+    The best model value of each column is bold (as in the paper); delta rows show signs.
+    """
+    table = _with_deltas(rows, spec, baseline)
+    best = {}
+    for c in spec.columns:
+        values = [v[c] for _, v, is_delta in table if not is_delta and v[c] is not None]
+        best[c] = max(values) if values and len(rows) > 1 else None
+    lines = [f"**{spec.title}**", "", "| Model | " + " | ".join(spec.columns) + " |"]
+    lines.append("|" + "---|" * (len(spec.columns) + 1))
+    for name, values, is_delta in table:
+        cells = []
+        for c in spec.columns:
+            text = _fmt(values[c], signed=is_delta)
+            if (
+                bold_best
+                and not is_delta
+                and best[c] is not None
+                and values[c] is not None
+                and round(values[c], DECIMALS) == round(best[c], DECIMALS)
+            ):
+                text = f"**{text}**"
+            cells.append(text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_csv(rows: Mapping[str, Scores], spec: TableSpec, *, baseline: str | None = None) -> str:
+    """CSV with header ``Model,<columns>``; values rounded to two decimals, missing cells empty."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["Model", *spec.columns])
+    for name, values, _ in _with_deltas(rows, spec, baseline):
+        writer.writerow(
+            [
+                name,
+                *("" if values[c] is None else f"{values[c]:.{DECIMALS}f}" for c in spec.columns),
+            ]
+        )
+    return buffer.getvalue()
+
+
+def write_report(
+    rows: Mapping[str, Scores],
+    spec: TableSpec,
+    *,
+    out_path: str | Path,
+    baseline: str | None = None,
+) -> tuple[Path, Path]:
+    """Write ``<out_path>.md`` and ``<out_path>.csv``; returns both paths."""
+    if not rows:
+        raise ValueError("no rows to report; pass {model name: scores}")
+    stem = Path(out_path)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    md_path, csv_path = Path(f"{stem}.md"), Path(f"{stem}.csv")
+    md_path.write_text(render_markdown(rows, spec, baseline=baseline), encoding="utf-8")
+    csv_path.write_text(render_csv(rows, spec, baseline=baseline), encoding="utf-8")
+    return md_path, csv_path
