@@ -35,6 +35,10 @@ def _job_command(name: str, argv: list[str]) -> int:
         from megatron_longact.sft.loop import run_sft
 
         run_sft(job, config_yaml=config_yaml)
+    elif name == "rl":
+        from megatron_longact.rl.loop import run_rl
+
+        run_rl(job, config_yaml=config_yaml)
     else:
         raise SystemExit(f"longact {name}: not available in this build")
     from megatron_longact.runtime.distributed import shutdown

@@ -179,6 +179,78 @@ class LongActConfig:
 
 
 @dataclass(kw_only=True)
+class RLDatasetConfig:
+    """One RL data source; several are mixed by ``ratio``."""
+
+    path: str
+    format: Literal["jsonl", "docqa", "memagent"] = "jsonl"
+    """``jsonl``: our schema (id, context, question, answer, choices); ``docqa``/``memagent``:
+    local copies of DocQA-RL-1.6K and MemAgent's RL data (see data/rl_data.py)."""
+    ratio: float = 1.0
+
+
+@dataclass(kw_only=True)
+class RLConfig:
+    """RL stage (paper section 4.1 defaults: DAPO, 8 prompts x 16 rollouts, T=1.0)."""
+
+    algorithm: Literal["dapo", "grpo", "clip_cov", "kl_cov"] = "dapo"
+    datasets: list[RLDatasetConfig] = field(default_factory=list)
+    """Mixed RL prompt sources; empty means ``data.train_path`` in our JSONL schema."""
+    num_samples: int | None = None
+    """Size of the mixed training set (None: all records of the sources, at their ratios)."""
+    prompts_per_step: int = 8
+    rollouts_per_prompt: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 4096
+    max_seq_length: int = 32768
+    """Prompt + response budget; contexts are truncated in the middle to fit."""
+    stop_strings: list[str] = field(default_factory=lambda: ["</answer>"])
+    reward: str = "format_answer"
+    """A name in ``rl.rewards.REWARD_FNS``; the paper's reward is format + answer."""
+    engine: Literal["native", "vllm"] = "native"
+    generation_batch_size: int = 64
+    """Sequences decoded together by the native engine (per DP rank)."""
+    num_minibatches: int = 1
+    """Optimizer steps per rollout batch (1 = on-policy, the paper's setting)."""
+    normalize_adv_std: bool = True
+    leave_one_out: bool = False
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    dual_clip_c: float | None = 3.0
+    kl_beta: float = 0.0
+    """KL weight to a frozen reference model; > 0 builds the reference (GRPO: 0.01)."""
+    clip_cov_ratio: float = 2e-4
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 2e-4
+    kl_cov_coef: float = 1.0
+    dynamic_sampling: bool = True
+    gen_batch_multiplier: int = 1
+    """Prompts generated per round = multiplier x prompts_per_step (DAPO: up to 3)."""
+    max_num_gen_batches: int = 10
+    on_exhausted: Literal["error", "continue"] = "error"
+    overlong_buffer: int = 0
+    """DAPO overlong reward shaping buffer in tokens; 0 disables."""
+    overlong_penalty: float = 1.0
+    overlong_filter: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rollouts_per_prompt < 1 or self.prompts_per_step < 1:
+            raise ValueError("prompts_per_step and rollouts_per_prompt must be >= 1")
+        if self.max_new_tokens >= self.max_seq_length:
+            raise ValueError(
+                f"max_new_tokens={self.max_new_tokens} leaves no room for the prompt in "
+                f"max_seq_length={self.max_seq_length}"
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+
+
+@dataclass(kw_only=True)
 class JobConfig:
     """A whole run: what ``longact sft|rl --config X.yaml`` reads."""
 
@@ -190,3 +262,4 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     longact: LongActConfig = field(default_factory=LongActConfig)
+    rl: RLConfig = field(default_factory=RLConfig)

@@ -29,6 +29,8 @@ class StepResult:
     grad_norm: float
     lr: float
     update_successful: bool
+    extras: dict[str, float]
+    """Other reported metrics (``report_keys``), reduced like the loss."""
 
 
 def masked_sum_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -54,7 +56,8 @@ def reduce_reports(reports: list[dict], *, key: str = "loss") -> tuple[float, in
 
     total = torch.zeros(2, dtype=torch.float64)
     for report in reports:
-        total += report[key].detach().double().cpu()
+        if key in report:
+            total += report[key].detach().double().cpu()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     total = total.to(device)
     dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
@@ -76,11 +79,14 @@ def train_step(
     num_microbatches: int,
     seq_length: int,
     micro_batch_size: int,
+    report_keys: tuple[str, ...] = (),
 ) -> StepResult:
     """Zero grads, forward/backward over ``num_microbatches``, optimizer and scheduler step.
 
     ``data_iterator`` yields one micro-batch per ``next`` on every rank (every pipeline stage
-    reads the same batches; stages ignore what they do not need). All ranks must call it.
+    reads the same batches; stages ignore what they do not need). ``report_keys`` names extra
+    ``[sum, weight]`` entries of the loss reports to reduce into ``extras`` (the same on every
+    rank: it drives collectives). All ranks must call it.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -101,13 +107,14 @@ def train_step(
     if update_successful:
         state.scheduler.step(increment=1)
     loss, count = reduce_reports(reports)
-    state.progress["step"] += 1
+    extras = {key: reduce_reports(reports, key=key)[0] for key in report_keys}
     return StepResult(
         loss=loss,
         num_tokens=count,
         grad_norm=float(grad_norm) if grad_norm is not None else 0.0,
         lr=state.optimizer.param_groups[0]["lr"],
         update_successful=bool(update_successful),
+        extras=extras,
     )
 
 

@@ -96,6 +96,7 @@ def run_sft(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
             tic = time.perf_counter()
             micro_batches = batches(data.train_bins, state.progress["consumed_samples"])
             result = train_step(state, data_iterator=iter(micro_batches), **step_kwargs)
+            state.progress["step"] = step
             state.progress["consumed_samples"] += job.data.global_batch_size
             elapsed = time.perf_counter() - tic
             # Tokens processed (padding included) by all DP ranks this step.

@@ -1,0 +1,157 @@
+"""Rollout -> reward -> dynamic-sampling filter -> advantages: the experience of one RL step.
+
+Data parallel: each DP replica generates rollouts for its share of the prompts (all TP ranks of
+a replica decode in lockstep), then the scored groups are all-gathered so that every rank holds
+the same global batch; filtering and advantages are therefore identical everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_longact.config.schema import RLConfig
+from megatron_longact.data.rl_data import RLRecord
+from megatron_longact.rl.advantages import group_advantages
+from megatron_longact.rl.prompts import encode_prompt, gold_answer
+from megatron_longact.rl.rewards import compute_reward
+from megatron_longact.rl.rollout.types import Rollout, RolloutEngine, SamplingParams
+from megatron_longact.rl.sampling import (
+    DynamicSamplingState,
+    add_generation_batch,
+    filter_groups,
+    overlong_penalty,
+    pop_train_batch,
+)
+
+
+@dataclass(kw_only=True)
+class Sample:
+    """One scored rollout, ready to become a training row."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    engine_logprobs: list[float]
+    reward: float
+    format_ok: bool
+    answer_ok: bool
+    truncated: bool
+    advantage: float = 0.0
+
+
+@dataclass(kw_only=True)
+class StepExperience:
+    groups: list[list[Sample]]
+    num_gen_batches: int
+    num_groups_seen: int
+    prompts_consumed: int
+
+
+def _score(rollout: Rollout, record: RLRecord, *, tokenizer, rl: RLConfig) -> Sample:
+    text = tokenizer.decode(rollout.response_ids, skip_special_tokens=False)
+    result = compute_reward(rl.reward, text, gold_answer(record))
+    reward = result.score
+    if rl.overlong_buffer > 0:
+        reward += float(
+            overlong_penalty(
+                torch.tensor([len(rollout.response_ids)]),
+                max_response_length=rl.max_new_tokens,
+                buffer_length=rl.overlong_buffer,
+                penalty_factor=rl.overlong_penalty,
+            )[0]
+        )
+    return Sample(
+        prompt_ids=rollout.prompt_ids,
+        response_ids=rollout.response_ids,
+        engine_logprobs=rollout.logprobs,
+        reward=reward,
+        format_ok=result.format_ok,
+        answer_ok=result.answer_ok,
+        truncated=rollout.finish_reason == "length",
+    )
+
+
+def generate_groups(
+    engine: RolloutEngine,
+    records: list[RLRecord],
+    *,
+    tokenizer,
+    rl: RLConfig,
+    params: SamplingParams,
+) -> list[list[Sample]]:
+    """Rollouts for ``records`` (``rollouts_per_prompt`` each), scored; all ranks return the
+    same global list of groups in record order. All ranks must call it (collective)."""
+    from megatron.core import parallel_state
+
+    dp = parallel_state.get_data_parallel_world_size()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    mine = list(range(dp_rank, len(records), dp))  # round-robin keeps replicas balanced
+    max_prompt = rl.max_seq_length - rl.max_new_tokens
+    prompts = []
+    for index in mine:
+        ids = encode_prompt(records[index], tokenizer, max_prompt_tokens=max_prompt)
+        prompts.extend([ids] * rl.rollouts_per_prompt)
+    rollouts = engine.generate(prompts, params) if prompts else []
+    local = {}
+    for k, index in enumerate(mine):
+        chunk = rollouts[k * rl.rollouts_per_prompt : (k + 1) * rl.rollouts_per_prompt]
+        local[index] = [_score(r, records[index], tokenizer=tokenizer, rl=rl) for r in chunk]
+    gathered: list[dict] = [None] * dp  # type: ignore[list-item]
+    dist.all_gather_object(gathered, local, group=parallel_state.get_data_parallel_group())
+    merged = {k: v for part in gathered for k, v in part.items()}
+    return [merged[i] for i in range(len(records))]
+
+
+def collect_experience(
+    engine: RolloutEngine,
+    next_records: Callable[[int], list[RLRecord]],
+    *,
+    tokenizer,
+    rl: RLConfig,
+    params_for_round: Callable[[int], SamplingParams],
+) -> StepExperience:
+    """Generates rounds of prompts until ``rl.prompts_per_step`` groups pass the DAPO filter.
+
+    ``next_records(n)`` returns the next ``n`` prompts of the data stream. Without dynamic
+    sampling one round is used as it is. Advantages are filled in on the kept groups.
+    """
+    state = DynamicSamplingState(
+        train_batch_size=rl.prompts_per_step,
+        max_num_gen_batches=rl.max_num_gen_batches if rl.dynamic_sampling else 1,
+        on_exhausted=rl.on_exhausted if rl.dynamic_sampling else "continue",
+    )
+    per_round = rl.prompts_per_step * (rl.gen_batch_multiplier if rl.dynamic_sampling else 1)
+    consumed, round_index = 0, 0
+    while True:
+        records = next_records(per_round)
+        consumed += len(records)
+        groups = generate_groups(engine, records, tokenizer=tokenizer, rl=rl,
+                                 params=params_for_round(round_index))  # fmt: skip
+        round_index += 1
+        rewards = torch.tensor([s.reward for g in groups for s in g], dtype=torch.float64)
+        keep = (
+            filter_groups(rewards, rl.rollouts_per_prompt)
+            if rl.dynamic_sampling
+            else [True] * len(groups)
+        )
+        if add_generation_batch(state, groups, keep):
+            break
+    num_rounds, seen = state.num_gen_batches, state.num_groups_seen
+    kept = pop_train_batch(state)
+    _fill_advantages(kept, rl=rl)
+    return StepExperience(groups=kept, num_gen_batches=num_rounds, num_groups_seen=seen,
+                          prompts_consumed=consumed)  # fmt: skip
+
+
+def _fill_advantages(groups: list[list[Sample]], *, rl: RLConfig) -> None:
+    if not groups:
+        return
+    rewards = torch.tensor([s.reward for g in groups for s in g], dtype=torch.float64)
+    ids = torch.tensor([i for i, g in enumerate(groups) for _ in g])
+    adv = group_advantages(rewards, ids, normalize_std=rl.normalize_adv_std,
+                           leave_one_out=rl.leave_one_out)  # fmt: skip
+    for sample, value in zip((s for g in groups for s in g), adv.tolist()):
+        sample.advantage = value

@@ -1,0 +1,178 @@
+"""The RL loop (DAPO by default; GRPO, Clip-Cov, KL-Cov) with LongAct masks: one function."""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+
+import torch
+
+from megatron_longact.checkpoint import resume_or_load, save_checkpoint
+from megatron_longact.config.schema import JobConfig
+from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
+from megatron_longact.longact.controller import LongActController
+from megatron_longact.rl.batch import make_rows, padded_length, split_rows
+from megatron_longact.rl.data import load_rl_records
+from megatron_longact.rl.experience import collect_experience
+from megatron_longact.rl.forward import policy_forward_step
+from megatron_longact.rl.logprobs import compute_logprobs
+from megatron_longact.rl.losses import get_loss_fn
+from megatron_longact.rl.metrics import experience_metrics
+from megatron_longact.rl.reference import build_reference_model
+from megatron_longact.rl.rollout.factory import build_engine, sampling_params
+from megatron_longact.runtime.batches import global_batch_indices
+from megatron_longact.runtime.distributed import init_distributed
+from megatron_longact.runtime.metrics import MetricsWriter, Progress
+from megatron_longact.runtime.setup import setup_train_state
+from megatron_longact.runtime.train_step import train_step
+from megatron_longact.sft.loop import tensorboard_dir
+
+logger = logging.getLogger(__name__)
+
+POLICY_REPORTS = ("entropy", "clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl")
+
+
+def _loss_fn(job: JobConfig, step: int):
+    rl = job.rl
+    options = {
+        "dapo": dict(eps_low=rl.eps_low, eps_high=rl.eps_high, dual_clip_c=rl.dual_clip_c),
+        "grpo": dict(
+            eps_low=rl.eps_low, eps_high=rl.eps_high, dual_clip_c=rl.dual_clip_c, kl_beta=rl.kl_beta
+        ),
+        "clip_cov": dict(
+            clip_cov_ratio=rl.clip_cov_ratio,
+            clip_cov_lb=rl.clip_cov_lb,
+            clip_cov_ub=rl.clip_cov_ub,
+            generator=torch.Generator().manual_seed(rl.seed + step),
+        ),
+        "kl_cov": dict(kl_cov_ratio=rl.kl_cov_ratio, kl_coef=rl.kl_cov_coef),
+    }[rl.algorithm]
+    return partial(get_loss_fn(rl.algorithm), **options)
+
+
+def run_rl(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
+    """Trains ``train.train_steps`` RL steps from ``checkpoint.load_dir`` (the SFT model);
+    resumes from ``checkpoint.save_dir``. All ranks run it."""
+    rl, ckpt = job.rl, job.checkpoint
+    dims = init_distributed(job.parallel, seed=job.train.seed)
+    tokenizer = load_tokenizer(job.data.tokenizer_path or TINY_TOKENIZER_DIR)
+    records = load_rl_records(rl, job.data)
+    state = setup_train_state(job, dims)
+    # The one LongAct hook: strategy none installs nothing (the plain dense run).
+    longact = LongActController.from_train_state(job.longact, state)
+    loaded = resume_or_load(
+        save_dir=ckpt.save_dir,
+        load_dir=ckpt.load_dir,
+        load_weights_only=ckpt.load_weights_only,
+        model=state.model,
+        optimizer=state.optimizer,
+        scheduler=state.scheduler,
+    )
+    state.progress.setdefault("prompts_consumed", 0)
+    if loaded is not None and loaded.progress:
+        state.progress.update(loaded.progress)
+        longact.load_state_dict(loaded.extra.get("longact", {}))
+    reference = build_reference_model(job, state) if rl.kl_beta > 0 else None
+    engine = build_engine(job, state, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    mbs = job.data.micro_batch_size
+    writer = MetricsWriter(tensorboard_dir(job), wandb_project=job.logging.wandb_project)
+    metrics: dict[str, float] = {}
+    start = state.progress["step"]
+
+    def next_records(n: int):
+        order = global_batch_indices(
+            len(records), batch_size=n, seed=rl.seed, consumed=state.progress["prompts_consumed"]
+        )
+        state.progress["prompts_consumed"] += n
+        return [records[i] for i in order]
+
+    with Progress(
+        job.train.train_steps, description="rl", enabled=job.logging.progress, start=start
+    ) as bar:
+        for step in range(start + 1, job.train.train_steps + 1):
+            tic = time.perf_counter()
+            engine.wake()
+            exp = collect_experience(
+                engine,
+                next_records,
+                tokenizer=tokenizer,
+                rl=rl,
+                params_for_round=partial(sampling_params, job, tokenizer, step=step),
+            )
+            engine.sleep()
+            samples = [s for g in exp.groups for s in g]
+            # This DP rank's contiguous share of the global batch, in micro-batches.
+            share = len(samples) // dims.dp
+            mine = samples[dims.dp_rank * share : (dims.dp_rank + 1) * share]
+            rows = make_rows(
+                mine,
+                length=padded_length(samples),
+                pad_token_id=pad,
+                overlong_filter=rl.overlong_filter,
+            )
+            micro = split_rows(rows, mbs)
+            for batch, logp in zip(
+                micro, compute_logprobs(state.model, micro, temperature=rl.temperature)
+            ):
+                if logp is not None:
+                    batch["old_logp"] = logp
+            if reference is not None:
+                for batch, logp in zip(
+                    micro, compute_logprobs([reference], micro, temperature=rl.temperature)
+                ):
+                    if logp is not None:
+                        batch["ref_logp"] = logp
+            forward = policy_forward_step(
+                _loss_fn(job, step), temperature=rl.temperature, per_sequence=rl.algorithm == "grpo"
+            )
+            per_update = len(micro) // rl.num_minibatches
+            for k in range(rl.num_minibatches):
+                chunk = micro[k * per_update : (k + 1) * per_update]
+                result = train_step(
+                    state,
+                    forward_step_func=forward,
+                    data_iterator=longact.observe(iter(chunk)),
+                    num_microbatches=len(chunk),
+                    seq_length=rows["tokens"].shape[1],
+                    micro_batch_size=mbs,
+                    report_keys=POLICY_REPORTS,
+                )
+            state.progress["step"] = step
+            elapsed = time.perf_counter() - tic
+            metrics = {
+                **experience_metrics(exp, micro, rl=rl),
+                "train/loss": result.loss,
+                "train/grad_norm": result.grad_norm,
+                "train/lr": result.lr,
+                **{f"train/{k}": v for k, v in result.extras.items()},
+                **longact.metrics(),
+                "perf/tokens_per_s": sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+                / elapsed,
+                "perf/step_s": elapsed,
+            }
+            writer.log(metrics, step=step)
+            if writer.tb is not None:
+                longact.log_histograms(writer.tb, step=step)
+            bar.update(
+                info=f"reward {metrics['rollout/reward_mean']:.3f} "
+                f"acc {metrics['rollout/accuracy']:.2f}"
+            )
+            if ckpt.save_dir and (
+                step == job.train.train_steps
+                or (ckpt.save_interval and step % ckpt.save_interval == 0)
+            ):
+                save_checkpoint(
+                    ckpt.save_dir,
+                    step=step,
+                    model=state.model,
+                    optimizer=state.optimizer,
+                    scheduler=state.scheduler,
+                    progress=state.progress,
+                    extra={"longact": longact.state_dict()},
+                    config_yaml=config_yaml,
+                    keep_last=ckpt.keep_last,
+                )
+    writer.close()
+    return metrics

@@ -1,0 +1,53 @@
+"""Rollout-side metrics of one RL step (identical on every rank)."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+import torch.distributed as dist
+
+from megatron_longact.config.schema import RLConfig
+from megatron_longact.rl.experience import StepExperience
+
+
+def logprob_mismatch(micro_batches: list[dict[str, torch.Tensor]]) -> float:
+    """Mean |engine log-prob - trainer log-prob| over response tokens, global over DP.
+
+    Computed where ``old_logp`` exists (the last pipeline stage); collective over the DP group.
+    """
+    from megatron.core import parallel_state
+
+    total = torch.zeros(2, dtype=torch.float64)
+    for batch in micro_batches:
+        if "old_logp" in batch:
+            mask = batch["response_mask"]
+            diff = (batch["engine_logp"] - batch["old_logp"]).abs() * mask
+            total += torch.tensor([diff.sum().item(), mask.sum().item()], dtype=torch.float64)
+    if torch.cuda.is_available():
+        total = total.cuda()
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def experience_metrics(
+    exp: StepExperience, micro_batches: list[dict[str, torch.Tensor]], *, rl: RLConfig
+) -> dict[str, float]:
+    """Reward mean/std, format rate, accuracy, response length, filter and mismatch stats."""
+    samples = [s for g in exp.groups for s in g]
+    rewards = [s.reward for s in samples]
+    lengths = [len(s.response_ids) for s in samples]
+    return {
+        "rollout/reward_mean": statistics.fmean(rewards) if rewards else 0.0,
+        "rollout/reward_std": statistics.pstdev(rewards) if len(rewards) > 1 else 0.0,
+        "rollout/format_rate": statistics.fmean(s.format_ok for s in samples) if samples else 0.0,
+        "rollout/accuracy": statistics.fmean(s.answer_ok for s in samples) if samples else 0.0,
+        "rollout/response_len_mean": statistics.fmean(lengths) if lengths else 0.0,
+        "rollout/truncated_frac": statistics.fmean(s.truncated for s in samples)
+        if samples
+        else 0.0,
+        "rollout/num_groups": float(len(exp.groups)),
+        "rollout/gen_rounds": float(exp.num_gen_batches),
+        "rollout/kept_group_frac": len(exp.groups) / max(exp.num_groups_seen, 1),
+        "rollout/engine_logprob_mismatch": logprob_mismatch(micro_batches),
+    }

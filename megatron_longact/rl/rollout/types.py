@@ -1,0 +1,43 @@
+"""What every rollout engine takes and returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 4096
+    stop_token_ids: tuple[int, ...] = ()
+    """Generation of a sequence ends after it emits one of these (EOS, ``</answer>``...)."""
+    seed: int = 0
+    """Sampling seed; the same on every TP rank of a model replica."""
+
+
+@dataclass(kw_only=True)
+class Rollout:
+    """One sampled response. Token lists are plain ints (cheap to all-gather)."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float] = field(default_factory=list)
+    """The engine's log-probabilities of ``response_ids`` (at the sampling temperature)."""
+    finish_reason: Literal["stop", "length"] = "length"
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
+        """Samples one response per prompt. All ranks of a model replica must call it with
+        the same prompts and params."""
+        ...
+
+    def sleep(self) -> None:
+        """Releases generation memory before training (a no-op where nothing is held)."""
+        ...
+
+    def wake(self) -> None:
+        """Re-acquires memory and picks up the trainer's current weights."""
+        ...
