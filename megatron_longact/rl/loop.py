@@ -30,7 +30,19 @@ from megatron_longact.sft.loop import tensorboard_dir
 
 logger = logging.getLogger(__name__)
 
-POLICY_REPORTS = ("entropy", "clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl")
+# Loss-function metrics to reduce and log (a key a loss does not report logs as 0).
+POLICY_REPORTS = (
+    "entropy",
+    "clip_frac_low",
+    "clip_frac_high",
+    "dual_clip_frac",
+    "approx_kl",
+    "ratio_mean",
+    "kl",
+    "clip_cov_frac",
+    "kl_abs_mean",
+    "kl_cov_frac",
+)
 
 
 def _loss_fn(job: JobConfig, step: int):
@@ -102,6 +114,7 @@ def run_rl(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
                 params_for_round=partial(sampling_params, job, tokenizer, step=step),
             )
             engine.sleep()
+            generate_s = time.perf_counter() - tic
             samples = [s for g in exp.groups for s in g]
             # This DP rank's contiguous share of the global batch, in micro-batches.
             share = len(samples) // dims.dp
@@ -124,6 +137,7 @@ def run_rl(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
                 ):
                     if logp is not None:
                         batch["ref_logp"] = logp
+            logprob_s = time.perf_counter() - tic - generate_s
             forward = policy_forward_step(
                 _loss_fn(job, step), temperature=rl.temperature, per_sequence=rl.algorithm == "grpo"
             )
@@ -151,6 +165,9 @@ def run_rl(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
                 "perf/tokens_per_s": sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
                 / elapsed,
                 "perf/step_s": elapsed,
+                "perf/generate_s": generate_s,
+                "perf/logprob_s": logprob_s,
+                "perf/train_s": elapsed - generate_s - logprob_s,
             }
             writer.log(metrics, step=step)
             if writer.tb is not None:
