@@ -39,6 +39,10 @@ def _job_command(name: str, argv: list[str]) -> int:
         from megatron_longact.rl.loop import run_rl
 
         run_rl(job, config_yaml=config_yaml)
+    elif name == "eval":
+        from megatron_longact.eval.cli import run_eval
+
+        run_eval(job)
     else:
         raise SystemExit(f"longact {name}: not available in this build")
     from megatron_longact.runtime.distributed import shutdown
@@ -61,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     # megatron warns at import about optional GPU packages; the CPU path never needs them.
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|TE).*")
     command, rest = argv[0], argv[1:]
-    if command in ("sft", "rl", "saliency"):
+    if command in ("sft", "rl", "saliency", "eval"):
         return _job_command(command, rest)
     if command == "plan":
         from megatron_longact.plan.cli import main as plan_main

@@ -100,8 +100,25 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _model_sharded_state_dict(chunk) -> dict:
+    # Checkpoint keys are those of the DDP-wrapped model ("module.decoder..."); a bare
+    # GPTModel (reference policy, inference) gets the same keys through the prefix.
+    if hasattr(chunk, "module"):
+        return chunk.sharded_state_dict()
+    return chunk.sharded_state_dict(prefix="module.")
+
+
+def _load_model_state(chunk, state: dict) -> None:
+    if not hasattr(chunk, "module"):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    result = chunk.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing:
+        raise ValueError(f"checkpoint lacks model tensors {missing[:5]}... ({len(missing)})")
+
+
 def _sharded_state(model: list, optimizer, *, with_optimizer: bool, is_loading: bool) -> dict:
-    model_sd = model[0].sharded_state_dict()
+    model_sd = _model_sharded_state_dict(model[0])
     state = {"model": model_sd}
     if with_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(
@@ -253,7 +270,7 @@ def load_checkpoint(
             inner._init_optimizer_states_with_dummy_values()
     template = _sharded_state(model, optimizer, with_optimizer=with_optimizer, is_loading=True)
     loaded = dist_checkpointing.load(template, str(ckpt))
-    model[0].load_state_dict(loaded["model"], strict=False)
+    _load_model_state(model[0], loaded["model"])
     if with_optimizer:
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])

@@ -251,6 +251,35 @@ class RLConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    """``longact eval``: which benchmarks, from which local files, with which backend."""
+
+    suites: list[str] = field(default_factory=lambda: ["synthetic_kv", "ruler"])
+    """Any of synthetic_kv, ruler, longbench_v2, infinitebench."""
+    model_name: str = "model"
+    """Row label in the results tables."""
+    backend: Literal["native", "vllm"] = "native"
+    """native: the megatron model from ``checkpoint.load_dir``; vllm: ``hf_dir``."""
+    hf_dir: str | None = None
+    out_dir: str = "runs/eval"
+    temperature: float = 0.0
+    """0 is greedy decoding; the paper samples with seed 0."""
+    seed: int = 0
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    synthetic_kv_path: str | None = None
+    longbench_v2_path: str | None = None
+    infinitebench_dir: str | None = None
+    ruler_lengths: list[int] = field(default_factory=lambda: [4096])
+    ruler_tasks: list[str] = field(default_factory=lambda: ["niah_single_1", "niah_single_2"])
+    ruler_num_samples: int = 8
+    max_prompt_tokens: int | None = None
+    """Truncate LongBench v2 / InfiniteBench prompts in the middle to this many tokens."""
+    compare: list[str] = field(default_factory=list)
+    """Other ``out_dir``s whose scores join the tables as extra rows (e.g. the SFT model)."""
+
+
+@dataclass(kw_only=True)
 class JobConfig:
     """A whole run: what ``longact sft|rl --config X.yaml`` reads."""
 
@@ -263,3 +292,4 @@ class JobConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     longact: LongActConfig = field(default_factory=LongActConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

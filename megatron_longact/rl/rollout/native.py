@@ -20,7 +20,12 @@ def sample_next(
 
     Returns ``(tokens [b] int64, logprobs [b])`` where the log-probability is under the
     temperature-scaled distribution (before top-p truncation, as verl/vLLM report it).
+    ``temperature`` 0 is greedy decoding (log-probs then at temperature 1).
     """
+    if temperature == 0:
+        logprobs_all = torch.log_softmax(logits, dim=-1)
+        tokens = logits.argmax(dim=-1)
+        return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
     logprobs_all = torch.log_softmax(logits / temperature, dim=-1)
     probs = logprobs_all.exp()
     if top_p < 1.0:

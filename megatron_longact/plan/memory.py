@@ -1,0 +1,345 @@
+"""Per-GPU memory estimate of a layout: model state, activations, logits, rollout KV cache.
+
+Model state follows megatron-core's mixed-precision distributed optimizer: bf16 weights, fp32
+main grads in the DDP grad buffer (not sharded: the buffer is reduce-scattered in place), and
+fp32 master weights + Adam m and v sharded over the data-parallel group *including CP ranks*
+(megatron builds the optimizer over ``intra_dp_cp_group``).
+
+Activations follow Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+Transformer Models" (arXiv:2205.05198): the tensors each layer keeps for backward, split over
+TP inside the TP region and over TP in the norm/residual region only with sequence parallel,
+re-derived for a Qwen3 layer (RMSNorm, Q/K norm, GQA, SwiGLU, no dropout, flash attention) and
+with the sequence divided by CP. Per layer and micro-batch, with s = seq/CP, b = micro batch,
+t = TP, elements of 2 bytes::
+
+    norm/residual region  4*s*b*h            (/t only with sequence parallel)
+    TP region             s*b*(3*a*d + 3*g*d + 3*f)/t
+        q/k norm inputs (a*d + g*d), attention q, k, v (a*d + 2*g*d), attention output
+        (a*d), SwiGLU gate+up output (2f), SwiGLU output (f)
+    flash attention       4*a*s*b/t bytes of fp32 softmax statistics
+    unfused attention     + 2*a*s*s*b/t bytes of softmax output (selective recompute drops it)
+
+Full recompute keeps only each layer's input (2*s*b*h bytes, /t with sequence parallel) plus
+one layer's full working set while it is recomputed. The first pipeline stage holds
+min(PP, micro-batches) micro-batches in flight under 1F1B; the last holds one, plus the logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from megatron_longact.plan.layout import Layout, LayoutError, LayoutReport, check_layout
+from megatron_longact.plan.model_spec import ModelSpec, embedding_parameters, layer_parameters
+
+Recompute = Literal["none", "selective", "full"]
+RECOMPUTE_CHOICES: tuple[str, ...] = ("none", "selective", "full")
+
+BYTES_PER_GIB = 2**30
+WEIGHT_BYTES = 2  # bf16 model weights
+GRAD_BYTES = 4  # fp32 main grads (grad_reduce_in_fp32, the default for bf16 training)
+OPTIMIZER_BYTES = 12  # fp32 master weight + Adam exp_avg + exp_avg_sq, sharded over DP x CP
+ACTIVATION_BYTES = 2  # bf16 activations
+SOFTMAX_STATS_BYTES = 4  # flash attention keeps one fp32 log-sum-exp per head and token
+# Logits: bf16 output of the output layer (2) + the fp32 copy the vocab-parallel cross entropy
+# keeps for backward (4) + the bf16 logits gradient made in backward (2).
+LOGITS_BYTES_PER_ELEMENT = 8
+KV_CACHE_BYTES = 2  # bf16 KV cache in the rollout engine
+DEFAULT_GPU_MEM_GIB = 80.0  # H800 / H100 80GB
+# CUDA context, NCCL buffers, cuBLAS/TE workspaces and allocator fragmentation.
+DEFAULT_OVERHEAD_GIB = 4.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutSpec:
+    """The colocated rollout engine that generates on the same GPUs between training steps.
+
+    The engine is assumed to share the training weights and layout (one replica per TP x PP
+    group), so it adds only its KV cache: ``(L/PP) * 2 * (g/TP) * d * kv_bytes * tokens * batch``
+    bytes per GPU.
+
+    Attributes:
+        batch: sequences one replica generates concurrently.
+        max_tokens: prompt + response tokens per sequence (``rl.max_seq_length``).
+        memory_fraction: fraction of GPU memory the engine reserves up front for its KV pool
+            (vLLM's ``gpu_memory_utilization`` style); 0 reserves exactly the KV cache needed.
+        sleep: the engine frees its pool during the training step (vLLM sleep mode), so the
+            pool and the training activations are never live together.
+        kv_bytes: bytes per cached element.
+    """
+
+    batch: int
+    max_tokens: int
+    memory_fraction: float = 0.0
+    sleep: bool = False
+    kv_bytes: int = KV_CACHE_BYTES
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Per-GPU memory of the most loaded pipeline stage, in GiB (2**30 bytes).
+
+    ``stage`` is ``"only"`` without PP, else ``"first"`` or ``"last"``.
+    """
+
+    stage: str
+    params_per_gpu: int
+    weights_gib: float
+    grads_gib: float
+    optimizer_gib: float
+    activations_gib: float
+    logits_gib: float
+    rollout_kv_gib: float
+    overhead_gib: float
+    rollout_sleeps: bool
+    report: LayoutReport
+
+    @property
+    def static_gib(self) -> float:
+        """Memory held all the time: weights, grads, optimizer shards, overhead."""
+        return self.weights_gib + self.grads_gib + self.optimizer_gib + self.overhead_gib
+
+    @property
+    def training_gib(self) -> float:
+        """Memory that lives only during the forward/backward pass."""
+        return self.activations_gib + self.logits_gib
+
+    @property
+    def total_gib(self) -> float:
+        if self.rollout_sleeps:
+            return self.static_gib + max(self.training_gib, self.rollout_kv_gib)
+        return self.static_gib + self.training_gib + self.rollout_kv_gib
+
+
+def kv_heads_per_rank(spec: ModelSpec, *, tensor_parallel_size: int) -> int:
+    """KV heads one TP rank holds; megatron replicates KV heads when TP > KV heads."""
+    return max(spec.num_kv_heads // tensor_parallel_size, 1)
+
+
+def layer_parameters_per_rank(spec: ModelSpec, *, tensor_parallel_size: int) -> int:
+    """Parameters of one layer on one TP rank: matrices split over TP, norms replicated."""
+    tp = tensor_parallel_size
+    h = spec.hidden_size
+    norms = 2 * h + (2 * spec.head_dim if spec.qk_norm else 0)
+    kv_width = kv_heads_per_rank(spec, tensor_parallel_size=tp) * spec.head_dim
+    qkv = h * (spec.query_width // tp + 2 * kv_width)
+    matrices = qkv + (spec.query_width // tp) * h + 3 * h * (spec.ffn_hidden_size // tp)
+    assert tp > 1 or matrices + norms == layer_parameters(spec)
+    return matrices + norms
+
+
+def activation_bytes_per_layer(
+    spec: ModelSpec,
+    *,
+    seq_per_rank: int,
+    micro_batch_size: int,
+    tensor_parallel_size: int,
+    sequence_parallel: bool,
+    flash_attention: bool = True,
+    recompute: Recompute = "none",
+) -> float:
+    """Bytes one layer keeps for backward for one micro-batch (no full recompute).
+
+    ``seq_per_rank`` is seq_length / CP. ``recompute="selective"`` recomputes the attention core,
+    which only saves memory without flash attention (the s x s softmax output).
+    """
+    s, b, t = seq_per_rank, micro_batch_size, tensor_parallel_size
+    h, a = spec.hidden_size, spec.num_attention_heads
+    q_width = spec.query_width
+    kv_width = kv_heads_per_rank(spec, tensor_parallel_size=t) * spec.head_dim * t
+    residual_region = 4 * s * b * h / (t if sequence_parallel else 1)
+    qk_norm_inputs = (q_width + kv_width) if spec.qk_norm else 0
+    tp_region = (
+        s * b * (qk_norm_inputs + (q_width + 2 * kv_width) + q_width + 3 * spec.ffn_hidden_size) / t
+    )
+    total = (residual_region + tp_region) * ACTIVATION_BYTES
+    if flash_attention:
+        total += SOFTMAX_STATS_BYTES * a * s * b / t
+    elif recompute != "selective":
+        total += ACTIVATION_BYTES * a * s * s * b / t
+    return total
+
+
+def rollout_kv_cache_bytes(spec: ModelSpec, layout: Layout, rollout: RolloutSpec) -> float:
+    """KV cache per GPU: (L/PP) * 2 (k and v) * KV heads per TP rank * d * bytes * tokens * batch."""
+    tp, pp = layout.tensor_parallel_size, layout.pipeline_parallel_size
+    per_token = (
+        spec.num_layers
+        // pp
+        * 2
+        * kv_heads_per_rank(spec, tensor_parallel_size=tp)
+        * spec.head_dim
+        * rollout.kv_bytes
+    )
+    return per_token * rollout.max_tokens * rollout.batch
+
+
+def rollout_batch_per_replica(num_sequences: int, layout: Layout) -> int:
+    """Sequences each rollout replica (one TP x PP group) generates when ``num_sequences`` are
+    spread evenly over all replicas."""
+    replicas = layout.world_size // (layout.tensor_parallel_size * layout.pipeline_parallel_size)
+    return math.ceil(num_sequences / max(replicas, 1))
+
+
+def _stage_estimate(
+    spec: ModelSpec,
+    layout: Layout,
+    report: LayoutReport,
+    *,
+    stage: str,
+    recompute: Recompute,
+    flash_attention: bool,
+    rollout_bytes: float,
+    rollout_sleeps: bool,
+    overhead_gib: float,
+) -> MemoryEstimate:
+    tp, pp, cp = (
+        layout.tensor_parallel_size,
+        layout.pipeline_parallel_size,
+        layout.context_parallel_size,
+    )
+    first, last = stage in ("first", "only"), stage in ("last", "only")
+    layers = spec.num_layers // pp
+    vocab_matrix = embedding_parameters(spec, vocab_size=report.padded_vocab_size) // tp
+    params = layers * layer_parameters_per_rank(spec, tensor_parallel_size=tp)
+    if first:
+        params += vocab_matrix
+    if last:
+        params += spec.hidden_size  # final norm
+        # Untied: the output layer. Tied with PP > 1: megatron keeps a copy of the embedding
+        # on the last stage and all-reduces its grads with the first stage.
+        if not spec.tied_embeddings or stage == "last":
+            params += vocab_matrix
+
+    seq_per_rank = layout.seq_length // cp
+    sp = layout.uses_sequence_parallel
+    in_flight = min(pp, report.num_microbatches) if first else 1
+    layer_bytes = activation_bytes_per_layer(
+        spec,
+        seq_per_rank=seq_per_rank,
+        micro_batch_size=layout.micro_batch_size,
+        tensor_parallel_size=tp,
+        sequence_parallel=sp,
+        flash_attention=flash_attention,
+        recompute=recompute,
+    )
+    if recompute == "full":
+        layer_input = (
+            seq_per_rank * layout.micro_batch_size * spec.hidden_size * ACTIVATION_BYTES
+        ) / (tp if sp else 1)
+        activations = layers * in_flight * layer_input + layer_bytes
+    else:
+        activations = layers * in_flight * layer_bytes
+    logits = (
+        seq_per_rank
+        * layout.micro_batch_size
+        * (report.padded_vocab_size // tp)
+        * LOGITS_BYTES_PER_ELEMENT
+        if last
+        else 0.0
+    )
+    optimizer_shards = report.data_parallel_size * cp
+    return MemoryEstimate(
+        stage=stage,
+        params_per_gpu=params,
+        weights_gib=params * WEIGHT_BYTES / BYTES_PER_GIB,
+        grads_gib=params * GRAD_BYTES / BYTES_PER_GIB,
+        optimizer_gib=params * OPTIMIZER_BYTES / optimizer_shards / BYTES_PER_GIB,
+        activations_gib=activations / BYTES_PER_GIB,
+        logits_gib=logits / BYTES_PER_GIB,
+        rollout_kv_gib=rollout_bytes / BYTES_PER_GIB,
+        overhead_gib=overhead_gib,
+        rollout_sleeps=rollout_sleeps,
+        report=report,
+    )
+
+
+def estimate_memory(
+    spec: ModelSpec,
+    layout: Layout,
+    *,
+    recompute: Recompute = "none",
+    rollout: RolloutSpec | None = None,
+    flash_attention: bool = True,
+    overhead_gib: float = DEFAULT_OVERHEAD_GIB,
+    gpu_mem_gib: float = DEFAULT_GPU_MEM_GIB,
+    enforce_budget: bool = True,
+) -> MemoryEstimate:
+    """Estimate peak memory per GPU (GiB) of the most loaded pipeline stage.
+
+    Checks the layout first (:func:`check_layout`) and, with ``enforce_budget``, raises
+    :class:`LayoutError` when the total exceeds ``gpu_mem_gib`` (see :func:`check_fits`).
+    ``gpu_mem_gib`` also sizes the rollout engine's pool when it reserves a memory fraction.
+    """
+    if recompute not in RECOMPUTE_CHOICES:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_CHOICES}, got {recompute!r}")
+    report = check_layout(spec, layout)
+    rollout_bytes = 0.0
+    if rollout is not None:
+        if rollout.batch < 0 or rollout.max_tokens < 1:
+            raise ValueError(f"rollout batch must be >= 0 and max_tokens >= 1, got {rollout}")
+        if not 0.0 <= rollout.memory_fraction < 1.0:
+            raise ValueError(
+                f"rollout memory_fraction must be in [0, 1), got {rollout.memory_fraction}"
+            )
+        rollout_bytes = rollout_kv_cache_bytes(spec, layout, rollout)
+        if rollout.memory_fraction > 0.0:
+            pool = rollout.memory_fraction * gpu_mem_gib * BYTES_PER_GIB
+            if rollout_bytes > pool:
+                raise LayoutError(
+                    f"the rollout KV cache needs {rollout_bytes / BYTES_PER_GIB:.1f} GiB but the "
+                    f"engine's memory fraction {rollout.memory_fraction} reserves only "
+                    f"{pool / BYTES_PER_GIB:.1f} GiB; lower the rollout batch or raise the fraction"
+                )
+            rollout_bytes = pool
+    stages = ["only"] if layout.pipeline_parallel_size == 1 else ["first", "last"]
+    estimates = [
+        _stage_estimate(
+            spec,
+            layout,
+            report,
+            stage=stage,
+            recompute=recompute,
+            flash_attention=flash_attention,
+            rollout_bytes=rollout_bytes,
+            rollout_sleeps=rollout is not None and rollout.sleep,
+            overhead_gib=overhead_gib,
+        )
+        for stage in stages
+    ]
+    worst = max(estimates, key=lambda estimate: estimate.total_gib)
+    if enforce_budget:
+        check_fits(worst, gpu_mem_gib=gpu_mem_gib, recompute=recompute)
+    return worst
+
+
+def check_fits(
+    estimate: MemoryEstimate, *, gpu_mem_gib: float, recompute: Recompute = "none"
+) -> None:
+    """Raise :class:`LayoutError` when ``estimate`` exceeds ``gpu_mem_gib``, naming what to change."""
+    if estimate.total_gib <= gpu_mem_gib:
+        return
+    parts = {
+        "weights": estimate.weights_gib,
+        "fp32 grads": estimate.grads_gib,
+        "optimizer shards": estimate.optimizer_gib,
+        "activations": estimate.activations_gib,
+        "logits": estimate.logits_gib,
+        "rollout KV cache": estimate.rollout_kv_gib,
+    }
+    largest = ", ".join(
+        f"{name} {gib:.1f}" for name, gib in sorted(parts.items(), key=lambda kv: -kv[1])[:3]
+    )
+    hints = []
+    if recompute != "full" and estimate.activations_gib > 1.0:
+        hints.append("full recompute (train.recompute=full)")
+    hints.append("a larger context_parallel_size (activations, logits)")
+    hints.append("a larger tensor/pipeline_parallel_size (weights, grads)")
+    if estimate.rollout_kv_gib > 0:
+        hints.append("a smaller rollout batch")
+    raise LayoutError(
+        f"estimated {estimate.total_gib:.1f} GiB per GPU ({estimate.stage} pipeline stage) "
+        f"exceeds the {gpu_mem_gib:.0f} GiB GPU; largest parts (GiB): {largest}; try "
+        + ", or ".join(hints)
+    )
