@@ -25,6 +25,7 @@ from megatron_longact.runtime.batches import global_batch_indices
 from megatron_longact.runtime.distributed import init_distributed
 from megatron_longact.runtime.metrics import MetricsWriter, Progress
 from megatron_longact.runtime.setup import setup_train_state
+from megatron_longact.runtime.signals import StopRequest
 from megatron_longact.runtime.train_step import train_step
 from megatron_longact.sft.loop import tensorboard_dir
 
@@ -92,6 +93,7 @@ def run_rl(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
     writer = MetricsWriter(tensorboard_dir(job), wandb_project=job.logging.wandb_project)
     metrics: dict[str, float] = {}
     start = state.progress["step"]
+    stop = StopRequest()
 
     def next_records(n: int):
         order = global_batch_indices(
@@ -116,6 +118,10 @@ def run_rl(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
             engine.sleep()
             generate_s = time.perf_counter() - tic
             samples = [s for g in exp.groups for s in g]
+            if not samples:  # only under rl.on_exhausted=continue
+                logger.warning("step %d: dynamic sampling kept no group; no update", step)
+                state.progress["step"] = step
+                continue
             # This DP rank's contiguous share of the global batch, in micro-batches.
             share = len(samples) // dims.dp
             mine = samples[dims.dp_rank * share : (dims.dp_rank + 1) * share]
@@ -176,8 +182,10 @@ def run_rl(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
                 info=f"reward {metrics['rollout/reward_mean']:.3f} "
                 f"acc {metrics['rollout/accuracy']:.2f}"
             )
+            stopping = stop.agreed()
             if ckpt.save_dir and (
-                step == job.train.train_steps
+                stopping
+                or step == job.train.train_steps
                 or (ckpt.save_interval and step % ckpt.save_interval == 0)
             ):
                 save_checkpoint(
@@ -191,5 +199,8 @@ def run_rl(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
                     config_yaml=config_yaml,
                     keep_last=ckpt.keep_last,
                 )
+            if stopping:
+                logger.warning("stopped after step %d on request; resume by re-running", step)
+                break
     writer.close()
     return metrics

@@ -18,6 +18,7 @@ from megatron_longact.runtime.distributed import init_distributed
 from megatron_longact.runtime.forward import lm_forward_step
 from megatron_longact.runtime.metrics import MetricsWriter, Progress
 from megatron_longact.runtime.setup import setup_train_state
+from megatron_longact.runtime.signals import StopRequest
 from megatron_longact.runtime.train_step import eval_step, train_step
 from megatron_longact.sft.data import bin_collate, load_sft_data
 
@@ -89,6 +90,7 @@ def run_sft(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
     writer = MetricsWriter(tensorboard_dir(job), wandb_project=job.logging.wandb_project)
     metrics: dict[str, float] = {}
     start = state.progress["step"]
+    stop = StopRequest()
     with Progress(
         job.train.train_steps, description="sft", enabled=job.logging.progress, start=start
     ) as bar:
@@ -121,8 +123,10 @@ def run_sft(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
             if step % job.train.log_interval == 0:
                 writer.log(metrics, step=step)
             bar.update(info=f"loss {result.loss:.4f} lr {result.lr:.2e}")
+            stopping = stop.agreed()
             if ckpt.save_dir and (
-                step == job.train.train_steps
+                stopping
+                or step == job.train.train_steps
                 or (ckpt.save_interval and step % ckpt.save_interval == 0)
             ):
                 save_checkpoint(
@@ -135,5 +139,8 @@ def run_sft(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
                     config_yaml=config_yaml,
                     keep_last=ckpt.keep_last,
                 )
+            if stopping:
+                logger.warning("stopped after step %d on request; resume by re-running", step)
+                break
     writer.close()
     return metrics
