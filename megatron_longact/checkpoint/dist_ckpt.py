@@ -109,9 +109,18 @@ def _model_sharded_state_dict(chunk) -> dict:
 
 
 def _load_model_state(chunk, state: dict) -> None:
-    if not hasattr(chunk, "module"):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    result = chunk.load_state_dict(state, strict=False)
+    from megatron_longact.runtime.setup import unwrap_gpt
+
+    def bare(key: str) -> str:
+        while key.startswith("module."):
+            key = key[len("module.") :]
+        return key
+
+    # The checkpoint's keys carry the wrappers' "module." prefixes, which megatron's wrapper
+    # load_state_dict would pass on unchanged (and non-strict loading would then silently skip
+    # every tensor); load into the bare GPTModel and check nothing is missing.
+    state = {bare(k): v for k, v in state.items()}
+    result = unwrap_gpt(chunk).load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing:
         raise ValueError(f"checkpoint lacks model tensors {missing[:5]}... ({len(missing)})")

@@ -56,8 +56,9 @@ def _weights(path: Path, tp: int):
     job = load_config(JobConfig, None, ["model.preset=micro-qwen3",
                                         f"parallel.tensor_model_parallel_size={tp}"])  # fmt: skip
     state = setup_train_state(job, init_distributed(job.parallel, seed=999))
+    fresh = full_named_parameters(state.model[0])
     load_checkpoint(path, model=state.model, optimizer=state.optimizer, scheduler=state.scheduler)
-    return full_named_parameters(state.model[0])
+    return full_named_parameters(state.model[0]), fresh
 
 
 def test_resume_continues_exact_trajectory(synthetic_data_dir, tmp_path):
@@ -86,9 +87,11 @@ def test_tp2_checkpoint_loads_at_tp1_and_latest_is_kept_on_crash(synthetic_data_
     run_local(_sft, 2, _overrides(synthetic_data_dir, run_dir,
                                   "parallel.tensor_model_parallel_size=2"))  # fmt: skip
     ckpt = latest_checkpoint(run_dir / "ckpt")
-    tp2 = run_local(_weights, 2, ckpt, 2)[0]
-    tp1 = run_local(_weights, 1, ckpt, 1)[0]
+    tp2, _ = run_local(_weights, 2, ckpt, 2)[0]
+    tp1, fresh = run_local(_weights, 1, ckpt, 1)[0]
     assert tp1.keys() == tp2.keys()
+    # The load replaced the fresh initialisation (training moved every matrix).
+    assert all(not torch.equal(tp1[n], fresh[n]) for n in tp1 if n.endswith("linear_qkv.weight"))
     for name in tp1:
         torch.testing.assert_close(tp1[name], tp2[name], rtol=0, atol=0)
     # Losses fell over the run.
