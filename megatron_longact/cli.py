@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_longact.plan.cli import main as plan_main
 
         return plan_main(rest)
+    if command == "convert":
+        from megatron_longact.models.convert.cli import main as convert_main
+
+        return convert_main(rest)
     if command == "data":
         from megatron_longact.data.make_synthetic import main as data_main
 

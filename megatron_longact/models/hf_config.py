@@ -93,6 +93,9 @@ def parse_hf_config(hf: dict[str, Any], *, source: str = "config.json") -> HFArc
     if hf.get("num_experts") or hf.get("num_local_experts"):
         raise ValueError(f"{source}: MoE configs cannot be mapped by this converter")
     scaling = hf.get("rope_scaling")
+    params = hf.get("rope_parameters") or {}
+    if not scaling and params.get("rope_type", "default") != "default":
+        scaling = params
     llama3_factor = None
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type"))
@@ -111,7 +114,7 @@ def parse_hf_config(hf: dict[str, Any], *, source: str = "config.json") -> HFArc
         head_dim=hf.get("head_dim") or hidden // heads,
         vocab_size=need("vocab_size"),
         max_position_embeddings=need("max_position_embeddings"),
-        rotary_base=float(hf.get("rope_theta", 10000.0)),
+        rotary_base=_rope_theta(hf),
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qk_layernorm=model_type == "qwen3",
@@ -121,9 +124,21 @@ def parse_hf_config(hf: dict[str, Any], *, source: str = "config.json") -> HFArc
     )
 
 
+def _rope_theta(hf: dict[str, Any]) -> float:
+    # transformers >= 5 writes rope_parameters: {rope_theta: ...}; older configs a top-level key.
+    params = hf.get("rope_parameters") or {}
+    return float(hf.get("rope_theta", params.get("rope_theta", 10000.0)))
+
+
 def transformer_config_kwargs(arch: HFArchitecture) -> dict[str, Any]:
-    """``TransformerConfig`` fields that describe the architecture (no parallelism/precision)."""
+    """``TransformerConfig`` fields that describe the architecture (no parallelism/precision).
+
+    The MLP is SwiGLU: ``gated_linear_unit`` with SiLU (megatron's default activation is GELU).
+    """
+    import torch
+
     return {
+        "activation_func": torch.nn.functional.silu,
         "num_layers": arch.num_layers,
         "hidden_size": arch.hidden_size,
         "ffn_hidden_size": arch.ffn_hidden_size,

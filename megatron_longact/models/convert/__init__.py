@@ -1,0 +1,8 @@
+"""Hugging Face <-> megatron checkpoint conversion (Qwen3, Qwen2, Llama).
+
+* :mod:`mapping`: names and tensor layouts (fused QKV per query group, [gate; up], vocab padding).
+* :mod:`hf_files`: lazy safetensors reading, bounded-size shard writing.
+* :mod:`hf_to_mcore`: import at any TP/PP, every rank reading only its slices.
+* :mod:`mcore_to_hf`: export in one process, layer by layer.
+* :mod:`cli`: ``longact convert``.
+"""

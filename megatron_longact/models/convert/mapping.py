@@ -1,0 +1,293 @@
+"""Names and tensor layouts shared by both conversion directions (pure torch, no megatron).
+
+Hugging Face Qwen3, Qwen2 and Llama checkpoints use the same names (``model.layers.{i}.
+self_attn.q_proj.weight`` ...). megatron-core fuses q, k and v into ``linear_qkv`` (rows grouped
+per query group) and gate and up into ``linear_fc1``, and names its layer norms after the
+linear layer they feed. The tables below are the one place these facts are written down.
+
+Three namespaces appear:
+
+* HF names: ``model.layers.3.mlp.gate_proj.weight``.
+* megatron parameter names of a built chunk (``named_parameters``), layers numbered per
+  pipeline stage: ``decoder.layers.0.input_layernorm.weight`` with the local spec, or
+  ``decoder.layers.0.self_attention.linear_qkv.layer_norm_weight`` with Transformer Engine.
+* megatron checkpoint keys (``dist_checkpointing``): layers stacked into one tensor with a
+  leading layer axis, TE names for the norms whatever the spec (the local spec remaps its keys),
+  and the ``module.`` prefix of the DDP wrapper that training saves through:
+  ``module.decoder.layers.self_attention.linear_qkv.weight`` of shape [L, (N+2G)*D, H].
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megatron_longact.models.hf_config import HFArchitecture
+
+CHECKPOINT_PREFIX = "module."
+"""Prefix of model keys in our checkpoints (megatron DDP wraps the GPTModel as ``module``)."""
+
+HF_LAYER_PREFIX = "model.layers.{}."
+HF_EMBEDDING = "model.embed_tokens.weight"
+HF_FINAL_NORM = "model.norm.weight"
+HF_LM_HEAD = "lm_head.weight"
+
+MCORE_EMBEDDING = "embedding.word_embeddings.weight"
+MCORE_FINAL_NORM = "decoder.final_layernorm.weight"
+MCORE_OUTPUT = "output_layer.weight"
+MCORE_LAYER_PREFIX = "decoder.layers."
+
+# Layer-local megatron suffix -> layer-local HF suffix, for tensors copied without reshaping
+# (replicated over TP). Both spellings of each input norm are listed: the local spec's
+# (parameter names on CPU) and Transformer Engine's (GPU parameters and every checkpoint key).
+NORMS = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+}
+# Row-parallel linears: same layout, sharded over TP along the input (column) dim 1.
+ROW_PARALLEL = {
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+ROW_PARALLEL_DIM = 1
+# Fused column-parallel linears: megatron suffix -> the HF suffixes fused into it, in order.
+QKV = {
+    "self_attention.linear_qkv.weight": (
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+    ),
+    "self_attention.linear_qkv.bias": (
+        "self_attn.q_proj.bias",
+        "self_attn.k_proj.bias",
+        "self_attn.v_proj.bias",
+    ),
+}
+GATE_UP = {"mlp.linear_fc1.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
+
+# Buffers some older HF checkpoints carry; recomputed from the config, never converted.
+_IGNORED_HF = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class QKVLayout:
+    """megatron's fused QKV row order: per query group, its q heads, then k, then v.
+
+    With N heads, G groups, n = N/G and D = head_dim, group g owns rows
+    [g*(n+2)*D, (g+1)*(n+2)*D): n*D q rows (heads g*n .. g*n+n-1), D k rows, D v rows.
+    TP shards the fused rows in contiguous blocks of (N+2G)*D/T rows.
+    """
+
+    num_heads: int
+    num_groups: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, arch: HFArchitecture) -> QKVLayout:
+        return cls(
+            num_heads=arch.num_attention_heads,
+            num_groups=arch.num_query_groups,
+            head_dim=arch.head_dim,
+        )
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_heads // self.num_groups
+
+    @property
+    def num_rows(self) -> int:
+        return (self.num_heads + 2 * self.num_groups) * self.head_dim
+
+    def fuse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """[N*D, ...], [G*D, ...], [G*D, ...] (weights [., H] or biases) -> [(N+2G)*D, ...]."""
+        rest = q.shape[1:]
+        g, d, n = self.num_groups, self.head_dim, self.heads_per_group
+        grouped = torch.cat(
+            [q.reshape(g, n * d, *rest), k.reshape(g, d, *rest), v.reshape(g, d, *rest)], dim=1
+        )
+        return grouped.reshape(self.num_rows, *rest)
+
+    def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inverse of :meth:`fuse`: [(N+2G)*D, ...] -> (q [N*D, ...], k [G*D, ...], v [G*D, ...])."""
+        if qkv.shape[0] != self.num_rows:
+            raise ValueError(
+                f"fused QKV has {qkv.shape[0]} rows; {self.num_heads} heads, "
+                f"{self.num_groups} groups of head_dim {self.head_dim} need {self.num_rows}"
+            )
+        rest = qkv.shape[1:]
+        g, d, n = self.num_groups, self.head_dim, self.heads_per_group
+        grouped = qkv.reshape(g, (n + 2) * d, *rest)
+        q, k, v = grouped.split([n * d, d, d], dim=1)
+        return (
+            q.reshape(g * n * d, *rest).contiguous(),
+            k.reshape(g * d, *rest).contiguous(),
+            v.reshape(g * d, *rest).contiguous(),
+        )
+
+
+def tp_block(full: torch.Tensor, *, dim: int, tp_rank: int, tp: int) -> torch.Tensor:
+    """This rank's contiguous 1/tp block of ``full`` along ``dim`` (megatron's TP split)."""
+    size = full.shape[dim]
+    if size % tp:
+        raise ValueError(f"dimension {dim} of size {size} does not split over TP={tp}")
+    return full.narrow(dim, tp_rank * (size // tp), size // tp)
+
+
+def fuse_gate_up_shard(
+    gate: torch.Tensor, up: torch.Tensor, *, tp_rank: int, tp: int
+) -> torch.Tensor:
+    """Local SwiGLU ``linear_fc1`` shard: [gate_shard; up_shard], each [F/tp, H]."""
+    return torch.cat(
+        [tp_block(gate, dim=0, tp_rank=tp_rank, tp=tp), tp_block(up, dim=0, tp_rank=tp_rank, tp=tp)]
+    )
+
+
+def split_gate_up(fc1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A checkpoint's full ``linear_fc1`` [2F, H] is [gate; up] (megatron's SwiGLU factory
+    saves each TP shard's halves at their global offsets) -> (gate [F, H], up [F, H])."""
+    gate, up = fc1.chunk(2, dim=0)
+    return gate.contiguous(), up.contiguous()
+
+
+def padded_vocab_size(vocab_size: int, *, tp: int) -> int:
+    """Smallest multiple of ``tp`` >= ``vocab_size`` (megatron splits the vocab evenly over TP).
+
+    Padding rows are zeros; the checkpoint's embedding and output layer load at any other
+    padding (megatron marks them ``allow_shape_mismatch``) and export trims them off.
+    """
+    return -(-vocab_size // tp) * tp
+
+
+def hf_layer_name(layer: int, suffix: str) -> str:
+    return HF_LAYER_PREFIX.format(layer) + suffix
+
+
+def hf_layer_shapes(arch: HFArchitecture) -> dict[str, tuple[int, ...]]:
+    """Layer-local HF tensor name -> shape, in the order HF models define them."""
+    hidden, ffn, d = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
+    q_rows, kv_rows = arch.num_attention_heads * d, arch.num_query_groups * d
+    shapes: dict[str, tuple[int, ...]] = {
+        "input_layernorm.weight": (hidden,),
+        "self_attn.q_proj.weight": (q_rows, hidden),
+        "self_attn.k_proj.weight": (kv_rows, hidden),
+        "self_attn.v_proj.weight": (kv_rows, hidden),
+    }
+    if arch.qkv_bias:
+        shapes.update(
+            {
+                "self_attn.q_proj.bias": (q_rows,),
+                "self_attn.k_proj.bias": (kv_rows,),
+                "self_attn.v_proj.bias": (kv_rows,),
+            }
+        )
+    shapes["self_attn.o_proj.weight"] = (hidden, q_rows)
+    if arch.qk_layernorm:
+        shapes.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
+    shapes.update(
+        {
+            "post_attention_layernorm.weight": (hidden,),
+            "mlp.gate_proj.weight": (ffn, hidden),
+            "mlp.up_proj.weight": (ffn, hidden),
+            "mlp.down_proj.weight": (hidden, ffn),
+        }
+    )
+    return shapes
+
+
+def expected_hf_shapes(arch: HFArchitecture) -> dict[str, tuple[int, ...]]:
+    """Every tensor an HF checkpoint of ``arch`` holds, with its shape (``lm_head`` only when
+    untied)."""
+    vocab_by_hidden = (arch.vocab_size, arch.hidden_size)
+    shapes = {HF_EMBEDDING: vocab_by_hidden}
+    for layer in range(arch.num_layers):
+        shapes.update(
+            {hf_layer_name(layer, s): shape for s, shape in hf_layer_shapes(arch).items()}
+        )
+    shapes[HF_FINAL_NORM] = (arch.hidden_size,)
+    if not arch.tie_word_embeddings:
+        shapes[HF_LM_HEAD] = vocab_by_hidden
+    return shapes
+
+
+def check_hf_tensors(
+    shapes: dict[str, tuple[int, ...]], *, arch: HFArchitecture, source: str
+) -> None:
+    """Raises ValueError when a checkpoint's tensors {name: shape} do not match ``arch``:
+    a tensor missing or of another shape, or one with no place in the megatron model (which
+    would otherwise be dropped silently)."""
+    expected = expected_hf_shapes(arch)
+    missing = [n for n in expected if n not in shapes]
+    if missing:
+        raise ValueError(
+            f"{source}: {len(missing)} tensor(s) the config implies are missing, e.g. "
+            f"{missing[:3]}; the weights do not match config.json"
+        )
+    for name, shape in expected.items():
+        if tuple(shapes[name]) != shape:
+            raise ValueError(
+                f"{source}: {name} has shape {tuple(shapes[name])} but config.json implies "
+                f"{shape}; the weights do not match config.json"
+            )
+    allowed = set(expected) | {HF_LM_HEAD}  # tied checkpoints may still store lm_head
+    extra = sorted(n for n in set(shapes) - allowed if not _IGNORED_HF.search(n))
+    if extra:
+        raise ValueError(
+            f"{source}: tensor(s) with no place in the megatron model: {extra[:3]}"
+            f"{' ...' if len(extra) > 3 else ''}; this converter maps Qwen3/Qwen2/Llama "
+            "without o_proj or MLP biases"
+        )
+
+
+def check_representable(hf: dict[str, Any], *, source: str) -> None:
+    """Config fields :func:`parse_hf_config` accepts but megatron's GPT cannot hold exactly.
+
+    megatron's ``add_qkv_bias`` adds biases to q/k/v only; HF ``attention_bias`` on Llama and
+    Qwen3 also biases o_proj, and ``mlp_bias`` biases the MLP.
+    """
+    model_type = hf.get("model_type")
+    if model_type in ("llama", "qwen3") and hf.get("attention_bias"):
+        raise ValueError(
+            f"{source}: attention_bias=true on {model_type} also adds an o_proj bias, which "
+            "megatron's GPT layer cannot hold; only attention_bias=false converts"
+        )
+    if hf.get("mlp_bias"):
+        raise ValueError(f"{source}: mlp_bias=true cannot be mapped; only mlp_bias=false converts")
+
+
+def check_rope_parsed(hf: dict[str, Any], arch: HFArchitecture, *, source: str) -> None:
+    """Raises ValueError when a transformers-5 ``rope_parameters`` block disagrees with what
+    :func:`parse_hf_config` read (it reads the older top-level ``rope_theta``/``rope_scaling``);
+    a silently wrong RoPE base would give a model that loads but computes something else."""
+    params = hf.get("rope_parameters")
+    if not isinstance(params, dict):
+        return
+    theta = params.get("rope_theta")
+    if theta is not None and float(theta) != arch.rotary_base:
+        raise ValueError(
+            f"{source}: rope_parameters.rope_theta={theta} but the config was read with "
+            f'rope_theta={arch.rotary_base}; add "rope_theta": {theta} at the top level of '
+            "config.json"
+        )
+    kind = params.get("rope_type", "default")
+    if kind != "default" and arch.llama3_rope_scaling is None:
+        raise ValueError(
+            f"{source}: rope_parameters.rope_type={kind!r} was not read; only llama3 scaling "
+            "maps, given as a top-level rope_scaling block"
+        )
+
+
+def strip_checkpoint_prefix(key: str) -> str | None:
+    """A checkpoint key without the DDP ``module.`` prefix; None for non-model keys
+    (optimizer state, which also names model parameters inside its keys)."""
+    while key.startswith(CHECKPOINT_PREFIX):
+        key = key[len(CHECKPOINT_PREFIX) :]
+    if key.startswith((MCORE_LAYER_PREFIX, "embedding.", "decoder.", "output_layer.")):
+        return key
+    return None
