@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="mcore2hf: largest safetensors shard, e.g. 5GB, 500MB",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--config",
+        help="a run's YAML recipe: mcore2hf takes model.hf_path and data.tokenizer_path from it "
+        "(and from dotted overrides) when --hf-dir / --tokenizer are not given",
+    )
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of --config")
     return parser
 
 
@@ -100,6 +106,12 @@ def _mcore_to_hf(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code. Errors in the input raise with a fixing hint."""
     args = build_parser().parse_args(argv)
+    if args.config is not None or args.overrides:
+        from megatron_longact.config import JobConfig, load_config
+
+        job = load_config(JobConfig, args.config, args.overrides)  # validates every key
+        args.hf_dir = args.hf_dir or job.model.hf_path
+        args.tokenizer = args.tokenizer or job.data.tokenizer_path
     if args.direction == "hf2mcore":
         _hf_to_mcore(args)
     else:
