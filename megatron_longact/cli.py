@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 
@@ -52,6 +53,20 @@ def _job_command(name: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs a command; user errors (bad config, data, paths) print one clear line, exit 2.
+
+    Set LONGACT_DEBUG=1 for the full traceback.
+    """
+    try:
+        return _dispatch(argv)
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("LONGACT_DEBUG"):
+            raise
+        print(f"longact: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
