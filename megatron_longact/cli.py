@@ -40,6 +40,10 @@ def _job_command(name: str, argv: list[str]) -> int:
         from megatron_longact.rl.loop import run_rl
 
         run_rl(job, config_yaml=config_yaml)
+    elif name == "saliency":
+        from megatron_longact.longact.cli import run_saliency
+
+        print(f"wrote {run_saliency(job)}")
     elif name == "eval":
         from megatron_longact.eval.cli import run_eval
 

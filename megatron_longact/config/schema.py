@@ -162,6 +162,9 @@ class LongActConfig:
     ema_decay: float = 0.0
     """0 disables the EMA of M across steps."""
     static_saliency_path: str | None = None
+    """M file for ``schedule=static``; ``longact saliency`` writes it."""
+    profile_samples: int = 64
+    """Samples of ``data.train_path`` that ``longact saliency`` measures."""
     seed: int = 0
 
     def __post_init__(self) -> None:

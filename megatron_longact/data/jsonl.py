@@ -46,7 +46,7 @@ def read_jsonl(
     if not path.is_file():
         raise FileNotFoundError(
             f"JSONL file not found: {path}. Check the path in your config, or create the "
-            f"synthetic data with `python tools/make_synthetic_data.py --out-dir DIR`."
+            f"synthetic data with `longact data --out-dir DIR`."
         )
     # Binary read so a bad byte is reported at its line instead of aborting the whole read.
     with path.open("rb") as f:
