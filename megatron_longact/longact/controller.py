@@ -319,6 +319,26 @@ class LongActController:
             "masks": {n: {p: m.cpu() for p, m in per.items()} for n, per in self.selection.items()},
         }
 
+    def pipeline_state_dict(self) -> dict:
+        """:meth:`state_dict` with every pipeline stage's layers merged (what a checkpoint's
+        common state holds). Collective over the pipeline-parallel group."""
+        state = self.state_dict()
+        if not dist.is_initialized() or dist.get_world_size(self._pp_group_or_none()) == 1:
+            return state
+        parts: list[dict] = [None] * dist.get_world_size(self._pp_group_or_none())  # type: ignore[list-item]
+        dist.all_gather_object(parts, state, group=self._pp_group_or_none())
+        merged = dict(state)
+        for key in ("saliency", "masks"):
+            merged[key] = {n: v for part in parts for n, v in (part[key] or {}).items()}
+        if state["ema"] is not None:
+            merged["ema"] = {n: v for part in parts for n, v in (part["ema"] or {}).items()}
+        return merged
+
+    def _pp_group_or_none(self):
+        from megatron.core import parallel_state
+
+        return parallel_state.get_pipeline_model_parallel_group()
+
     def load_state_dict(self, state: dict) -> None:
         """Restores :meth:`state_dict`; entries for layers of other stages are ignored. An
         empty dict (a checkpoint written without LongAct) leaves the controller fresh."""

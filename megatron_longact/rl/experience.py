@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_longact.config.schema import RLConfig
+from megatron_longact.data.prompts import encode_prompt, gold_answer
 from megatron_longact.data.rl_data import RLRecord
 from megatron_longact.rl.advantages import group_advantages
-from megatron_longact.data.prompts import encode_prompt, gold_answer
 from megatron_longact.rl.rewards import compute_reward
 from megatron_longact.rl.rollout.types import Rollout, RolloutEngine, SamplingParams
 from megatron_longact.rl.sampling import (

@@ -195,7 +195,7 @@ def run_rl(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
                     optimizer=state.optimizer,
                     scheduler=state.scheduler,
                     progress=state.progress,
-                    extra={"longact": longact.state_dict()},
+                    extra={"longact": longact.pipeline_state_dict()},
                     config_yaml=config_yaml,
                     keep_last=ckpt.keep_last,
                 )

@@ -38,11 +38,23 @@ def _is_cuda_device(device: Any) -> bool:
     return isinstance(device, int)  # a bare ordinal means a CUDA device in torch APIs
 
 
+_REENTRANT = (torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad)
+
+
 class _CudaToCpuMode(TorchFunctionMode):
     """Maps CUDA device requests to the CPU for every torch call made under it."""
 
+    def __init__(self, *, inner: bool = False):
+        super().__init__()
+        self.inner = inner  # already re-entered for a backward call
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func in _REENTRANT and not self.inner:
+            # A mode is off inside its own handler; backward runs Python (activation
+            # recomputation re-runs megatron's forward), which needs the bridge again.
+            with _CudaToCpuMode(inner=True):
+                return func(*args, **kwargs)
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:

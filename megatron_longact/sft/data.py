@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
@@ -59,14 +58,18 @@ def load_sft_data(data: DataConfig) -> SftData:
 
 
 def bin_collate(*, use_thd: bool) -> Callable[[Sequence[PackedBin]], dict[str, torch.Tensor]]:
-    """Collate for the attention backend: THD ``cu_seqlens`` (TE) or block-causal masks."""
-    if use_thd:
-        return partial(collate, with_attention_mask=False)
+    """Collate for the attention backend: THD ``cu_seqlens`` (TE) or block-causal masks.
 
-    def masked(bins: Sequence[PackedBin]) -> dict[str, torch.Tensor]:
-        batch = collate(bins, with_attention_mask=True)
-        batch.pop("cu_seqlens")
-        batch.pop("max_seqlen")
+    With masks the batch keeps ``cu_seqlens`` as metadata (LongAct's per-sample saliency
+    reads it; the forward step uses the mask). ``token_mask`` [B, S] marks real tokens.
+    """
+
+    def batch_of(bins: Sequence[PackedBin]) -> dict[str, torch.Tensor]:
+        batch = collate(bins, with_attention_mask=not use_thd)
+        token_mask = torch.zeros_like(batch["loss_mask"])
+        for row, packed in enumerate(bins):
+            token_mask[row, : int(packed.cu_seqlens[packed.num_samples])] = 1.0
+        batch["token_mask"] = token_mask
         return batch
 
-    return masked
+    return batch_of
