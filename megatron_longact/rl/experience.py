@@ -45,6 +45,9 @@ class Sample:
 @dataclass(kw_only=True)
 class StepExperience:
     groups: list[list[Sample]]
+    """The kept groups (the training batch), advantages filled in."""
+    generated: list[Sample]
+    """Every sample generated this step, kept or filtered (unbiased reward statistics)."""
     num_gen_batches: int
     num_groups_seen: int
     prompts_consumed: int
@@ -125,12 +128,14 @@ def collect_experience(
     )
     per_round = rl.prompts_per_step * (rl.gen_batch_multiplier if rl.dynamic_sampling else 1)
     consumed, round_index = 0, 0
+    generated: list[Sample] = []
     while True:
         records = next_records(per_round)
         consumed += len(records)
         groups = generate_groups(engine, records, tokenizer=tokenizer, rl=rl,
                                  params=params_for_round(round_index))  # fmt: skip
         round_index += 1
+        generated.extend(s for g in groups for s in g)
         rewards = torch.tensor([s.reward for g in groups for s in g], dtype=torch.float64)
         keep = (
             filter_groups(rewards, rl.rollouts_per_prompt)
@@ -142,8 +147,8 @@ def collect_experience(
     num_rounds, seen = state.num_gen_batches, state.num_groups_seen
     kept = pop_train_batch(state)
     _fill_advantages(kept, rl=rl)
-    return StepExperience(groups=kept, num_gen_batches=num_rounds, num_groups_seen=seen,
-                          prompts_consumed=consumed)  # fmt: skip
+    return StepExperience(groups=kept, generated=generated, num_gen_batches=num_rounds,
+                          num_groups_seen=seen, prompts_consumed=consumed)  # fmt: skip
 
 
 def _fill_advantages(groups: list[list[Sample]], *, rl: RLConfig) -> None:

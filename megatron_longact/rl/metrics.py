@@ -33,8 +33,13 @@ def logprob_mismatch(micro_batches: list[dict[str, torch.Tensor]]) -> float:
 def experience_metrics(
     exp: StepExperience, micro_batches: list[dict[str, torch.Tensor]], *, rl: RLConfig
 ) -> dict[str, float]:
-    """Reward mean/std, format rate, accuracy, response length, filter and mismatch stats."""
-    samples = [s for g in exp.groups for s in g]
+    """Reward mean/std, format rate, accuracy, response length, filter and mismatch stats.
+
+    ``rollout/*`` describe every generated sample (the policy's current behaviour);
+    ``rollout/kept_reward_mean`` the groups that passed the dynamic-sampling filter.
+    """
+    samples = exp.generated
+    kept = [s.reward for g in exp.groups for s in g]
     rewards = [s.reward for s in samples]
     lengths = [len(s.response_ids) for s in samples]
     return {
@@ -46,6 +51,7 @@ def experience_metrics(
         "rollout/truncated_frac": statistics.fmean(s.truncated for s in samples)
         if samples
         else 0.0,
+        "rollout/kept_reward_mean": statistics.fmean(kept) if kept else 0.0,
         "rollout/num_groups": float(len(exp.groups)),
         "rollout/gen_rounds": float(exp.num_gen_batches),
         "rollout/kept_group_frac": len(exp.groups) / max(exp.num_groups_seen, 1),
