@@ -6,6 +6,7 @@ from megatron_longact.checkpoint.dist_ckpt import (
     load_checkpoint,
     resume_or_load,
     save_checkpoint,
+    save_if_due,
 )
 
 __all__ = [
@@ -14,4 +15,5 @@ __all__ = [
     "load_checkpoint",
     "resume_or_load",
     "save_checkpoint",
+    "save_if_due",
 ]

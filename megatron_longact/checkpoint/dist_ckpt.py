@@ -329,3 +329,33 @@ def resume_or_load(
             weights_only=load_weights_only,
         )
     return None
+
+
+def save_if_due(
+    state,
+    checkpoint,
+    *,
+    step: int,
+    last_step: int,
+    stopping: bool,
+    extra: dict | None = None,
+    config_yaml: str = "",
+) -> None:
+    """Saves a :class:`runtime.setup.TrainState` when ``step`` is a save point: every
+    ``checkpoint.save_interval`` steps, the last step, or a requested stop. No-op without
+    ``checkpoint.save_dir``. All ranks must call it."""
+    interval = checkpoint.save_interval
+    due = stopping or step == last_step or (interval and step % interval == 0)
+    if not checkpoint.save_dir or not due:
+        return
+    save_checkpoint(
+        checkpoint.save_dir,
+        step=step,
+        model=state.model,
+        optimizer=state.optimizer,
+        scheduler=state.scheduler,
+        progress=state.progress,
+        extra=extra,
+        config_yaml=config_yaml,
+        keep_last=checkpoint.keep_last,
+    )

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from megatron_longact.rl.forward import logprob_forward_step
+from megatron_longact.runtime.train_step import forward_only
 
 
-@torch.no_grad()
 def compute_logprobs(
     model: list, micro_batches: list[dict[str, torch.Tensor]], *, temperature: float
 ) -> list[torch.Tensor | None]:
@@ -16,23 +16,12 @@ def compute_logprobs(
     All ranks of the model replica must call it with the same micro-batches (collective).
     """
     from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    for chunk in model:
-        chunk.eval()
-    try:
-        reports = get_forward_backward_func()(
-            forward_step_func=logprob_forward_step(temperature),
-            data_iterator=iter(micro_batches),
-            model=model,
-            num_microbatches=len(micro_batches),
-            seq_length=micro_batches[0]["tokens"].shape[1],
-            micro_batch_size=micro_batches[0]["tokens"].shape[0],
-            forward_only=True,
-        )
-    finally:
-        for chunk in model:
-            chunk.train()
+    reports = forward_only(model, forward_step_func=logprob_forward_step(temperature),
+                           data_iterator=iter(micro_batches),
+                           num_microbatches=len(micro_batches),
+                           seq_length=micro_batches[0]["tokens"].shape[1],
+                           micro_batch_size=micro_batches[0]["tokens"].shape[0])  # fmt: skip
     if not parallel_state.is_pipeline_last_stage():
         return [None] * len(micro_batches)
     return [r["logp"] for r in reports]

@@ -8,7 +8,7 @@ from functools import partial
 
 import torch
 
-from megatron_longact.checkpoint import resume_or_load, save_checkpoint
+from megatron_longact.checkpoint import resume_or_load, save_if_due
 from megatron_longact.config.schema import JobConfig
 from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 from megatron_longact.longact.controller import LongActController
@@ -183,22 +183,15 @@ def run_rl(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
                 f"acc {metrics['rollout/accuracy']:.2f}"
             )
             stopping = stop.agreed()
-            if ckpt.save_dir and (
-                stopping
-                or step == job.train.train_steps
-                or (ckpt.save_interval and step % ckpt.save_interval == 0)
-            ):
-                save_checkpoint(
-                    ckpt.save_dir,
-                    step=step,
-                    model=state.model,
-                    optimizer=state.optimizer,
-                    scheduler=state.scheduler,
-                    progress=state.progress,
-                    extra={"longact": longact.pipeline_state_dict()},
-                    config_yaml=config_yaml,
-                    keep_last=ckpt.keep_last,
-                )
+            save_if_due(
+                state,
+                ckpt,
+                step=step,
+                last_step=job.train.train_steps,
+                stopping=stopping,
+                config_yaml=config_yaml,
+                extra={"longact": longact.pipeline_state_dict()},
+            )
             if stopping:
                 logger.warning("stopped after step %d on request; resume by re-running", step)
                 break

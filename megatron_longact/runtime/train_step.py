@@ -119,31 +119,37 @@ def train_step(
 
 
 @torch.no_grad()
-def eval_step(
-    state: TrainState,
+def forward_only(
+    model: list,
     *,
     forward_step_func: Callable,
     data_iterator: Iterator,
     num_microbatches: int,
     seq_length: int,
     micro_batch_size: int,
-) -> tuple[float, int]:
-    """Forward-only pass over ``num_microbatches``; returns (global mean loss, token count)."""
+) -> list[dict]:
+    """Runs ``num_microbatches`` forward in eval mode through megatron's schedule; returns the
+    loss functions' reports (on the last pipeline stage; empty elsewhere). All ranks call it."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    for chunk in state.model:
+    for chunk in model:
         chunk.eval()
     try:
-        reports = get_forward_backward_func()(
+        return get_forward_backward_func()(
             forward_step_func=forward_step_func,
             data_iterator=data_iterator,
-            model=state.model,
+            model=model,
             num_microbatches=num_microbatches,
             seq_length=seq_length,
             micro_batch_size=micro_batch_size,
             forward_only=True,
         )
     finally:
-        for chunk in state.model:
+        for chunk in model:
             chunk.train()
-    return reduce_reports(reports)
+
+
+def eval_step(state: TrainState, **kwargs) -> tuple[float, int]:
+    """Validation loss: :func:`forward_only` over ``state.model`` reduced to (global mean
+    loss, token count). Takes :func:`forward_only`'s keyword arguments."""
+    return reduce_reports(forward_only(state.model, **kwargs))

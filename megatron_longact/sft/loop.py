@@ -6,7 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from megatron_longact.checkpoint import resume_or_load, save_checkpoint
+from megatron_longact.checkpoint import resume_or_load, save_if_due
 from megatron_longact.config.schema import JobConfig
 from megatron_longact.models.gpt import use_transformer_engine
 from megatron_longact.runtime.batches import (
@@ -124,21 +124,14 @@ def run_sft(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
                 writer.log(metrics, step=step)
             bar.update(info=f"loss {result.loss:.4f} lr {result.lr:.2e}")
             stopping = stop.agreed()
-            if ckpt.save_dir and (
-                stopping
-                or step == job.train.train_steps
-                or (ckpt.save_interval and step % ckpt.save_interval == 0)
-            ):
-                save_checkpoint(
-                    ckpt.save_dir,
-                    step=step,
-                    model=state.model,
-                    optimizer=state.optimizer,
-                    scheduler=state.scheduler,
-                    progress=state.progress,
-                    config_yaml=config_yaml,
-                    keep_last=ckpt.keep_last,
-                )
+            save_if_due(
+                state,
+                ckpt,
+                step=step,
+                last_step=job.train.train_steps,
+                stopping=stopping,
+                config_yaml=config_yaml,
+            )
             if stopping:
                 logger.warning("stopped after step %d on request; resume by re-running", step)
                 break
