@@ -16,6 +16,11 @@ _LOADERS = {"jsonl": load_rl_jsonl, "docqa": load_docqa_rl, "memagent": load_mem
 
 def load_rl_records(rl: RLConfig, data: DataConfig) -> list[RLRecord]:
     """All training prompts, mixed by ``rl.datasets[*].ratio`` (deterministic by ``rl.seed``)."""
+    if rl.datasets and data.train_path is not None:
+        raise ValueError(
+            f"both rl.datasets and data.train_path={data.train_path} are set; the RL prompts "
+            "come from one of them: drop data.train_path or list it under rl.datasets"
+        )
     if not rl.datasets:
         if data.train_path is None:
             raise ValueError("set rl.datasets or data.train_path to an RL JSONL file")
