@@ -73,11 +73,12 @@ def _runs(job: JobConfig, tokenizer) -> list[tuple[str, object, list]]:
 def _tables(job: JobConfig, runs) -> list[Path]:
     """One markdown + CSV table per benchmark, rows = this model and ``eval.compare`` dirs."""
     ev = job.eval
-    dirs = {ev.model_name: Path(ev.out_dir)}
-    for other in ev.compare:
+    dirs = {}
+    for other in ev.compare:  # compared models first: the table reads top-down like the paper's
         label_file = Path(other) / "model_name.txt"
         label = label_file.read_text().strip() if label_file.is_file() else Path(other).name
         dirs[label] = Path(other)
+    dirs[ev.model_name] = Path(ev.out_dir)
     written = []
     for table in dict.fromkeys(t for t, _, _ in runs):
         suites = [s.name for t, s, _ in runs if t == table]
@@ -94,6 +95,7 @@ def _tables(job: JobConfig, runs) -> list[Path]:
             "infinitebench": INFINITEBENCH_TABLE,
             "ruler": ruler_table([s.removeprefix("ruler-") for s in suites]),
         }[table]
+        # Difference rows are "this model vs the first compared one" (e.g. RL vs SFT).
         baseline = next(iter(rows)) if len(rows) > 1 else None
         md, _ = write_report(rows, spec, out_path=Path(ev.out_dir) / f"table_{table}",
                              baseline=baseline)  # fmt: skip
