@@ -34,7 +34,7 @@ from megatron_longact.eval.metrics import (
     zh_char_f1,
 )
 from megatron_longact.eval.suite import Record, Suite, mean_percent
-from megatron_longact.eval.tokens import TextCodec, as_codec, truncate_middle
+from megatron_longact.eval.tokens import TextCodec, budget_codec, truncate_middle
 
 # Task file stem -> the paper's Table 3 column.
 TASK_COLUMNS: dict[str, str] = {
@@ -297,14 +297,7 @@ def make_suite(
     name: str | None = None,
 ) -> Suite[InfiniteBenchSample]:
     """A runner suite over samples of any of the six tasks (ids are prefixed by the task)."""
-    codec = None
-    if max_prompt_tokens is not None:
-        if tokenizer is None:
-            raise ValueError(
-                f"max_prompt_tokens={max_prompt_tokens} needs tokenizer= (HF tokenizer or TextCodec); "
-                "pass max_prompt_tokens=None to keep full contexts"
-            )
-        codec = as_codec(tokenizer)
+    codec = budget_codec(tokenizer, max_prompt_tokens)
     return Suite(
         name=name or f"infinitebench_{templates}",
         sample_id=lambda s: f"{s.task}/{s.id}",

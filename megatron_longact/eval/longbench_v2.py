@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from megatron_longact.eval.metrics import strip_thinking
 from megatron_longact.eval.suite import Record, Suite, mean_percent
-from megatron_longact.eval.tokens import TextCodec, as_codec, truncate_middle
+from megatron_longact.eval.tokens import TextCodec, budget_codec, truncate_middle
 
 FIELDS = (
     "_id",
@@ -309,14 +309,7 @@ def make_suite(
     "cot" runs the official two-turn CoT; the runner then needs 1024 new tokens on the first
     turn (``MAX_NEW_TOKENS_COT``) -- the generation budget is the backend's business.
     """
-    codec = None
-    if max_prompt_tokens is not None:
-        if tokenizer is None:
-            raise ValueError(
-                f"max_prompt_tokens={max_prompt_tokens} needs tokenizer= (HF tokenizer or TextCodec); "
-                "pass max_prompt_tokens=None to keep full contexts"
-            )
-        codec = as_codec(tokenizer)
+    codec = budget_codec(tokenizer, max_prompt_tokens)
     return Suite(
         name=name or f"longbench_v2_{style}",
         sample_id=lambda s: s._id,

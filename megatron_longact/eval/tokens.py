@@ -69,3 +69,18 @@ def truncate_middle(text: str, *, max_tokens: int, codec: TextCodec) -> str:
     head = max_tokens // 2
     tail = max_tokens - head
     return codec.decode(ids[:head] + ids[len(ids) - tail :])
+
+
+def budget_codec(tokenizer: Any, max_prompt_tokens: int | None) -> TextCodec | None:
+    """The codec that middle-truncation needs, or None when prompts keep full contexts.
+
+    Raises ValueError when a token budget is given without a tokenizer.
+    """
+    if max_prompt_tokens is None:
+        return None
+    if tokenizer is None:
+        raise ValueError(
+            f"max_prompt_tokens={max_prompt_tokens} needs tokenizer= (HF tokenizer or TextCodec); "
+            "pass max_prompt_tokens=None to keep full contexts"
+        )
+    return as_codec(tokenizer)
