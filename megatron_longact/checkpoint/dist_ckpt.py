@@ -165,10 +165,9 @@ def save_checkpoint(
     rank = dist.get_rank()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left by a crash during an earlier save of this step
-            shutil.rmtree(tmp)
+        for stale in root.glob("iter_*.tmp"):  # left by a save that crashed midway
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-        (tmp / "rng").mkdir()
     dist.barrier()
     state = _sharded_state(model, optimizer, with_optimizer=optimizer is not None, is_loading=False)
     state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
@@ -176,6 +175,8 @@ def save_checkpoint(
     state["layout"] = _layout()
     state["extra"] = extra or {}
     dist_checkpointing.save(state, str(tmp))
+    # After megatron's save: it warns about any folder it finds non-empty.
+    (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank{rank:05d}.pt")
     if rank == 0 and config_yaml is not None:
         (tmp / "config.yaml").write_text(config_yaml)

@@ -118,9 +118,15 @@ def run_rl(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
             engine.sleep()
             generate_s = time.perf_counter() - tic
             samples = [s for g in exp.groups for s in g]
-            if not samples:  # only under rl.on_exhausted=continue
+            if not samples:  # only under rl.on_exhausted=continue: nothing to train on
                 logger.warning("step %d: dynamic sampling kept no group; no update", step)
                 state.progress["step"] = step
+                stopping = stop.agreed()
+                save_if_due(state, ckpt, step=step, last_step=job.train.train_steps,
+                            stopping=stopping, config_yaml=config_yaml,
+                            extra={"longact": longact.pipeline_state_dict()})  # fmt: skip
+                if stopping:
+                    break
                 continue
             # This DP rank's contiguous share of the global batch, in micro-batches.
             share = len(samples) // dims.dp

@@ -22,6 +22,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        _start_checkpoint_writer_queue()
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
@@ -38,3 +39,21 @@ class StopRequest:
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def _start_checkpoint_writer_queue() -> None:
+    """Spawns megatron's checkpoint-writer results queue now, with the stop signals ignored.
+
+    The torch_dist writer passes results through a ``multiprocessing`` Manager that it spawns
+    on the first save and keeps. Stop signals reach the whole process group (torchrun's
+    ``killpg``, Slurm's step signal), and a fresh interpreter dies of SIGUSR1, so the save the
+    stop asked for failed with BrokenPipeError. Ignored signals stay ignored across exec.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,267 @@
+"""The Slurm jobs for real: ``sbatch launch/slurm/longact_8b.sh`` on a running Slurm cluster.
+
+The job runs the real CLI (data -> SFT -> RL -> Hugging Face export) on the tiny CPU model
+with gloo, two processes through srun + torchrun, exactly as on a GPU cluster but for
+``LONGACT_DEVICE=cpu``. The second test stops the RL stage the way Slurm's time-limit warning
+does (USR1 to the batch shell) and checks that the requeued job resumes where it stopped.
+
+Needs ``sbatch`` and an idle node: ``bash .ci/slurm_setup.sh`` makes a one-node cluster on this
+machine. Both tests together take about 3 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = "launch/slurm/longact_8b.sh"
+JOB_LIMIT_S = 900
+POLL_S = 2.0
+# Slurm holds a requeued job for ~2 min (EligibleTime = requeue + 121 s); the test releases it.
+REQUEUE_HOLD_REASON = "BeginTime"
+TERMINAL_STATES = {
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+    "BOOT_FAIL", "DEADLINE", "PREEMPTED",
+}  # fmt: skip
+STAGES = ["data.done", "export.done", "rl.done", "sft.done"]
+# A small synthetic set: the tiny model needs no more to run a few steps of each stage.
+DATA_ARGS = "--context-tokens 96 --sft-train 64 --sft-val 8 --rl-train 32 --rl-val 8"
+
+
+def _overrides(*, steps: int) -> str:
+    """Dotted overrides for every stage (each stage's config has all sections).
+
+    Two processes: data parallel 2, so 8 sequences = 2 x micro-batch 4. RL: 2 prompts x 4
+    rollouts = 8 samples a step. Dynamic sampling off: the barely trained model gets the same
+    reward on most groups, and a step that keeps no group writes no metrics.
+    """
+    return " ".join([
+        f"train.train_steps={steps}", "checkpoint.save_interval=2", "logging.progress=false",
+        "data.micro_batch_size=4", "data.global_batch_size=8",
+        "rl.prompts_per_step=2", "rl.rollouts_per_prompt=4", "rl.max_new_tokens=24",
+        "rl.dynamic_sampling=false",
+    ])  # fmt: skip
+
+
+def _no_slurm_reason() -> str | None:
+    if shutil.which("sbatch") is None:
+        return "sbatch not on PATH (bash .ci/slurm_setup.sh sets up a one-node Slurm)"
+    try:
+        # A node busy with another job still counts: the test's job waits in the queue.
+        up = subprocess.run(
+            ["sinfo", "--noheader", "--responding", "--states=idle,mixed,allocated,completing",
+             "--format=%n"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"sinfo failed: {err}"
+    if up.returncode != 0 or not up.stdout.strip():
+        state = subprocess.run(["sinfo", "-N"], capture_output=True, text=True, timeout=30)
+        return f"sinfo shows no node in service: {(state.stdout + state.stderr).strip()}"
+    return None
+
+
+_REASON = _no_slurm_reason()
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.slurm,
+    pytest.mark.skipif(_REASON is not None, reason=_REASON or ""),
+]
+
+
+class Job:
+    """One submitted batch job: its id, output directory and log."""
+
+    def __init__(self, tmp_path: Path, *, steps: int):
+        self.out = tmp_path / "out"
+        self.log_pattern = tmp_path / "job-%j.out"
+        # The job inherits this environment (sbatch --export=ALL); a Slurm or LongAct setting
+        # of the shell that runs pytest must not leak into it.
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("SLURM_", "SBATCH_", "LONGACT_"))
+        }
+        env.update(
+            LONGACT_DEVICE="cpu",
+            GPUS_PER_NODE="2",
+            OUTPUT_DIR=str(self.out),
+            LONGACT_DATA_ARGS=DATA_ARGS,
+            LONGACT_EXTRA_OVERRIDES=_overrides(steps=steps),
+            PYTHON=sys.executable,
+        )
+        # The 8B header asks for 8 nodes x 8 GPUs; the command line overrides it.
+        submit = subprocess.run(
+            ["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--time=15",
+             f"--output={self.log_pattern}", SCRIPT],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert submit.returncode == 0, submit.stderr
+        self.id = submit.stdout.strip().split(";")[0]
+        self.log = Path(str(self.log_pattern).replace("%j", self.id))
+        self.deadline = time.monotonic() + JOB_LIMIT_S
+
+    def info(self) -> dict[str, str]:
+        """``scontrol show job`` as a dict (finished jobs stay listed for MinJobAge)."""
+        shown = subprocess.run(
+            ["scontrol", "show", "job", "--oneliner", self.id],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        if shown.returncode != 0:
+            return self._accounting()
+        return dict(field.split("=", 1) for field in shown.stdout.split() if "=" in field)
+
+    def _accounting(self) -> dict[str, str]:
+        # Clusters with slurmdbd forget finished jobs sooner; sacct still knows them.
+        row = subprocess.run(
+            ["sacct", "--noheader", "--parsable2", "--allocations", "--jobs", self.id,
+             "--format=State,Restart,ExitCode"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        fields = row.stdout.strip().splitlines()[0].split("|") if row.stdout.strip() else []
+        if len(fields) != 3:
+            return {"JobState": "UNKNOWN"}
+        return {"JobState": fields[0].split()[0], "Restarts": fields[1], "ExitCode": fields[2]}
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def wait_for(self, condition, what: str) -> dict[str, str]:
+        """Polls until ``condition(info)`` holds; fails (cancelling the job) at the deadline."""
+        while True:
+            info = self.info()
+            if condition(info):
+                return info
+            if time.monotonic() > self.deadline:
+                self.cancel()
+                pytest.fail(f"job {self.id}: no {what} in {JOB_LIMIT_S}s (state "
+                            f"{info.get('JobState')}); log tail:\n{self.log_text()[-4000:]}")  # fmt: skip
+            time.sleep(POLL_S)
+
+    def wait_done(self) -> dict[str, str]:
+        return self.wait_for(lambda info: info.get("JobState") in TERMINAL_STATES, "end")
+
+    def cancel(self) -> None:
+        subprocess.run(["scancel", self.id], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def submit(tmp_path):
+    jobs: list[Job] = []
+
+    def _submit(*, steps: int) -> Job:
+        jobs.append(Job(tmp_path, steps=steps))
+        return jobs[-1]
+
+    yield _submit
+    for job in jobs:  # a failed assertion must not leave the node busy
+        if job.info().get("JobState") not in TERMINAL_STATES:
+            job.cancel()
+
+
+def _assert_completed(job: Job, info: dict[str, str]) -> None:
+    assert info.get("JobState") == "COMPLETED", (
+        f"job {job.id} ended {info.get('JobState')} (exit {info.get('ExitCode')}); "
+        f"log tail:\n{job.log_text()[-6000:]}"
+    )
+
+
+def _metric_steps(tensorboard_dir: Path) -> list[int]:
+    """Steps in ``metrics.jsonl`` in file order; every logged loss must be finite."""
+    records = [json.loads(line) for line in (tensorboard_dir / "metrics.jsonl").open()]
+    for record in records:
+        assert math.isfinite(record["train/loss"]), record
+    return [record["step"] for record in records]
+
+
+def _assert_latest(checkpoints: Path, step: int) -> None:
+    latest = (checkpoints / "latest").read_text().strip()
+    assert latest == f"iter_{step:07d}"
+    assert (checkpoints / latest / "metadata.json").is_file()
+    # A save that failed half way leaves its staging directory behind.
+    assert not list(checkpoints.glob("*.tmp")), sorted(p.name for p in checkpoints.iterdir())
+
+
+def _assert_hf_export(hf_dir: Path) -> None:
+    from safetensors import safe_open
+
+    config = json.loads((hf_dir / "config.json").read_text())
+    shards = sorted(hf_dir.glob("*.safetensors"))
+    assert shards, sorted(p.name for p in hf_dir.iterdir())
+    shapes = {}
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as tensors:
+            shapes.update({name: tensors.get_slice(name).get_shape() for name in tensors.keys()})  # noqa: SIM118
+    assert shapes["model.embed_tokens.weight"] == [config["vocab_size"], config["hidden_size"]]
+    last = config["num_hidden_layers"] - 1
+    assert f"model.layers.{last}.self_attn.q_proj.weight" in shapes
+
+
+def test_sbatch_runs_all_stages(submit):
+    steps = 4
+    job = submit(steps=steps)
+    info = job.wait_done()
+    _assert_completed(job, info)
+    log = job.log_text()
+    assert "launcher torchrun" in log and "device cpu" in log
+    assert "all stages done" in log
+
+    out = job.out
+    assert sorted(p.name for p in (out / "stages").iterdir()) == STAGES
+    for stage in ("sft", "rl"):
+        _assert_latest(out / stage / "checkpoints", steps)
+        assert _metric_steps(out / stage / "tensorboard") == list(range(1, steps + 1))
+    _assert_hf_export(out / "hf")
+
+
+def test_usr1_stops_rl_and_the_requeued_job_resumes(submit):
+    steps = 12
+    job = submit(steps=steps)
+    rl_latest = job.out / "rl" / "checkpoints" / "latest"
+    # First RL checkpoint at step 2 of 12: the stop lands mid-stage.
+    job.wait_for(lambda info: rl_latest.exists() or info.get("JobState") in TERMINAL_STATES,
+                 "first RL checkpoint")  # fmt: skip
+    assert job.info().get("JobState") == "RUNNING", job.log_text()[-4000:]
+    # What `#SBATCH --signal=B:USR1@120` does before the time limit.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job.id], check=True, timeout=30)
+
+    def requeued(info):
+        return int(info.get("Restarts", "0")) > 0 or info.get("JobState") in TERMINAL_STATES
+
+    info = job.wait_for(requeued, "requeue")
+    if info.get("JobState") == "PENDING" and info.get("Reason") == REQUEUE_HOLD_REASON:
+        subprocess.run(["scontrol", "update", f"JobId={job.id}", "StartTime=now"],
+                       check=True, timeout=30)  # fmt: skip
+    info = job.wait_done()
+    _assert_completed(job, info)
+    assert int(info.get("Restarts", "0")) >= 1
+
+    log = job.log_text()  # --open-mode=append: both runs in one file
+    stop_part = log[log.find("USR1") :][:8000]  # what to show when the stop went wrong
+    assert "USR1: time limit near" in log, log[-4000:]
+    assert "received SIGUSR1" in stop_part, stop_part  # through srun and torchrun to the CLI
+    assert "stopped after step" in stop_part, stop_part  # at a step boundary, checkpointed
+    assert f"requeueing job {job.id}" in stop_part, stop_part
+    assert f"job {job.id} restart 1," in log
+    for stage in ("data", "sft"):
+        assert log.count(f"stage {stage}: done") == 1
+        assert f"stage {stage}: already done" in log
+
+    stages = job.out / "stages"
+    assert sorted(p.name for p in stages.iterdir()) == STAGES
+    assert "restart 0 " in (stages / "sft.done").read_text()
+    assert "restart 1 " in (stages / "rl.done").read_text()
+    # Resumed at the stop step's checkpoint: a restart from scratch or from an older
+    # checkpoint would log some steps twice (metrics.jsonl is appended to).
+    assert _metric_steps(job.out / "rl" / "tensorboard") == list(range(1, steps + 1))
+    _assert_latest(job.out / "rl" / "checkpoints", steps)
+    _assert_hf_export(job.out / "hf")
