@@ -31,7 +31,7 @@ setup(
         # Transformer Engine and flash-attn need CUDA; NVIDIA apex is built from source
         # (github.com/NVIDIA/apex), never PyPI's unrelated `apex` package.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
-        "vllm": ["vllm"],
+        "vllm": ["vllm>=0.10"],
         "wandb": ["wandb"],
         "dev": ["pytest", "ruff"],
     },

@@ -84,8 +84,14 @@ longact_configure() {
 	fi
 	SFT_TRAIN_PATH=${SFT_TRAIN_PATH:-${DATA_DIR:+$DATA_DIR/sft_train.jsonl}}
 	SFT_VAL_PATH=${SFT_VAL_PATH:-${DATA_DIR:+$DATA_DIR/sft_val.jsonl}}
-	RL_TRAIN_PATH=${RL_TRAIN_PATH:-${DATA_DIR:+$DATA_DIR/rl_train.jsonl}}
-	RL_VAL_PATH=${RL_VAL_PATH:-${DATA_DIR:+$DATA_DIR/rl_val.jsonl}}
+	# GPU recipes name their RL sources in rl.datasets (DocQA-RL-1.6K + MemAgent); a DATA_DIR
+	# file replaces them only when RL_TRAIN_PATH is set explicitly.
+	if [[ $LONGACT_DEVICE == cpu ]]; then
+		RL_TRAIN_PATH=${RL_TRAIN_PATH:-${DATA_DIR:+$DATA_DIR/rl_train.jsonl}}
+		RL_VAL_PATH=${RL_VAL_PATH:-${DATA_DIR:+$DATA_DIR/rl_val.jsonl}}
+	fi
+	RL_TRAIN_PATH=${RL_TRAIN_PATH:-}
+	RL_VAL_PATH=${RL_VAL_PATH:-}
 	PYTHON=${PYTHON:-python}
 	LONGACT_CLI_MODULE=${LONGACT_CLI_MODULE:-megatron_longact.cli}
 	GPU_MEM_GIB=${GPU_MEM_GIB:-80}
@@ -342,8 +348,8 @@ longact_main() {
 		sft_args+=(optim.lr=2e-5 optim.warmup_ratio=0.03 data.seq_length=16384
 			train.train_steps=900)
 		rl_args+=(optim.lr=1e-6 rl.max_seq_length=32768 rl.prompts_per_step=8
-			rl.rollouts_per_prompt=16 rl.temperature=1.0 rl.max_new_tokens=4096
-			longact.strategy=massive longact.ratio=0.3)
+			rl.rollouts_per_prompt=16 rl.temperature=1.0 rl.max_new_tokens=4096)
+		# LongAct's lambda = 0.3 and strategy come from the recipe, so ablations keep theirs.
 	fi
 	if [[ -n ${MODEL_PATH:-} ]]; then
 		local model=(model.hf_path="$MODEL_PATH" data.tokenizer_path="$MODEL_PATH")
@@ -353,7 +359,7 @@ longact_main() {
 	fi
 	[[ -n $SFT_TRAIN_PATH ]] && sft_args+=(data.train_path="$SFT_TRAIN_PATH")
 	[[ -n $SFT_VAL_PATH ]] && sft_args+=(data.val_path="$SFT_VAL_PATH")
-	[[ -n $RL_TRAIN_PATH ]] && rl_args+=(data.train_path="$RL_TRAIN_PATH")
+	[[ -n $RL_TRAIN_PATH ]] && rl_args+=("rl.datasets=[]" data.train_path="$RL_TRAIN_PATH")
 	[[ -n $RL_VAL_PATH ]] && rl_args+=(data.val_path="$RL_VAL_PATH")
 	sft_args+=(checkpoint.save_dir="$sft_dir/checkpoints"
 		logging.tensorboard_dir="$sft_dir/tensorboard")
