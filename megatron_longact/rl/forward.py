@@ -11,6 +11,7 @@ from functools import partial
 
 import torch
 
+from megatron_longact.runtime.context_parallel import gather_dense_sequence, slice_dense_batch
 from megatron_longact.runtime.forward import device_batch
 
 
@@ -47,12 +48,15 @@ def logprob_forward_step(temperature: float) -> Callable:
     """forward_step_func whose report carries ``logp`` [b, s] (forward-only use)."""
 
     def loss_func(batch, logits):
-        logp = token_logprobs(logits, batch["labels"], temperature=temperature)
+        # Full [b, s] on every CP rank, like the rows it is stored next to.
+        logp = gather_dense_sequence(
+            token_logprobs(logits, batch["labels"], temperature=temperature)
+        )
         zero = logits.sum() * 0.0
         return zero, torch.tensor(1, dtype=torch.int), {"logp": logp.detach().cpu()}
 
     def step(data_iterator, model):
-        batch = device_batch(next(data_iterator))
+        batch = slice_dense_batch(device_batch(next(data_iterator)))
         return _logits(batch, model), partial(loss_func, batch)
 
     return step
@@ -95,7 +99,7 @@ def policy_forward_step(loss_fn: Callable, *, temperature: float, per_sequence: 
         return loss, count.to(torch.int), report
 
     def step(data_iterator, model):
-        batch = device_batch(next(data_iterator))
+        batch = slice_dense_batch(device_batch(next(data_iterator)))
         return _logits(batch, model), partial(loss_func, batch)
 
     return step

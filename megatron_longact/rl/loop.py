@@ -12,7 +12,7 @@ from megatron_longact.checkpoint import resume_or_load, save_if_due
 from megatron_longact.config.schema import JobConfig
 from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 from megatron_longact.longact.controller import LongActController
-from megatron_longact.rl.batch import make_rows, padded_length, split_rows
+from megatron_longact.rl.batch import SEQ_MULTIPLE, make_rows, padded_length, split_rows
 from megatron_longact.rl.data import load_rl_records
 from megatron_longact.rl.experience import collect_experience
 from megatron_longact.rl.forward import policy_forward_step
@@ -68,6 +68,11 @@ def run_rl(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
     """Trains ``train.train_steps`` RL steps from ``checkpoint.load_dir`` (the SFT model);
     resumes from ``checkpoint.save_dir``. All ranks run it."""
     rl, ckpt = job.rl, job.checkpoint
+    if rl.algorithm == "grpo" and job.parallel.context_parallel_size > 1:
+        raise ValueError(
+            "rl.algorithm=grpo (seq-mean-token-mean) needs whole sequences per rank; with "
+            "parallel.context_parallel_size > 1 use dapo, clip_cov or kl_cov (token-mean)"
+        )
     dims = init_distributed(job.parallel, seed=job.train.seed)
     tokenizer = load_tokenizer(job.data.tokenizer_path or TINY_TOKENIZER_DIR)
     records = load_rl_records(rl, job.data)
@@ -133,7 +138,7 @@ def run_rl(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
             mine = samples[dims.dp_rank * share : (dims.dp_rank + 1) * share]
             rows = make_rows(
                 mine,
-                length=padded_length(samples),
+                length=padded_length(samples, multiple=SEQ_MULTIPLE * dims.cp),
                 pad_token_id=pad,
                 overlong_filter=rl.overlong_filter,
             )

@@ -12,6 +12,7 @@ from functools import partial
 
 import torch
 
+from megatron_longact.runtime.context_parallel import cp_size, slice_dense_batch, slice_thd_batch
 from megatron_longact.runtime.train_step import masked_sum_loss
 
 
@@ -47,9 +48,14 @@ def lm_forward_step(data_iterator, model):
     if "attention_mask" not in batch and "cu_seqlens" in batch:
         # THD: TE takes the micro-batch as one [1, b*s] token stream cut by cu_seqlens.
         batch = {k: (v.reshape(1, -1) if v.dim() == 2 else v) for k, v in batch.items()}
-        kwargs["packed_seq_params"] = packed_seq_params(
-            batch["cu_seqlens"], int(batch.get("max_seqlen", batch["tokens"].shape[1]))
-        )
+        if cp_size() > 1:
+            batch, kwargs["packed_seq_params"] = slice_thd_batch(batch)
+        else:
+            kwargs["packed_seq_params"] = packed_seq_params(
+                batch["cu_seqlens"], int(batch.get("max_seqlen", batch["tokens"].shape[1]))
+            )
+    else:
+        batch = slice_dense_batch(batch)
     output = model(
         input_ids=batch["tokens"],
         position_ids=batch["position_ids"],

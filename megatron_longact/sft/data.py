@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_longact.config.schema import DataConfig
-from megatron_longact.data.chat import load_sft_dataset
+from megatron_longact.data.chat import TokenizedSample, load_sft_dataset
 from megatron_longact.data.packing import PackedBin, collate, fill_bin, pack_samples
 from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 
@@ -29,11 +29,30 @@ def to_bins(samples: Sequence, *, data: DataConfig, pad_token_id: int) -> list[P
     return [fill_bin([s], seq_length=data.seq_length, pad_token_id=pad_token_id) for s in samples]
 
 
-def load_sft_data(data: DataConfig) -> SftData:
-    """Tokenizes ``data.train_path`` (and ``val_path``) and bins them.
+def pad_to_multiple(sample: TokenizedSample, multiple: int, *, pad_token_id: int):
+    """``sample`` with pad tokens (no loss) appended up to a multiple of ``multiple`` tokens.
+
+    Context parallel cuts every packed sample into 2 x CP chunks, so THD segments must be
+    multiples of 2 x CP; trailing pads are causal-invisible to the sample's real tokens.
+    """
+    extra = -len(sample.input_ids) % multiple
+    if extra == 0:
+        return sample
+    return TokenizedSample(input_ids=sample.input_ids + [pad_token_id] * extra,
+                           loss_mask=sample.loss_mask + [0] * extra)  # fmt: skip
+
+
+def load_sft_data(data: DataConfig, *, pad_multiple: int = 1) -> SftData:
+    """Tokenizes ``data.train_path`` (and ``val_path``) and bins them; with ``pad_multiple``
+    > 1 (context parallel: 2 x CP) every sample is padded to a multiple of it first.
 
     Raises FileNotFoundError / DataFormatError naming the file (and line) on bad input.
     """
+    if data.seq_length % pad_multiple:
+        raise ValueError(
+            f"data.seq_length={data.seq_length} must be divisible by 2 x context_parallel_size "
+            f"({pad_multiple})"
+        )
     if data.train_path is None:
         raise ValueError("data.train_path is not set; point it at a chat JSONL file")
     tokenizer = load_tokenizer(data.tokenizer_path or TINY_TOKENIZER_DIR)
@@ -48,10 +67,12 @@ def load_sft_data(data: DataConfig) -> SftData:
         if data.val_path
         else []
     )
+    train_samples = [pad_to_multiple(x, pad_multiple, pad_token_id=pad) for x in train]
+    val_samples = [pad_to_multiple(x, pad_multiple, pad_token_id=pad) for x in val]
     return SftData(
         tokenizer=tokenizer,
-        train_bins=to_bins(train.samples, data=data, pad_token_id=pad),
-        val_bins=to_bins(list(val), data=data, pad_token_id=pad),
+        train_bins=to_bins(train_samples, data=data, pad_token_id=pad),
+        val_bins=to_bins(val_samples, data=data, pad_token_id=pad),
         num_train_samples=len(train),
         num_dropped=train.num_dropped,
     )

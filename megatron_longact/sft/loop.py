@@ -40,7 +40,7 @@ def run_sft(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
     Resumes from ``checkpoint.save_dir`` when it holds a checkpoint. All ranks run it.
     """
     dims = init_distributed(job.parallel, seed=job.train.seed)
-    data = load_sft_data(job.data)
+    data = load_sft_data(job.data, pad_multiple=2 * dims.cp if dims.cp > 1 else 1)
     state = setup_train_state(job, dims)
     if len(data.tokenizer) > state.arch.vocab_size:
         raise ValueError(
