@@ -44,12 +44,10 @@ def _job_command(name: str, argv: list[str]) -> int:
         from megatron_longact.longact.cli import run_saliency
 
         print(f"wrote {run_saliency(job)}")
-    elif name == "eval":
+    else:  # eval
         from megatron_longact.eval.cli import run_eval
 
         run_eval(job)
-    else:
-        raise SystemExit(f"longact {name}: not available in this build")
     from megatron_longact.runtime.distributed import shutdown
 
     shutdown()
