@@ -58,6 +58,8 @@ def make_rows(
         "token_mask": token_mask,
         "advantages": advantages * response_mask,
         "engine_logp": engine_logp,
+        # [b]: whole-sequence response tokens (context parallel slices only [b, L] fields).
+        "seq_tokens": response_mask.sum(dim=1),
     }
 
 

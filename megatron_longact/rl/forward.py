@@ -11,7 +11,11 @@ from functools import partial
 
 import torch
 
-from megatron_longact.runtime.context_parallel import gather_dense_sequence, slice_dense_batch
+from megatron_longact.runtime.context_parallel import (
+    cp_rank,
+    gather_dense_sequence,
+    slice_dense_batch,
+)
 from megatron_longact.runtime.forward import device_batch
 
 
@@ -78,6 +82,9 @@ def policy_forward_step(loss_fn: Callable, *, temperature: float, per_sequence: 
     def loss_func(batch, logits):
         logp = token_logprobs(logits, batch["labels"], temperature=temperature)
         mask = batch["response_mask"]
+        extra = {"ref_logp": batch["ref_logp"]} if "ref_logp" in batch else {}
+        if per_sequence:
+            extra["sequence_token_counts"] = batch["seq_tokens"]
         loss, metrics = loss_fn(
             logp,
             batch["old_logp"],
@@ -85,13 +92,17 @@ def policy_forward_step(loss_fn: Callable, *, temperature: float, per_sequence: 
             mask,
             num_global_tokens=1.0,
             num_global_sequences=1.0,
-            **({"ref_logp": batch["ref_logp"]} if "ref_logp" in batch else {}),
+            **extra,
         )
         tokens = mask.sum()
-        count = (mask.sum(-1) > 0).sum() if per_sequence else tokens
+        if per_sequence:
+            # Each sequence counts once over the CP group (megatron sums counts over DP x CP).
+            count = (batch["seq_tokens"] > 0).sum() if cp_rank() == 0 else tokens * 0
+        else:
+            count = tokens
         entropy = vocab_parallel_entropy(logits.detach(), temperature=temperature)
         report = {
-            "loss": _report(loss / count.clamp(min=1), count),
+            "loss": torch.stack([loss.detach().double(), count.double()]),
             "entropy": _report((entropy * mask).sum() / tokens.clamp(min=1), tokens),
         }
         for name, value in metrics.items():

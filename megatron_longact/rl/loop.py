@@ -68,11 +68,6 @@ def run_rl(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
     """Trains ``train.train_steps`` RL steps from ``checkpoint.load_dir`` (the SFT model);
     resumes from ``checkpoint.save_dir``. All ranks run it."""
     rl, ckpt = job.rl, job.checkpoint
-    if rl.algorithm == "grpo" and job.parallel.context_parallel_size > 1:
-        raise ValueError(
-            "rl.algorithm=grpo (seq-mean-token-mean) needs whole sequences per rank; with "
-            "parallel.context_parallel_size > 1 use dapo, clip_cov or kl_cov (token-mean)"
-        )
     dims = init_distributed(job.parallel, seed=job.train.seed)
     tokenizer = load_tokenizer(job.data.tokenizer_path or TINY_TOKENIZER_DIR)
     records = load_rl_records(rl, job.data)

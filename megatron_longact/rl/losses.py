@@ -201,6 +201,7 @@ def grpo_loss(
     eps_high: float = GRPO_EPS,
     dual_clip_c: float | None = DUAL_CLIP_C,
     log_ratio_clamp: float | None = LOG_RATIO_CLAMP,
+    sequence_token_counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO (paper Eq. 5): clipped surrogate plus beta * KL, seq-mean-token-mean.
 
@@ -219,6 +220,9 @@ def grpo_loss(
         eps_low, eps_high: clip range; the paper's GRPO is symmetric (0.2).
         dual_clip_c: dual-clip constant c > 1, None disables.
         log_ratio_clamp: clamp on logp - old_logp before exp, None disables.
+        sequence_token_counts: [B] each sequence's valid tokens over the WHOLE sequence. With
+            context parallel a rank holds chunks of each sequence; dividing its partial sums
+            by the whole count keeps the CP-summed loss exact. None: count from ``mask``.
 
     Returns:
         (loss scalar, metrics: clip_frac_low/high, dual_clip_frac, approx_kl, ratio_mean, kl).
@@ -245,7 +249,9 @@ def grpo_loss(
         kl = (torch.exp(diff) - diff - 1.0).clamp(-KL_CLAMP, KL_CLAMP)
         per_token = per_token + kl_beta * kl
         metrics["kl"] = masked_mean(kl, maskf)
-    token_counts = maskf.sum(dim=-1).clamp(min=1)
+    if sequence_token_counts is None:
+        sequence_token_counts = maskf.sum(dim=-1)
+    token_counts = sequence_token_counts.to(maskf.dtype).clamp(min=1)
     per_sequence = (per_token * maskf).sum(dim=-1) / token_counts
     loss = per_sequence.sum() / num_seqs
     metrics.update(_ratio_metrics(logp, old_logp, ratio, maskf))

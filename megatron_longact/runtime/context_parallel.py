@@ -18,6 +18,12 @@ def cp_size() -> int:
     return parallel_state.get_context_parallel_world_size()
 
 
+def cp_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_context_parallel_rank()
+
+
 def slice_dense_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """This CP rank's chunks of every [b, s] tensor (and of an [b, 1, s, s] mask's queries).
 

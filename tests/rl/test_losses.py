@@ -353,3 +353,33 @@ def test_registry():
     assert get_loss_fn("dapo") is dapo_loss
     with pytest.raises(ValueError, match="clip_cov, dapo, grpo, kl_cov"):
         get_loss_fn("ppo")
+
+
+def test_grpo_context_parallel_chunks_sum_to_whole_sequence_loss():
+    # CP holds chunks of each sequence: with whole-sequence token counts the chunks' losses
+    # (and their gradients) add up to the whole-sequence seq-mean-token-mean.
+    gen = torch.Generator().manual_seed(3)
+    logp = torch.randn(3, 8, generator=gen, requires_grad=True)
+    old = logp.detach() + 0.2 * torch.randn(3, 8, generator=gen)
+    ref = logp.detach() - 0.1 * torch.randn(3, 8, generator=gen)
+    adv = torch.randn(3, 1, generator=gen).expand(3, 8).contiguous()
+    mask = (torch.rand(3, 8, generator=gen) > 0.3).float()
+    whole, _ = grpo_loss(logp, old, adv, mask, num_global_sequences=3.0, ref_logp=ref)
+    counts = mask.sum(dim=1)
+    zigzag = [torch.tensor([0, 1, 6, 7]), torch.tensor([2, 3, 4, 5])]  # CP=2 chunk layout
+    parts = [
+        grpo_loss(
+            logp[:, i],
+            old[:, i],
+            adv[:, i],
+            mask[:, i],
+            num_global_sequences=3.0,
+            ref_logp=ref[:, i],
+            sequence_token_counts=counts,
+        )[0]  # fmt: skip
+        for i in zigzag
+    ]
+    torch.testing.assert_close(sum(parts), whole, rtol=1e-6, atol=1e-7)
+    (grad_whole,) = torch.autograd.grad(whole, logp)
+    (grad_parts,) = torch.autograd.grad(sum(parts), logp)
+    torch.testing.assert_close(grad_parts, grad_whole, rtol=1e-6, atol=1e-7)

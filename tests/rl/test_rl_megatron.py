@@ -26,6 +26,7 @@ def _rows(vocab: int) -> dict[str, torch.Tensor]:
         "labels": torch.roll(tokens, -1, 1),
         "position_ids": torch.arange(LENGTH).expand(ROWS, -1).contiguous(),
         "response_mask": response_mask,
+        "seq_tokens": response_mask.sum(dim=1),
         "token_mask": torch.ones(ROWS, LENGTH),
         "advantages": advantages,
         # A fixed "old policy" offset so that ratios differ from 1 and clipping engages.
