@@ -28,6 +28,7 @@ JOB_LIMIT_S = 900
 POLL_S = 2.0
 # Slurm holds a requeued job for ~2 min (EligibleTime = requeue + 121 s); the test releases it.
 REQUEUE_HOLD_REASON = "BeginTime"
+REQUEUE_SETTLE_S = 20.0
 TERMINAL_STATES = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
     "BOOT_FAIL", "DEADLINE", "PREEMPTED",
@@ -234,8 +235,18 @@ def test_usr1_stops_rl_and_the_requeued_job_resumes(submit):
     # What `#SBATCH --signal=B:USR1@120` does before the time limit.
     subprocess.run(["scancel", "--batch", "--signal=USR1", job.id], check=True, timeout=30)
 
+    # While Slurm requeues, the job can show a terminal state (FAILED) for a moment before
+    # Restarts counts up; only a terminal state that lasts means the requeue did not happen.
+    terminal_since: list[float] = []
+
     def requeued(info):
-        return int(info.get("Restarts", "0")) > 0 or info.get("JobState") in TERMINAL_STATES
+        if int(info.get("Restarts", "0")) > 0:
+            return True
+        if info.get("JobState") not in TERMINAL_STATES:
+            terminal_since.clear()
+            return False
+        terminal_since[:1] = terminal_since[:1] or [time.monotonic()]
+        return time.monotonic() - terminal_since[0] > REQUEUE_SETTLE_S
 
     info = job.wait_for(requeued, "requeue")
     if info.get("JobState") == "PENDING" and info.get("Reason") == REQUEUE_HOLD_REASON:
