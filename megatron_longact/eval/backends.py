@@ -23,24 +23,20 @@ def chat_prompt(tokenizer, text: str) -> str:
 def native_backend(job: JobConfig, tokenizer) -> GenerateFn:
     """Greedy (temperature 0) or sampled decoding with the megatron model. All ranks call the
     returned function with the same prompts (TP collectives); DP ranks all decode everything."""
-    from megatron_longact.checkpoint import load_checkpoint
-    from megatron_longact.models.gpt import (
-        build_gpt_model,
-        load_architecture,
-        make_transformer_config,
-    )
+    from megatron_longact.models.gpt import load_architecture, make_transformer_config
     from megatron_longact.rl.rollout.factory import stop_token_ids
     from megatron_longact.rl.rollout.native import NativeEngine
     from megatron_longact.rl.rollout.types import SamplingParams
     from megatron_longact.runtime.distributed import init_distributed
+    from megatron_longact.runtime.setup import build_frozen_model
 
     if job.checkpoint.load_dir is None:
         raise ValueError("eval.backend=native needs checkpoint.load_dir (a megatron checkpoint)")
-    init_distributed(job.parallel, seed=job.train.seed)
+    dims = init_distributed(job.parallel, seed=job.train.seed)
     arch = load_architecture(job.model)
     config = make_transformer_config(arch, model=job.model, parallel=job.parallel, train=job.train)
-    model = build_gpt_model(arch, config, model=job.model)
-    load_checkpoint(job.checkpoint.load_dir, model=[model], weights_only=True)
+    model = build_frozen_model(job, arch=arch, transformer_config=config, dims=dims,
+                               load_dir=job.checkpoint.load_dir)  # fmt: skip
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     engine = NativeEngine(model, pad_token_id=pad, batch_size=job.eval.batch_size)
     params = SamplingParams(

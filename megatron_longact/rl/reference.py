@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from megatron_longact.checkpoint import load_checkpoint
 from megatron_longact.config.schema import JobConfig
-from megatron_longact.models.gpt import build_gpt_model
-from megatron_longact.runtime.setup import TrainState
+from megatron_longact.runtime.setup import TrainState, build_frozen_model
 
 
 def build_reference_model(job: JobConfig, state: TrainState):
@@ -16,11 +14,5 @@ def build_reference_model(job: JobConfig, state: TrainState):
     """
     if job.checkpoint.load_dir is None:
         raise ValueError("rl.kl_beta > 0 needs checkpoint.load_dir (the reference weights)")
-    dims = state.dims
-    model = build_gpt_model(state.arch, state.transformer_config, model=job.model,
-                            pre_process=dims.is_first_pipeline_stage,
-                            post_process=dims.is_last_pipeline_stage)  # fmt: skip
-    load_checkpoint(job.checkpoint.load_dir, model=[model], weights_only=True)
-    model.requires_grad_(False)
-    model.eval()
-    return model
+    return build_frozen_model(job, arch=state.arch, transformer_config=state.transformer_config,
+                              dims=state.dims, load_dir=job.checkpoint.load_dir)  # fmt: skip

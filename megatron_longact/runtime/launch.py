@@ -6,7 +6,6 @@ Cluster jobs use torchrun or srun instead; this is for a single machine without 
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -16,11 +15,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from megatron_longact.runtime.distributed import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args, kwargs):
@@ -53,7 +48,7 @@ def run_local(fn: Callable, world_size: int, *args: Any, **kwargs: Any) -> list[
     be picklable (move tensors to CPU). Raises RuntimeError with the failing rank's traceback.
     """
     with tempfile.TemporaryDirectory() as out_dir:
-        port = _free_port()
+        port = free_port()
         error = None
         try:
             mp.start_processes(

@@ -113,6 +113,22 @@ def setup_train_state(job: JobConfig, dims: ParallelDims) -> TrainState:
     )
 
 
+def build_frozen_model(
+    job: JobConfig, *, arch: HFArchitecture, transformer_config, dims: ParallelDims, load_dir: str
+):
+    """A bare GPTModel chunk for this pipeline stage with the weights of ``load_dir``, no
+    grads, in eval mode (reference policy, evaluation). No DDP or optimizer: weights only.
+    All ranks must call it (the checkpoint load is collective)."""
+    from megatron_longact.checkpoint import load_checkpoint
+
+    model = build_gpt_model(arch, transformer_config, model=job.model,
+                            pre_process=dims.is_first_pipeline_stage,
+                            post_process=dims.is_last_pipeline_stage)  # fmt: skip
+    load_checkpoint(load_dir, model=[model], weights_only=True)
+    model.requires_grad_(False)
+    return model.eval()
+
+
 def unwrap_gpt(module: torch.nn.Module) -> torch.nn.Module:
     """The bare GPTModel under DDP / Float16Module wrappers."""
     while hasattr(module, "module"):
