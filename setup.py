@@ -26,6 +26,10 @@ setup(
         "tensorboard",
         "matplotlib",
         "psutil",  # dist_checkpointing's writer needs it
+        # Parquet (verl, DocQA-RL-1.6K, MemAgent) and HF save_to_disk folders (Arrow stream
+        # shards). pyarrow alone reads both; `datasets` would add pandas, fsspec, the Hub
+        # client and multiprocess for no extra format.
+        "pyarrow>=12",
     ],
     extras_require={
         # Transformer Engine and flash-attn need CUDA; NVIDIA apex is built from source

@@ -18,7 +18,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from megatron_longact.data.jsonl import DataFormatError, format_location, read_jsonl
+from megatron_longact.data.conversations import read_conversations
+from megatron_longact.data.jsonl import DataFormatError
 from megatron_longact.data.tokenizer import IM_END, IM_START
 
 logger = logging.getLogger(__name__)
@@ -140,13 +141,14 @@ def tokenize_conversation(
 class SftDataset:
     """Tokenized SFT samples from one file; behaves as a read-only list of samples.
 
-    ``num_dropped`` counts records skipped for being longer than ``max_length``.
+    ``num_dropped`` counts records skipped for being longer than ``max_length``; ``dropped_at``
+    holds their locations ("file:line" or "file: row i").
     """
 
     samples: list[TokenizedSample]
     num_dropped: int = 0
     source: str = ""
-    dropped_lines: list[int] = field(default_factory=list)
+    dropped_at: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -164,41 +166,40 @@ def load_sft_dataset(
     *,
     max_length: int,
 ) -> SftDataset:
-    """Read a JSONL file of ``{"messages": [...]}`` records and tokenize every conversation.
+    """Read SFT conversations and tokenize every one.
 
+    ``path``: JSONL, a JSON list, parquet or a Hugging Face dataset folder
+    (``records.read_records``) of ``{"messages": [...]}`` rows or ShareGPT rows
+    (``{"system", "conversations": [{"from", "value"}]}``, see ``conversations.messages_of``).
     Records longer than ``max_length`` tokens are dropped, counted in ``num_dropped`` (their
-    line numbers in ``dropped_lines``) and reported in one logged warning.
+    locations in ``dropped_at``) and reported in one logged warning.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        DataFormatError: a line is not JSON, lacks ``messages`` or holds malformed messages;
-            the message names the file and line.
+        DataFormatError: a row is unreadable, has neither layout or holds malformed messages;
+            the message names the file and the line or row.
     """
     samples: list[TokenizedSample] = []
-    dropped_lines: list[int] = []
-    for line_no, record in read_jsonl(path, required_fields=("messages",)):
+    dropped_at: list[str] = []
+    for where, messages in read_conversations(path):
         try:
-            samples.append(
-                tokenize_conversation(record["messages"], tokenizer, max_length=max_length)
-            )
+            samples.append(tokenize_conversation(messages, tokenizer, max_length=max_length))
         except SampleTooLongError:
-            dropped_lines.append(line_no)
+            dropped_at.append(where)
         except ValueError as err:
-            raise DataFormatError(
-                f"{format_location(path, line_no)}: field 'messages': {err}"
-            ) from err
-    if dropped_lines:
+            raise DataFormatError(f"{where}: field 'messages': {err}") from err
+    if dropped_at:
         logger.warning(
-            "Dropped %d of %d SFT samples from %s longer than max_length=%d (first at line %d).",
-            len(dropped_lines),
-            len(dropped_lines) + len(samples),
+            "Dropped %d of %d SFT samples from %s longer than max_length=%d (first at %s).",
+            len(dropped_at),
+            len(dropped_at) + len(samples),
             path,
             max_length,
-            dropped_lines[0],
+            dropped_at[0],
         )
     return SftDataset(
         samples=samples,
-        num_dropped=len(dropped_lines),
+        num_dropped=len(dropped_at),
         source=os.fspath(path),
-        dropped_lines=dropped_lines,
+        dropped_at=dropped_at,
     )

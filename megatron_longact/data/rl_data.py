@@ -1,6 +1,7 @@
 """RL prompt records, loaders for the paper's two sources, mixing, and middle truncation.
 
-Our record (one JSON object per line of a JSONL file)::
+Our record (one row of a JSONL, JSON-list or parquet file, or of a Hugging Face dataset folder;
+``records.read_records`` reads them all)::
 
     {"id": str, "context": str, "question": str,
      "answer": str | [str, ...],            # a list holds aliases, any one is right
@@ -8,13 +9,12 @@ Our record (one JSON object per line of a JSONL file)::
      "source": str}
 
 The paper trains on DocQA-RL-1.6K mixed with 1K random MemAgent samples. Both are published as
-verl parquet files; convert them to JSONL first (this module reads only JSON/JSONL, stdlib only),
-e.g. ``pandas.read_parquet(p).to_json(out, orient="records", lines=True, force_ascii=False)``.
+verl parquet files and are read as they are (``load_docqa_rl``, ``load_memagent_rl``); see
+docs/data.md for the layouts and the prompt each answer type gets.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from megatron_longact.data.jsonl import DataFormatError, format_location, read_jsonl, write_jsonl
+from megatron_longact.data.jsonl import DataFormatError, write_jsonl
+from megatron_longact.data.records import read_records
 
 CHOICE_LETTERS = "ABCDEFGHIJ"
 # QwenLong-L1's prompt template wraps the document in <text> tags and ends with this line.
@@ -30,6 +31,11 @@ DOCQA_TEXT_OPEN = "<text>"
 DOCQA_TEXT_CLOSE = "</text>"
 DOCQA_FORMAT_LINE = "Format your response as follows:"
 
+# An option line of a multiple-choice question: "(A) text", "A. text", "A) text" or "A: text".
+_OPTION_LINE = re.compile(r"^\s*(?:\(([A-J])\)|([A-J])[.):])\s*(.*?)\s*$")
+_CHOICES_HEADER = "Choices:"
+# LongBench v2's question lead-in, which DocQA-RL's long_toc_choices rows reuse.
+_MC_LEAD_IN = "What is the correct answer to this question:"
 _CORRECT_ANSWER = re.compile(r"The correct answer is \(?([A-J])\)?")
 _THE_ANSWER_IS = re.compile(r"the answer is", re.IGNORECASE)
 
@@ -72,27 +78,8 @@ class RLRecord:
 
 
 def _iter_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yields ("<file>:<line>", object) for a JSONL file read line by line (``read_jsonl``), or
-    ("<file>: record <i>", object) for a file holding one JSON list. Blank lines are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"RL data file {path} does not exist; check the data path")
-    with path.open("rb") as f:
-        head = f.read(4096).lstrip()
-    if not head.startswith(b"["):
-        for line_no, obj in read_jsonl(path):
-            yield format_location(path, line_no), obj
-        return
-    with path.open(encoding="utf-8") as f:
-        try:
-            items = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
-    for i, obj in enumerate(items, start=1):
-        where = f"{path}: record {i}"
-        if not isinstance(obj, dict):
-            raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        yield where, obj
+    """Yields (location, row) of any data file or folder (``records.read_records``)."""
+    yield from read_records(path)
 
 
 def _field(obj: Mapping[str, Any], dotted: str, where: str) -> Any:
@@ -191,6 +178,42 @@ def _strip_answer_wrapper(ground_truth: str) -> str:
     return text
 
 
+def split_choices(question: str) -> tuple[str, dict[str, str] | None]:
+    """Splits trailing option lines off a question: ``(stem, {"A": text, ...})``.
+
+    The options are the last run of lines lettered A, B, C, ... in order ("(A) x", "A. x",
+    "A) x", "A: x"), at least two; a "Choices:" line before them and LongBench v2's lead-in
+    "What is the correct answer to this question:" are dropped from the stem. A question
+    without such a run comes back unchanged with None.
+    """
+    lines = question.strip().splitlines()
+    end = len(lines)
+    while end and not lines[end - 1].strip():
+        end -= 1
+    start, letters = end, []
+    while start > 0:
+        match = _OPTION_LINE.match(lines[start - 1])
+        if match is None:
+            break
+        letters.insert(0, (match.group(1) or match.group(2), match.group(3)))
+        start -= 1
+    # Keep the run from its last "A" on, and only when it is lettered A, B, C, ... in order.
+    first_a = next((i for i in range(len(letters) - 1, -1, -1) if letters[i][0] == "A"), None)
+    if first_a is None:
+        return question, None
+    start += first_a
+    letters = letters[first_a:]
+    if len(letters) < 2 or [k for k, _ in letters] != list(CHOICE_LETTERS[: len(letters)]):
+        return question, None
+    stem_lines = lines[:start]
+    if stem_lines and stem_lines[-1].strip() == _CHOICES_HEADER:
+        stem_lines = stem_lines[:-1]
+    stem = "\n".join(stem_lines).strip()
+    if stem.startswith(_MC_LEAD_IN):
+        stem = stem[len(_MC_LEAD_IN) :].strip()
+    return stem, dict(letters)
+
+
 def docqa_record(obj: Mapping[str, Any], *, where: str = "<record>") -> RLRecord:
     """Converts one DocQA-RL-1.6K row (Tongyi-Zhiwen/DocQA-RL-1.6K, verl layout) to a record.
 
@@ -204,8 +227,9 @@ def docqa_record(obj: Mapping[str, Any], *, where: str = "<record>") -> RLRecord
          "extra_info": {"index": int, ...}}
 
     The context is the text between ``<text>`` and ``</text>``; the question is what follows
-    ``</text>`` up to "Format your response as follows:" (the options of multiple-choice rows
-    stay in the question text, ``choices`` is None). The ground truth loses its wrapper
+    ``</text>`` up to "Format your response as follows:". Multiple-choice rows (a gold letter)
+    have their option lines split off into ``choices`` (:func:`split_choices`), so the prompt
+    lists them and the reward compares letters. The ground truth loses its wrapper
     ("The correct answer is (C)" -> "C", "..., the answer is 42." -> "42"). The id is
     "<data_source>-<extra_info.index>", else the file position.
     """
@@ -228,10 +252,17 @@ def docqa_record(obj: Mapping[str, Any], *, where: str = "<record>") -> RLRecord
     answer = _answer(ground_truth, "reward_model.ground_truth", where)
     if isinstance(answer, str):
         answer = _strip_answer_wrapper(answer)
+    choices = None
+    if isinstance(answer, str) and len(answer) == 1 and answer in CHOICE_LETTERS:
+        stem, choices = split_choices(question)
+        if choices is not None and answer in choices:
+            question = stem
+        else:
+            choices = None  # options not found as lines: they stay in the question text
     extra = obj.get("extra_info") if isinstance(obj.get("extra_info"), dict) else {}
     index = extra.get("index")
     record_id = f"{source}-{index}" if index is not None else where
-    return RLRecord(record_id, context, question, answer, None, source)
+    return RLRecord(record_id, context, question, answer, choices, source)
 
 
 def memagent_record(obj: Mapping[str, Any], *, where: str = "<record>") -> RLRecord:

@@ -101,9 +101,9 @@ def test_docqa_conversion(tmp_path):
     assert mc == RLRecord(
         id="long_toc_choices_0_20000-7",
         context="Chapter 1 ...",
-        question="Which chapter?\nA. one\nB. two",
+        question="Which chapter?",
         answer="B",
-        choices=None,
+        choices={"A": "one", "B": "two"},
         source="long_toc_choices_0_20000",
     )
     assert (math_rec.answer, math_rec.question) == ("1200", "What is it?")
@@ -149,7 +149,7 @@ def test_memagent_conversion_jsonl_and_json_list(tmp_path):
     bad = dict(verl_row)
     del bad["context"]
     json_path.write_text(json.dumps([verl_row, bad]), encoding="utf-8")
-    with pytest.raises(DataFormatError, match=r"mem\.json: record 2: missing field 'context'"):
+    with pytest.raises(DataFormatError, match=r"mem\.json: row 1: missing field 'context'"):
         load_memagent_rl(json_path)
 
 
