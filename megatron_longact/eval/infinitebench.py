@@ -227,15 +227,21 @@ def build_prompt(
 def score_choice(prediction: str, label: tuple[str, ...]) -> float:
     """En.MC, official ``get_score_one_longbook_choice_eng``; ``label`` = (option text, letter).
 
-    1. A leading A-D is the answer. 2. Otherwise, after replacing newline, quotes and
+    OpenBMB/InfiniteBench ``src/compute_scores.py:247-285`` (at 88b3daa), on the stripped
+    prediction: 1. A leading A-D is the answer. 2. A prediction equal to the option text (or
+    the letter) is right (``if pred in label``, list membership). 3. Otherwise, after replacing
+    newline, quotes and
     ``.,?!{}`` with spaces, the text following the first of "answer is:", "answer:", "answer is",
-    "option is" must start with the letter or the option text. 3. Otherwise the first word that is
+    "option is" must start with the letter or the option text. 4. Otherwise the first word that is
     a piece of "ABCD" decides.
     """
+    prediction = prediction.strip()
     if not prediction:
         return 0.0
     if prediction[0] in OPTION_LETTERS:
         return float(prediction[0] in label)
+    if prediction in label:
+        return 1.0
     for ch in ("\n", '"', "'", ".", ",", "?", "!", "{", "}"):
         prediction = prediction.replace(ch, " ")
     while "  " in prediction:

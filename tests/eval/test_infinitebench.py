@@ -33,10 +33,23 @@ LABEL_B = ("the red fox", "B")
         ("Probably B, maybe", 1.0),  # first standalone letter word
         ("no letter here", 0.0),
         ("", 0.0),
+        ("the red fox", 1.0),  # exactly the option text: official `if pred in label`
+        ("  the red fox\n", 1.0),  # ... after the official strip
+        ("the red fox.", 0.0),  # not equal, no prefix, no letter word
     ],
 )
 def test_choice_scorer_follows_the_official_rules(prediction, expected):
     assert score_choice(prediction, LABEL_B) == expected
+
+
+def test_choice_scorer_option_text_equals_label():
+    # The case (compute_scores.py:254): "Paris" against ["Paris", "B"] scores 1.
+    assert score_choice("Paris", ("Paris", "B")) == 1.0
+    sample = InfiniteBenchSample("longbook_choice_eng", "0", "ctx", "q?", ("Paris", "B"),
+                                 ("Rome", "Paris", "Oslo", "Bern"))  # fmt: skip
+    assert score_sample(sample, "<think>hmm</think>\nParis")["score"] == 1.0
+    # Official quirk kept: an option text starting with A-D is read as that letter.
+    assert score_choice("Bern", ("Bern", "D")) == 0.0
 
 
 def test_retrieval_scores_compare_the_first_integer():

@@ -1,6 +1,7 @@
 """Group advantages against hand-computed values."""
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -38,24 +39,59 @@ def test_dr_grpo_no_std():
     _close(adv, [0.75, -0.25, -0.25, -0.25])
 
 
-def test_leave_one_out():
-    # Baselines: i=0 -> mean(0, 0, 0) = 0; i>0 -> mean(1, 0, 0) = 1/3.
-    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])
-    loo = group_advantages(rewards, 4, leave_one_out=True, normalize_std=False)
-    _close(loo, [1.0, -1 / 3, -1 / 3, -1 / 3])
-    # sigma = 0.5 > 0 (whole group, unbiased) -> divided by 0.5 + eps.
-    loo_std = group_advantages(rewards, 4, leave_one_out=True)
-    d = 0.5 + EPS
-    _close(loo_std, [1 / d, -1 / 3 / d, -1 / 3 / d, -1 / 3 / d])
-    # All equal: no division (sigma = 0), and every centered value is 0.
-    _close(group_advantages(torch.ones(3), 3, leave_one_out=True), [0.0, 0.0, 0.0])
+def _nemo_rl_loo(rewards: list[float], eps: float = EPS) -> list[float]:
+    """NeMo-RL's GRPO leave-one-out advantage written out per response (NVIDIA-NeMo/RL
+    nemo_rl/algorithms/utils.py:104-197 and advantage_estimator.py:84-96 at 7ea279a): mean
+    and unbiased std of the other n - 1 rewards; no division where that std is 0 (n = 2 or
+    equal others); a group of one gets 0."""
+    if len(rewards) == 1:
+        return [0.0]
+    out = []
+    for i, s in enumerate(rewards):
+        others = rewards[:i] + rewards[i + 1 :]
+        centered = s - statistics.mean(others)
+        std = statistics.stdev(others) if len(others) > 1 else 0.0
+        out.append(centered / (std + eps) if std > 0 else centered)
+    return out
+
+
+def test_leave_one_out_matches_nemo_rl():
+    # The issue's case: NeMo-RL gives [1, -0.577, -0.577, -0.577].
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    loo = group_advantages(rewards, 4, leave_one_out=True)
+    _close(loo, _nemo_rl_loo([1.0, 0.0, 0.0, 0.0]))
+    third = 1 / math.sqrt(3)  # others [1, 0, 0]: mean 1/3, unbiased std sqrt(1/3)
+    _close(loo, [1.0, -(1 / 3) / (third + EPS), -(1 / 3) / (third + EPS), -(1 / 3) / (third + EPS)])
+    assert loo[1].item() == pytest.approx(-0.57735, abs=1e-5)
+    # Unscaled: s_i - mean of the others.
+    _close(group_advantages(rewards, 4, leave_one_out=True, normalize_std=False),
+           [1.0, -1 / 3, -1 / 3, -1 / 3])  # fmt: skip
+    # n = 2: one other reward, std 0, so no division.
+    _close(group_advantages(torch.tensor([1.0, 0.0]), 2, leave_one_out=True), [1.0, -1.0])
+    # All equal: 0 everywhere (no 0/eps blow-up).
+    _close(group_advantages(torch.full((3,), 0.1), 3, leave_one_out=True), [0.0, 0.0, 0.0])
+
+
+def test_leave_one_out_random_groups_match_nemo_rl():
+    gen = torch.Generator().manual_seed(0)
+    sizes = [1, 2, 3, 5, 8, 16]
+    rewards = torch.cat([torch.randint(0, 3, (n,), generator=gen).double() for n in sizes])
+    rewards[-16:] += torch.rand(16, generator=gen, dtype=torch.float64)  # non-integer rewards
+    ids = torch.cat([torch.full((n,), g) for g, n in enumerate(sizes)])
+    got = group_advantages(rewards, ids, leave_one_out=True)
+    expected, start = [], 0
+    for n in sizes:
+        expected += _nemo_rl_loo(rewards[start : start + n].tolist())
+        start += n
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64))
 
 
 def test_group_of_one_like_verl():
     # mu = 0, sigma = 1: A = s / (1 + eps); Dr.GRPO: A = s.
     _close(group_advantages(torch.tensor([0.7, -2.0]), 1), [0.7 / (1 + EPS), -2.0 / (1 + EPS)])
     _close(group_advantages(torch.tensor([0.7]), 1, normalize_std=False), [0.7])
-    _close(group_advantages(torch.tensor([0.7]), 1, leave_one_out=True), [0.7 / (1 + EPS)])
+    # NeMo-RL's leave-one-out: a group of one has no other reward, advantage 0.
+    _close(group_advantages(torch.tensor([0.7]), 1, leave_one_out=True), [0.0])
 
 
 def test_ragged_group_ids():
