@@ -1,11 +1,13 @@
-"""ChatML conversations -> token ids with an assistant-only loss mask.
+"""Chat conversations -> token ids with an assistant-only loss mask.
 
-The text is exactly the tiny tokenizer's chat template (Qwen-style ChatML, no default system
-prompt): ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message. Each piece is encoded
-separately so the mask boundaries are exact; pieces meet at special tokens or after the
-role's newline, so for content that does not start with whitespace the ids equal
-``tokenizer.apply_chat_template(messages)``. Encoding the assistant content on its own is also
-how it is produced at inference: generated after the ``<|im_start|>assistant\\n`` prompt.
+The text is the conversation rendered by the tokenizer's own chat template (see
+:mod:`megatron_longact.data.chat_template`: Qwen3's and SmolLM2's ``<|im_start|>`` ChatML, the
+tiny tokenizer's plain ChatML), so SFT samples look exactly like the RL and eval prompts. The
+text is cut at the assistant spans and each piece is encoded on its own, so the mask boundaries
+are exact: the prompt piece is encoded the way RL encodes a prompt, and the assistant piece the
+way it is produced at inference, generated after the generation prompt. Pieces meet at special
+tokens or after the role's newline, so for content that does not start with whitespace the ids
+equal ``tokenizer.apply_chat_template(messages)``.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from megatron_longact.data.chat_template import assistant_spans
 from megatron_longact.data.conversations import read_conversations
 from megatron_longact.data.jsonl import DataFormatError
-from megatron_longact.data.tokenizer import IM_END, IM_START
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +34,10 @@ TRAINED_ROLE = "assistant"
 class TokenizedSample:
     """One conversation as token ids.
 
-    ``loss_mask[i]`` is 1 where ``input_ids[i]`` is a target the model learns to produce:
-    assistant content tokens and the assistant turn's closing ``<|im_end|>``; 0 on system and
-    user turns and on the ``<|im_start|>role\\n`` / trailing ``\\n`` scaffolding.
+    ``loss_mask[i]`` is 1 where ``input_ids[i]`` is a target the model learns to produce: an
+    assistant turn as the template renders it after its generation prompt, through the closing
+    end-of-turn token (``<|im_end|>``); 0 on system and user turns and on the template's
+    scaffolding (``<|im_start|>assistant\\n``, the trailing ``\\n``, a default system prompt).
     """
 
     input_ids: list[int]
@@ -90,17 +93,6 @@ def validate_messages(messages: Any) -> None:
         )
 
 
-def _single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
-    ids = tokenizer.encode(token, add_special_tokens=False)
-    if len(ids) != 1:
-        raise ValueError(
-            f"tokenizer {tokenizer.name_or_path!r} has no single token for {token!r}; ChatML "
-            f"conversations need a tokenizer with <|im_start|> and <|im_end|> (e.g. Qwen's or "
-            f"the tiny one from tools/build_tiny_tokenizer.py)."
-        )
-    return ids[0]
-
-
 def tokenize_conversation(
     messages: Sequence[dict[str, str]],
     tokenizer: PreTrainedTokenizerBase,
@@ -120,18 +112,16 @@ def tokenize_conversation(
     if max_length <= 0:
         raise ValueError(f"max_length={max_length} must be positive.")
     validate_messages(messages)
-    im_start_id = _single_token_id(tokenizer, IM_START)
-    im_end_id = _single_token_id(tokenizer, IM_END)
-    newline_ids = tokenizer.encode("\n", add_special_tokens=False)
-
+    text, spans = assistant_spans(tokenizer, messages)
     input_ids: list[int] = []
     loss_mask: list[int] = []
-    for message in messages:
-        trained = int(message["role"] == TRAINED_ROLE)
-        header = [im_start_id, *tokenizer.encode(message["role"] + "\n", add_special_tokens=False)]
-        body = [*tokenizer.encode(message["content"], add_special_tokens=False), im_end_id]
-        input_ids += header + body + newline_ids
-        loss_mask += [0] * len(header) + [trained] * len(body) + [0] * len(newline_ids)
+    cursor = 0
+    for start, end in [*spans, (len(text), len(text))]:
+        for piece, trained in ((text[cursor:start], 0), (text[start:end], 1)):
+            ids = tokenizer.encode(piece, add_special_tokens=False) if piece else []
+            input_ids += ids
+            loss_mask += [trained] * len(ids)
+        cursor = end
     if len(input_ids) > max_length:
         raise SampleTooLongError(len(input_ids), max_length)
     return TokenizedSample(input_ids=input_ids, loss_mask=loss_mask)

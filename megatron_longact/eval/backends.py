@@ -9,15 +9,16 @@ and scorers never depend on megatron.
 from __future__ import annotations
 
 from megatron_longact.config.schema import JobConfig
+from megatron_longact.data.chat_template import render_user_prompt, resolve_chat_template
 from megatron_longact.eval.runner import GenerateFn
 
 
 def chat_prompt(tokenizer, text: str) -> str:
-    """``text`` as a user turn with the generation prompt (raw text without a template)."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": text}]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return text
+    """``text`` as a user turn with the generation prompt, under the template SFT and RL use
+    (``data.chat_template``); raw text when the tokenizer has no template and no ChatML tokens."""
+    if resolve_chat_template(tokenizer) is None:
+        return text
+    return render_user_prompt(tokenizer, text)
 
 
 def native_backend(job: JobConfig, tokenizer) -> GenerateFn:

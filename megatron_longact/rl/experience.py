@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_longact.config.schema import RLConfig
+from megatron_longact.data.chat_template import generation_think_prefix
 from megatron_longact.data.prompts import encode_prompt, gold_answer
 from megatron_longact.data.rl_data import RLRecord
 from megatron_longact.rl.advantages import group_advantages
@@ -53,8 +54,12 @@ class StepExperience:
     prompts_consumed: int
 
 
-def _score(rollout: Rollout, record: RLRecord, *, tokenizer, rl: RLConfig) -> Sample:
-    text = tokenizer.decode(rollout.response_ids, skip_special_tokens=False)
+def _score(
+    rollout: Rollout, record: RLRecord, *, tokenizer, rl: RLConfig, think_prefix: str = ""
+) -> Sample:
+    # A template whose generation prompt opens the think block (think_prefix "<think>\n") puts
+    # that tag in the prompt, as in the SFT targets; the reward reads it as part of the response.
+    text = think_prefix + tokenizer.decode(rollout.response_ids, skip_special_tokens=False)
     result = compute_reward(rl.reward, text, gold_answer(record))
     reward = result.score
     if rl.overlong_buffer > 0:
@@ -98,10 +103,12 @@ def generate_groups(
         ids = encode_prompt(records[index], tokenizer, max_prompt_tokens=max_prompt)
         prompts.extend([ids] * rl.rollouts_per_prompt)
     rollouts = engine.generate(prompts, params) if prompts else []
+    think_prefix = generation_think_prefix(tokenizer)
     local = {}
     for k, index in enumerate(mine):
         chunk = rollouts[k * rl.rollouts_per_prompt : (k + 1) * rl.rollouts_per_prompt]
-        local[index] = [_score(r, records[index], tokenizer=tokenizer, rl=rl) for r in chunk]
+        local[index] = [_score(r, records[index], tokenizer=tokenizer, rl=rl,
+                               think_prefix=think_prefix) for r in chunk]  # fmt: skip
     gathered: list[dict] = [None] * dp  # type: ignore[list-item]
     dist.all_gather_object(gathered, local, group=parallel_state.get_data_parallel_group())
     merged = {k: v for part in gathered for k, v in part.items()}
