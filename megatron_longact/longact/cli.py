@@ -1,14 +1,14 @@
 """``longact saliency``: measure M^Q, M^K, M^V (paper Eq. 2) over a data set and save it.
 
-Reads ``data.train_path`` (chat JSONL with ``messages``, or RL JSONL prompts), takes the first
-``longact.profile_samples`` samples, runs them forward-only through the model from
+Reads ``data.train_path`` (SFT conversations or RL prompts, in any container
+``data.records.read_records`` reads), takes the first ``longact.profile_samples`` samples, runs them forward-only through the model from
 ``checkpoint.load_dir`` and writes ``longact.static_saliency_path`` (the file a
 ``schedule=static`` run and ``tools/plot_saliency.py`` read).
 """
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
 import torch
@@ -16,7 +16,9 @@ import torch
 from megatron_longact.checkpoint import load_checkpoint
 from megatron_longact.config.schema import JobConfig
 from megatron_longact.data.chat import tokenize_conversation
+from megatron_longact.data.conversations import messages_of
 from megatron_longact.data.prompts import encode_prompt
+from megatron_longact.data.records import read_records
 from megatron_longact.data.rl_data import record_from_dict
 from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 from megatron_longact.longact.profile import profile_saliency
@@ -29,43 +31,45 @@ def _token_lists(job: JobConfig, tokenizer) -> list[list[int]]:
     if path is None:
         raise ValueError("longact saliency reads data.train_path; set it")
     samples = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if len(samples) >= job.longact.profile_samples:
-                break
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            where = f"{path}:{line_no}"
-            if "messages" in record:
-                ids = tokenize_conversation(record["messages"], tokenizer,
-                                            max_length=job.data.seq_length).input_ids  # fmt: skip
-            else:
-                ids = encode_prompt(record_from_dict(record, where=where), tokenizer,
-                                    max_prompt_tokens=job.data.seq_length)  # fmt: skip
-            samples.append(ids)
+    for where, record in read_records(path):
+        if len(samples) >= job.longact.profile_samples:
+            break
+        if "messages" in record or "conversations" in record:
+            ids = tokenize_conversation(messages_of(record, where=where), tokenizer,
+                                        max_length=job.data.seq_length).input_ids  # fmt: skip
+        else:
+            ids = encode_prompt(record_from_dict(record, where=where), tokenizer,
+                                max_prompt_tokens=job.data.seq_length)  # fmt: skip
+        samples.append(ids)
     if not samples:
         raise ValueError(f"{path}: no samples to measure")
     return samples
 
 
-def _batches(samples: list[list[int]], *, micro_batch_size: int, pad: int):
-    length = max(len(s) for s in samples)
-    length = (length + 7) // 8 * 8
+def _batches(
+    samples: list[list[int]], *, micro_batch_size: int, num_batches: int, length: int, pad: int
+):
+    """``num_batches`` micro-batches of exactly ``micro_batch_size`` rows of ``length`` tokens.
+
+    Rows past the last sample are padding with an all-zero ``token_mask``: the saliency meter
+    counts a sample only when it has a real token (``longact.saliency``), so every sample is
+    measured while megatron's schedule sees one fixed shape on every micro-batch and rank.
+    """
+    assert len(samples) <= num_batches * micro_batch_size
     batches = []
-    for start in range(0, len(samples), micro_batch_size):
+    for start in range(0, num_batches * micro_batch_size, micro_batch_size):
         chunk = samples[start : start + micro_batch_size]
-        tokens = torch.full((len(chunk), length), pad, dtype=torch.long)
-        token_mask = torch.zeros(len(chunk), length)
+        tokens = torch.full((micro_batch_size, length), pad, dtype=torch.long)
+        token_mask = torch.zeros(micro_batch_size, length)
         for row, ids in enumerate(chunk):
             tokens[row, : len(ids)] = torch.tensor(ids)
             token_mask[row, : len(ids)] = 1.0
         batches.append({
             "tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": token_mask,
             "token_mask": token_mask,
-            "position_ids": torch.arange(length).expand(len(chunk), -1).contiguous(),
+            "position_ids": torch.arange(length).expand(micro_batch_size, -1).contiguous(),
         })  # fmt: skip
-    return batches, length
+    return batches
 
 
 def run_saliency(job: JobConfig) -> Path:
@@ -82,9 +86,10 @@ def run_saliency(job: JobConfig) -> Path:
         load_checkpoint(job.checkpoint.load_dir, model=state.model, weights_only=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     mbs = job.data.micro_batch_size
-    batches, length = _batches(mine, micro_batch_size=mbs, pad=pad)
-    # Equal micro-batch sizes keep megatron's schedule shapes fixed: drop a ragged tail.
-    batches = [b for b in batches if b["tokens"].shape[0] == mbs] or batches[:1]
-    profile_saliency(state, batches, path=out, micro_batch_size=batches[0]["tokens"].shape[0],
-                     seq_length=length)  # fmt: skip
+    # Same micro-batch count and shape on every DP rank; the ragged tail is padded, not dropped.
+    num_batches = math.ceil(math.ceil(len(samples) / dims.dp) / mbs)
+    length = (max(len(s) for s in samples) + 7) // 8 * 8
+    batches = _batches(mine, micro_batch_size=mbs, num_batches=num_batches, length=length,
+                       pad=pad)  # fmt: skip
+    profile_saliency(state, batches, path=out, micro_batch_size=mbs, seq_length=length)
     return Path(out)
