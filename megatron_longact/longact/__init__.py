@@ -9,7 +9,6 @@ job: ``layout`` (fused-QKV rows), ``saliency`` (Eq. 2 accumulation), ``meter`` (
 """
 
 from megatron_longact.longact.controller import LongActController
-from megatron_longact.longact.layout import QKVLayout
 from megatron_longact.longact.profile import (
     SaliencyProfile,
     load_saliency,
@@ -18,6 +17,7 @@ from megatron_longact.longact.profile import (
     save_saliency,
 )
 from megatron_longact.longact.selection import num_selected, select_dims
+from megatron_longact.models.qkv_layout import QKVLayout
 
 __all__ = [
     "LongActController",

@@ -29,11 +29,11 @@ import torch.distributed as dist
 
 from megatron_longact.config.schema import LongActConfig
 from megatron_longact.longact.freeze import OptimizerFreezer
-from megatron_longact.longact.layout import PROJECTIONS, QKVLayout
 from megatron_longact.longact.masks import jaccard, local_row_mask, mask_gradients
 from megatron_longact.longact.meter import SaliencyMeter, find_qkv_modules
 from megatron_longact.longact.schedule import ema_update, refreshes_at
 from megatron_longact.longact.selection import num_selected, random_generator, select_dims
+from megatron_longact.models.qkv_layout import PROJECTIONS, QKVLayout
 
 STATE_DICT_VERSION = 1
 Saliency = dict[int, dict[str, torch.Tensor]]

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from megatron_longact.longact.layout import QKVLayout
+from megatron_longact.models.qkv_layout import QKVLayout
 
 
 def row_mask(layout: QKVLayout, selection: dict[str, torch.Tensor]) -> torch.Tensor:
     """Global rows that train: bool [(N + 2G) * D]; projections absent from ``selection``
     (e.g. ``v`` by default) train on every row."""
-    return layout.merge({p: m.to(torch.bool).cpu() for p, m in selection.items()}, fill=True)
+    return layout.per_row({p: m.to(torch.bool).cpu() for p, m in selection.items()}, fill=True)
 
 
 def local_row_mask(

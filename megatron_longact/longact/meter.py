@@ -18,8 +18,8 @@ from collections.abc import Iterator
 
 import torch
 
-from megatron_longact.longact.layout import QKVLayout
 from megatron_longact.longact.saliency import SaliencyAccumulator, describe_micro_batch
+from megatron_longact.models.qkv_layout import QKVLayout
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -121,7 +121,7 @@ class SaliencyMeter:
 
     def split(self, rows: dict[int, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
         """``{layer: rows}`` -> ``{layer: {"q": [N, D], "k": [G, D], "v": [G, D]}}``."""
-        return {n: self.layout.split(r.cpu()) for n, r in rows.items()}
+        return {n: self.layout.per_head(r.cpu()) for n, r in rows.items()}
 
     def close(self) -> None:
         """Removes the hooks (idempotent)."""

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_longact.longact.layout import QKVLayout
 from megatron_longact.longact.meter import SaliencyMeter
+from megatron_longact.models.qkv_layout import QKVLayout
 
 FILE_FORMAT = "longact-saliency"
 FILE_VERSION = "1"

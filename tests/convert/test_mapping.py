@@ -17,7 +17,6 @@ from megatron_longact.models.convert.hf_files import (
 )
 from megatron_longact.models.convert.mapping import (
     HF_LM_HEAD,
-    QKVLayout,
     check_hf_tensors,
     expected_hf_shapes,
     fuse_gate_up_shard,
@@ -27,6 +26,7 @@ from megatron_longact.models.convert.mapping import (
     tp_block,
 )
 from megatron_longact.models.hf_config import parse_hf_config
+from megatron_longact.models.qkv_layout import QKVLayout
 
 HIDDEN = 6
 
@@ -49,7 +49,7 @@ def test_qkv_rows_follow_the_per_group_formula(heads, groups, head_dim):
         for d in (0, head_dim - 1):
             assert torch.equal(fused[g * block + n * head_dim + d], k[g * head_dim + d])
             assert torch.equal(fused[g * block + (n + 1) * head_dim + d], v[g * head_dim + d])
-    back = layout.split(fused)
+    back = layout.unfuse(fused)
     for got, want in zip(back, (q, k, v)):
         assert torch.equal(got, want)
     # Biases use the same row order.
@@ -60,7 +60,7 @@ def test_qkv_rows_follow_the_per_group_formula(heads, groups, head_dim):
 def test_qkv_split_rejects_a_row_count_from_another_config():
     layout = QKVLayout(num_heads=4, num_groups=2, head_dim=8)
     with pytest.raises(ValueError, match="need 64"):
-        layout.split(torch.zeros(48, HIDDEN))
+        layout.unfuse(torch.zeros(48, HIDDEN))
 
 
 def test_gate_up_shards_concatenate_to_the_checkpoint_layout():

@@ -38,12 +38,12 @@ def layout_errors(job: JobConfig) -> dict[str, float]:
     """
     from megatron.core import parallel_state
 
-    from megatron_longact.longact.layout import QKVLayout
     from megatron_longact.models.gpt import (
         build_gpt_model,
         load_architecture,
         make_transformer_config,
     )
+    from megatron_longact.models.qkv_layout import QKVLayout
     from megatron_longact.runtime.params import gather_tensor_parallel
 
     arch = load_architecture(job.model)
@@ -101,7 +101,7 @@ def saliency_case(job: JobConfig, dims, *, packed: bool, mbs: int, reference: bo
     if reference:
         rows = global_rows(0, state.arch.vocab_size, packed=packed)
         ref = reference_saliency(rows, capture.rows(), weights)
-        out["reference"] = {n: controller.layout.split(r.float()) for n, r in ref.items()}
+        out["reference"] = {n: controller.layout.per_head(r.float()) for n, r in ref.items()}
     capture.close()
     controller.close()
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_longact.longact.layout import QKVLayout
+from megatron_longact.models.qkv_layout import QKVLayout
 
 ARCHS = ("gqa", "mha_bias", "one_group")
 
@@ -31,8 +31,8 @@ def test_rows_partition_the_fused_projection(heads, groups, dim, tp):
     blocks = [range(layout.num_rows)[layout.local_rows(r)] for r in range(tp)]
     assert [len(b) for b in blocks] == [layout.rows_per_rank] * tp
     values = torch.arange(layout.num_rows, dtype=torch.float32)
-    split = layout.split(values)
-    assert torch.equal(layout.merge(split, fill=-1.0), values)
+    split = layout.per_head(values)
+    assert torch.equal(layout.per_row(split, fill=-1.0), values)
 
 
 def test_layout_rejects_bad_shapes():
@@ -54,3 +54,18 @@ def test_formula_matches_megatron_split_tp2(tp2_dp2):
             errors = rank_result["layout"][arch]
             assert errors["q"] == errors["k"] == errors["v"] == errors["local_rows"] == 0.0
             assert errors["q_shape"][2] == 2  # each TP rank computes 2 of the 4 query heads
+
+
+@pytest.mark.parametrize("heads,groups,dim", [(8, 2, 4), (8, 8, 4), (4, 1, 16), (9, 3, 8)])
+def test_converter_fuse_and_longact_rows_are_one_layout(heads, groups, dim):
+    # The converter (fuse/unfuse of HF weights) and LongAct (row indices of (head, dim)) read
+    # the same QKVLayout: HF's q_proj row h*D+d must land on the row LongAct masks for (h, d).
+    layout = QKVLayout(num_heads=heads, num_groups=groups, head_dim=dim)
+    q = torch.randn(heads * dim, 3)
+    k, v = torch.randn(groups * dim, 3), torch.randn(groups * dim, 3)
+    fused = layout.fuse(q, k, v)
+    for projection, weight in zip(("q", "k", "v"), (q, k, v)):
+        assert torch.equal(fused[layout.rows(projection).flatten()], weight)
+    per_head = layout.per_head(fused)
+    assert torch.equal(per_head["q"], q.reshape(heads, dim, 3))
+    assert torch.equal(per_head["k"], k.reshape(groups, dim, 3))

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from megatron_longact.longact.freeze import _row_pieces
-from megatron_longact.longact.layout import QKVLayout
 from megatron_longact.longact.masks import jaccard, local_row_mask, row_mask
 from megatron_longact.longact.selection import random_generator, select_dims
+from megatron_longact.models.qkv_layout import QKVLayout
 
 WEIGHT_DECAY = 0.1  # longact_worlds.BASE
 

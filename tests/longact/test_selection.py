@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_longact.longact.layout import QKVLayout
 from megatron_longact.longact.masks import row_mask
 from megatron_longact.longact.schedule import ema_update, refreshes_at
 from megatron_longact.longact.selection import num_selected, random_generator, select_dims
+from megatron_longact.models.qkv_layout import QKVLayout
 
 
 def test_appendix_a_example_selects_rows_2_and_5():

@@ -30,7 +30,6 @@ from megatron_longact.models.convert.mapping import (
     QKV,
     ROW_PARALLEL,
     ROW_PARALLEL_DIM,
-    QKVLayout,
     check_hf_tensors,
     check_representable,
     check_rope_parsed,
@@ -40,6 +39,7 @@ from megatron_longact.models.convert.mapping import (
 )
 from megatron_longact.models.convert.progress import progress_bar
 from megatron_longact.models.hf_config import HFArchitecture, parse_hf_config, read_hf_config
+from megatron_longact.models.qkv_layout import QKVLayout
 
 ImportDtype = Literal["auto", "fp32", "bf16"]
 
@@ -187,7 +187,7 @@ def load_hf_into_chunk(
                 "models/convert/mapping.py"
             )
         _copy(param, tensor, name=param_name, source=hf_name, weights=weights, tp=tp)
-    layout = QKVLayout.of(arch)
+    layout = QKVLayout.from_hf(arch)
     for layer_module in gpt.decoder.layers:
         layer = layer_module.layer_number - 1  # megatron numbers from 1, globally over PP
         for suffix, param in layer_module.named_parameters():

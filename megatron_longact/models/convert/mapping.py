@@ -20,7 +20,6 @@ Three namespaces appear:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -74,62 +73,6 @@ GATE_UP = {"mlp.linear_fc1.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight
 
 # Buffers some older HF checkpoints carry; recomputed from the config, never converted.
 _IGNORED_HF = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-
-
-@dataclass(frozen=True, kw_only=True)
-class QKVLayout:
-    """megatron's fused QKV row order: per query group, its q heads, then k, then v.
-
-    With N heads, G groups, n = N/G and D = head_dim, group g owns rows
-    [g*(n+2)*D, (g+1)*(n+2)*D): n*D q rows (heads g*n .. g*n+n-1), D k rows, D v rows.
-    TP shards the fused rows in contiguous blocks of (N+2G)*D/T rows.
-    """
-
-    num_heads: int
-    num_groups: int
-    head_dim: int
-
-    @classmethod
-    def of(cls, arch: HFArchitecture) -> QKVLayout:
-        return cls(
-            num_heads=arch.num_attention_heads,
-            num_groups=arch.num_query_groups,
-            head_dim=arch.head_dim,
-        )
-
-    @property
-    def heads_per_group(self) -> int:
-        return self.num_heads // self.num_groups
-
-    @property
-    def num_rows(self) -> int:
-        return (self.num_heads + 2 * self.num_groups) * self.head_dim
-
-    def fuse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """[N*D, ...], [G*D, ...], [G*D, ...] (weights [., H] or biases) -> [(N+2G)*D, ...]."""
-        rest = q.shape[1:]
-        g, d, n = self.num_groups, self.head_dim, self.heads_per_group
-        grouped = torch.cat(
-            [q.reshape(g, n * d, *rest), k.reshape(g, d, *rest), v.reshape(g, d, *rest)], dim=1
-        )
-        return grouped.reshape(self.num_rows, *rest)
-
-    def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Inverse of :meth:`fuse`: [(N+2G)*D, ...] -> (q [N*D, ...], k [G*D, ...], v [G*D, ...])."""
-        if qkv.shape[0] != self.num_rows:
-            raise ValueError(
-                f"fused QKV has {qkv.shape[0]} rows; {self.num_heads} heads, "
-                f"{self.num_groups} groups of head_dim {self.head_dim} need {self.num_rows}"
-            )
-        rest = qkv.shape[1:]
-        g, d, n = self.num_groups, self.head_dim, self.heads_per_group
-        grouped = qkv.reshape(g, (n + 2) * d, *rest)
-        q, k, v = grouped.split([n * d, d, d], dim=1)
-        return (
-            q.reshape(g * n * d, *rest).contiguous(),
-            k.reshape(g * d, *rest).contiguous(),
-            v.reshape(g * d, *rest).contiguous(),
-        )
 
 
 def tp_block(full: torch.Tensor, *, dim: int, tp_rank: int, tp: int) -> torch.Tensor:

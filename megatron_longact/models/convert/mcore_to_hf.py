@@ -45,7 +45,6 @@ from megatron_longact.models.convert.mapping import (
     NORMS,
     QKV,
     ROW_PARALLEL,
-    QKVLayout,
     check_representable,
     check_rope_parsed,
     hf_layer_name,
@@ -60,6 +59,7 @@ from megatron_longact.models.hf_config import (
     read_hf_config,
     resolve_model_dir,
 )
+from megatron_longact.models.qkv_layout import QKVLayout
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def layer_to_hf(
     tensors: dict[str, torch.Tensor], *, layer: int, arch: HFArchitecture
 ) -> dict[str, torch.Tensor]:
     """One layer's megatron tensors {layer-local suffix: full tensor} -> {HF name: tensor}."""
-    layout = QKVLayout.of(arch)
+    layout = QKVLayout.from_hf(arch)
     out: dict[str, torch.Tensor] = {}
     for suffix, tensor in tensors.items():
         if suffix in NORMS:
@@ -246,7 +246,7 @@ def layer_to_hf(
         elif suffix in ROW_PARALLEL:
             parts = {ROW_PARALLEL[suffix]: tensor}
         elif suffix in QKV:
-            parts = dict(zip(QKV[suffix], layout.split(tensor)))
+            parts = dict(zip(QKV[suffix], layout.unfuse(tensor)))
         elif suffix in GATE_UP:
             parts = dict(zip(GATE_UP[suffix], split_gate_up(tensor)))
         else:

@@ -1,9 +1,13 @@
-"""Where each (head, dim) of Q, K and V lives in megatron's fused ``linear_qkv.weight``.
+"""Where each (head, dim) of Q, K and V lives in megatron's fused ``linear_qkv`` (pure torch).
+
+The one place this layout is written down: LongAct's row masks and saliency (``longact/``) and
+the HF <-> megatron converter (``convert``) both use :class:`QKVLayout`.
 
 The paper indexes a separate ``W_Q`` with ``j(h, d) = h * D + d`` (Eq. 8). megatron fuses Q, K
 and V into one ``ColumnParallelLinear`` whose ``(N + 2G) * D`` output rows go group by group:
 for query group ``g`` the rows of its ``n = N / G`` query heads, then ``k_g``, then ``v_g``,
-``D`` rows each. With ``B = (n + 2) * D`` rows per group::
+``D`` rows each (megatron/core/transformer/attention.py, ``SelfAttention.
+get_query_key_value_tensors``, 0.16.1 ~1371-1491). With ``B = (n + 2) * D`` rows per group::
 
     q(h, d) -> (h // n) * B + (h % n) * D + d
     k(g, d) -> g * B + n * D + d
@@ -14,6 +18,14 @@ rank ``t`` holds global rows ``[t * R, (t + 1) * R)`` of the weight, of its bias
 layer's output channels. (When ``G < T`` the ranks then all-gather the output inside attention,
 so the heads a rank computes are not the rows it holds; masks follow the weight rows.)
 
+Two pairs of operations, on two kinds of data:
+
+* per-row values (a saliency vector, a mask) <-> per-head tables: :meth:`QKVLayout.per_head`
+  ``[(N + 2G) * D, ...] -> {"q": [N, D, ...], "k": [G, D, ...], "v": [G, D, ...]}`` and its
+  inverse :meth:`QKVLayout.per_row`;
+* HF's separate projection weights <-> the fused weight: :meth:`QKVLayout.fuse`
+  ``q [N*D, ...], k [G*D, ...], v [G*D, ...] -> [(N + 2G) * D, ...]`` and :meth:`QKVLayout.unfuse`.
+
 Notation used across ``longact/``: ``N`` query heads, ``G`` query groups (KV heads), ``D`` head
 dim, ``T`` tensor-parallel size, "rows" = output rows of ``linear_qkv``.
 """
@@ -21,8 +33,12 @@ dim, ``T`` tensor-parallel size, "rows" = output rows of ``linear_qkv``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from megatron_longact.models.hf_config import HFArchitecture
 
 PROJECTIONS = ("q", "k", "v")
 
@@ -64,6 +80,16 @@ class QKVLayout:
             num_groups=config.num_query_groups or config.num_attention_heads,
             head_dim=config.kv_channels,
             tp_size=config.tensor_model_parallel_size,
+        )
+
+    @classmethod
+    def from_hf(cls, arch: HFArchitecture, *, tp_size: int = 1) -> QKVLayout:
+        """The layout of a Hugging Face architecture (``models.hf_config.HFArchitecture``)."""
+        return cls(
+            num_heads=arch.num_attention_heads,
+            num_groups=arch.num_query_groups,
+            head_dim=arch.head_dim,
+            tp_size=tp_size,
         )
 
     @property
@@ -117,14 +143,14 @@ class QKVLayout:
         """The global rows held by TP rank ``tp_rank``."""
         return slice(tp_rank * self.rows_per_rank, (tp_rank + 1) * self.rows_per_rank)
 
-    def split(self, per_row: torch.Tensor) -> dict[str, torch.Tensor]:
+    def per_head(self, per_row: torch.Tensor) -> dict[str, torch.Tensor]:
         """Global per-row values ``[(N + 2G) * D, ...]`` -> ``{"q": [N, D, ...], "k", "v"}``."""
         if per_row.shape[0] != self.num_rows:
             raise ValueError(f"expected {self.num_rows} rows, got shape {tuple(per_row.shape)}")
         return {p: per_row[self.rows(p)] for p in PROJECTIONS}
 
-    def merge(self, per_head: dict[str, torch.Tensor], *, fill) -> torch.Tensor:
-        """Inverse of :meth:`split`: ``{"q": [N, D], ...}`` -> ``[(N + 2G) * D]``.
+    def per_row(self, per_head: dict[str, torch.Tensor], *, fill) -> torch.Tensor:
+        """Inverse of :meth:`per_head`: ``{"q": [N, D], ...}`` -> ``[(N + 2G) * D]``.
 
         Projections missing from ``per_head`` take ``fill`` (a scalar of the result's dtype).
         """
@@ -133,3 +159,30 @@ class QKVLayout:
         for projection, values in per_head.items():
             out[self.rows(projection).to(out.device)] = values
         return out
+
+    def fuse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """HF ``q [N*D, ...]``, ``k [G*D, ...]``, ``v [G*D, ...]`` (weights ``[., H]`` or biases)
+        -> the fused ``[(N + 2G) * D, ...]`` in megatron's row order (all TP ranks together)."""
+        rest = q.shape[1:]
+        g, d, n = self.num_groups, self.head_dim, self.heads_per_group
+        grouped = torch.cat(
+            [q.reshape(g, n * d, *rest), k.reshape(g, d, *rest), v.reshape(g, d, *rest)], dim=1
+        )
+        return grouped.reshape(self.num_rows, *rest)
+
+    def unfuse(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inverse of :meth:`fuse`: ``[(N + 2G) * D, ...]`` -> ``(q [N*D, ...], k [G*D, ...],
+        v [G*D, ...])``, contiguous."""
+        if qkv.shape[0] != self.num_rows:
+            raise ValueError(
+                f"fused QKV has {qkv.shape[0]} rows; {self.num_heads} heads, "
+                f"{self.num_groups} groups of head_dim {self.head_dim} need {self.num_rows}"
+            )
+        rest = qkv.shape[1:]
+        g, d, n = self.num_groups, self.head_dim, self.heads_per_group
+        q, k, v = qkv.reshape(g, (n + 2) * d, *rest).split([n * d, d, d], dim=1)
+        return (
+            q.reshape(g * n * d, *rest).contiguous(),
+            k.reshape(g * d, *rest).contiguous(),
+            v.reshape(g * d, *rest).contiguous(),
+        )
