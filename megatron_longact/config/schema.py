@@ -7,6 +7,7 @@ own; checks that need the world size live in the runtime.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -15,6 +16,9 @@ PAPER_SFT_LR = 2e-5
 PAPER_SFT_WARMUP_RATIO = 0.03
 PAPER_RL_LR = 1e-6
 PAPER_LONGACT_RATIO = 0.3
+# torch's own default for NCCL process groups: long enough for a checkpoint save or a rollout
+# phase between two collectives, short enough that a stalled rank does not hold the job.
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
 
 
 @dataclass(kw_only=True)
@@ -31,6 +35,11 @@ class ModelConfig:
     init_method_std: float = 0.02
     max_position_embeddings: int | None = None
     """Overrides the HF value (e.g. to cap RoPE tables for a short CPU run)."""
+    init: Literal["auto", "hf", "random"] = "auto"
+    """Weights of a run that neither resumes (``checkpoint.save_dir``) nor loads
+    (``checkpoint.load_dir``): ``hf`` the safetensors in ``hf_path`` (streamed, any TP/PP, the
+    mapping of ``longact convert``); ``random`` megatron's init (``init_method_std``);
+    ``auto`` ``hf`` when ``hf_path`` is set, ``random`` for a ``preset`` (configs only)."""
 
 
 @dataclass(kw_only=True)
@@ -45,8 +54,17 @@ class ParallelConfig:
     use_distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S
+    """Seconds a collective may wait for the slowest rank before the job fails with an error
+    (a stalled, SIGSTOPped or dead rank). Must exceed the longest gap a rank can spend
+    between collectives (checkpoint write, rollout generation); the Slurm scripts set it per
+    model size (LONGACT_COLLECTIVE_TIMEOUT_S)."""
 
     def __post_init__(self) -> None:
+        if self.collective_timeout_s <= 0:
+            raise ValueError(
+                f"collective_timeout_s must be > 0 seconds, got {self.collective_timeout_s}"
+            )
         for name in (
             "tensor_model_parallel_size",
             "pipeline_model_parallel_size",
@@ -75,8 +93,8 @@ class OptimConfig:
     warmup_steps: int | None = None
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr < 0:  # 0 is allowed: a weights-flow check steps without moving weights
+            raise ValueError(f"lr must be >= 0, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr must lie in [0, lr={self.lr}], got {self.min_lr}")
         if not 0 <= self.warmup_ratio < 1:
@@ -136,6 +154,10 @@ class CheckpointConfig:
     save_interval: int = 0
     """Steps between saves; 0 saves only at the end."""
     keep_last: int = 2
+    on_corrupt: Literal["fail", "previous"] = "fail"
+    """A checkpoint whose files fail their checksums on resume: ``fail`` stops with an error
+    naming the file; ``previous`` warns and resumes from the newest older checkpoint that
+    verifies."""
 
 
 @dataclass(kw_only=True)
@@ -197,47 +219,73 @@ class RLConfig:
     """RL stage (paper section 4.1 defaults: DAPO, 8 prompts x 16 rollouts, T=1.0)."""
 
     algorithm: Literal["dapo", "grpo", "clip_cov", "kl_cov"] = "dapo"
+    """Policy loss (``rl.losses``): DAPO (the paper's default), GRPO, Clip-Cov or KL-Cov."""
     datasets: list[RLDatasetConfig] = field(default_factory=list)
     """Mixed RL prompt sources; empty means ``data.train_path`` in our JSONL schema."""
     num_samples: int | None = None
     """Size of the mixed training set (None: all records of the sources, at their ratios)."""
     prompts_per_step: int = 8
+    """Prompts (groups) per optimizer step, all DP ranks together."""
     rollouts_per_prompt: int = 16
+    """Responses sampled per prompt (the group size of the advantage)."""
     temperature: float = 1.0
+    """Sampling temperature; the trainer divides logits by the same value."""
     top_p: float = 1.0
+    """Nucleus sampling mass; 1 samples from the whole distribution."""
     max_new_tokens: int = 4096
+    """Response length cap in tokens; longer responses are truncated (and may be shaped)."""
     max_seq_length: int = 32768
     """Prompt + response budget; contexts are truncated in the middle to fit."""
     stop_strings: list[str] = field(default_factory=lambda: ["</answer>"])
+    """Generation also ends at any of these strings (besides EOS); see ``rl.rollout``."""
     reward: str = "format_answer"
     """A name in ``rl.rewards.REWARD_FNS``; the paper's reward is format + answer."""
     engine: Literal["native", "vllm"] = "native"
+    """Rollout engine: the megatron model itself (native) or a colocated vLLM."""
     generation_batch_size: int = 64
     """Sequences decoded together by the native engine (per DP rank)."""
     num_minibatches: int = 1
     """Optimizer steps per rollout batch (1 = on-policy, the paper's setting)."""
     normalize_adv_std: bool = True
+    """Divide group-relative advantages by the group's reward std (Dr. GRPO sets it false)."""
     leave_one_out: bool = False
+    """NeMo-RL's GRPO advantage: baseline and std from the other n - 1 rollouts of the group
+    (``rl.advantages``); False is verl's whole-group mean and std."""
     eps_low: float = 0.2
+    """Lower PPO clip: ratios below 1 - eps_low stop the gradient (every algorithm)."""
     eps_high: float = 0.28
+    """Upper PPO clip (DAPO's clip-higher 0.28; 0.2 is symmetric PPO)."""
     dual_clip_c: float | None = 3.0
+    """Dual-clip bound for negative advantages (verl's clip_ratio_c); None disables it."""
     kl_beta: float = 0.0
     """KL weight to a frozen reference model; > 0 builds the reference (GRPO: 0.01)."""
     clip_cov_ratio: float = 2e-4
+    """Clip-Cov: fraction of tokens whose gradient is detached, drawn among high covariance."""
     clip_cov_lb: float = 1.0
+    """Clip-Cov: lower bound of the covariance window the detached tokens come from."""
     clip_cov_ub: float = 5.0
+    """Clip-Cov: upper bound of that window."""
     kl_cov_ratio: float = 2e-4
+    """KL-Cov: fraction of tokens (the highest covariance) that get the KL penalty."""
     kl_cov_coef: float = 1.0
+    """KL-Cov: weight of that penalty."""
     dynamic_sampling: bool = True
+    """DAPO: drop groups whose rewards are all equal and generate more until the batch fills."""
     gen_batch_multiplier: int = 1
     """Prompts generated per round = multiplier x prompts_per_step (DAPO: up to 3)."""
     max_num_gen_batches: int = 10
+    """Dynamic sampling: generation rounds per step before ``on_exhausted`` applies."""
     on_exhausted: Literal["error", "continue"] = "error"
+    """What to do when the rounds run out before the batch fills: fail, or train on what was
+    kept (possibly nothing: the step then only counts)."""
     overlong_buffer: int = 0
     """DAPO overlong reward shaping buffer in tokens; 0 disables."""
     overlong_penalty: float = 1.0
+    """DAPO: the largest penalty of the overlong buffer (reached at ``max_new_tokens``)."""
     overlong_filter: bool = False
+    """DAPO: truncated responses get no loss (token mask 0) instead of shaping."""
     seed: int = 0
+    """Seeds the prompt order and the rollout sampling (offset per rank and step)."""
 
     def __post_init__(self) -> None:
         if self.rollouts_per_prompt < 1 or self.prompts_per_step < 1:
@@ -251,6 +299,15 @@ class RLConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.num_minibatches < 1:
+            raise ValueError(f"rl.num_minibatches must be >= 1, got {self.num_minibatches}")
+        # Lazy: the registry is stdlib-only code, and config/ imports nothing heavy.
+        from megatron_longact.rl.rewards import REWARD_FNS
+
+        if self.reward not in REWARD_FNS:
+            raise ValueError(
+                f"rl.reward={self.reward!r} is not a reward; choose one of {sorted(REWARD_FNS)}"
+            )
 
 
 @dataclass(kw_only=True)
@@ -277,7 +334,26 @@ class EvalConfig:
     ruler_tasks: list[str] = field(default_factory=lambda: ["niah_single_1", "niah_single_2"])
     ruler_num_samples: int = 8
     max_prompt_tokens: int | None = None
-    """Truncate LongBench v2 / InfiniteBench prompts in the middle to this many tokens."""
+    """Middle-truncation budget of LongBench v2 / InfiniteBench prompts, in tokens. None: the
+    official budget (120,000 / 127,000) capped at the model's context window minus
+    ``max_new_tokens`` and the chat template's own tokens."""
+    prompt_style: Literal["official", "answer_tag"] = "official"
+    """LongBench v2 prompt: ``official`` the 0-shot prompt of THUDM/LongBench ``pred.py``
+    ("The correct answer is (X)"); ``answer_tag`` ours (<think>/<answer>, as the RL data).
+    InfiniteBench (with its "You are a helpful assistant" system turn for chat models) and
+    RULER always use their official templates."""
+    ruler_data_dirs: list[str] = field(default_factory=list)
+    """RULER's own generated data, one folder per length, each holding
+    ``<task>/validation.jsonl`` (NVIDIA/RULER ``scripts/run.sh``: ``.../<length>/data``). When
+    set, the ruler suite reads these samples as they are instead of generating its own."""
+    ruler_squad_path: str | None = None
+    """SQuAD v2 dev JSON (``dev-v2.0.json``) for RULER ``qa_1``."""
+    ruler_hotpotqa_path: str | None = None
+    """HotpotQA dev distractor JSON (``hotpot_dev_distractor_v1.json``) for RULER ``qa_2``."""
+    ruler_haystack_path: str | None = None
+    """Essay haystack of the NIAH tasks: a folder of ``.txt`` essays (joined in name order, as
+    RULER's ``download_paulgraham_essay.py``) or RULER's ``PaulGrahamEssays.json``. None:
+    generated essay-like filler."""
     compare: list[str] = field(default_factory=list)
     """Other ``out_dir``s whose scores join the tables as extra rows (e.g. the SFT model)."""
 
@@ -296,3 +372,51 @@ class JobConfig:
     longact: LongActConfig = field(default_factory=LongActConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        # Checks across sections; those that need the model or world size live in the loops.
+        steps = self.train.train_steps
+        warmup = self.optim.warmup_steps
+        if warmup is None:
+            warmup = math.ceil(self.optim.warmup_ratio * steps)
+        if steps > 0 and warmup >= steps:
+            raise ValueError(
+                f"optim.warmup_steps={warmup} (warmup_steps or ceil(warmup_ratio x train_steps)) "
+                f"must be below train.train_steps={steps}: the LR would never decay; lower "
+                "optim.warmup_steps/warmup_ratio or raise train.train_steps"
+            )
+        max_pos = self.model.max_position_embeddings
+        if max_pos is not None and self.data.seq_length > max_pos:
+            raise ValueError(
+                f"data.seq_length={self.data.seq_length} exceeds "
+                f"model.max_position_embeddings={max_pos}; lower data.seq_length or raise "
+                "model.max_position_embeddings"
+            )
+
+
+def check_sequence_length(*, seq_length: int, max_position_embeddings: int, field: str) -> None:
+    """Raises ValueError when ``seq_length`` (tokens, config ``field``) exceeds the model's
+    positions (``max_position_embeddings`` of the HF config or ``model.*`` override)."""
+    if seq_length > max_position_embeddings:
+        raise ValueError(
+            f"{field}={seq_length} exceeds the model's max_position_embeddings="
+            f"{max_position_embeddings}; lower {field} (or set model.max_position_embeddings "
+            "if the model's RoPE scaling allows longer sequences)"
+        )
+
+
+def check_rl_batch(job: JobConfig, *, dp: int) -> None:
+    """Raises ValueError unless an RL step's samples (rl.prompts_per_step x
+    rl.rollouts_per_prompt) split evenly over ``dp`` data-parallel ranks, micro-batches of
+    data.micro_batch_size and rl.num_minibatches optimizer steps."""
+    rl = job.rl
+    samples = rl.prompts_per_step * rl.rollouts_per_prompt
+    unit = dp * job.data.micro_batch_size * rl.num_minibatches
+    if samples % unit:
+        raise ValueError(
+            f"the RL global batch rl.prompts_per_step x rl.rollouts_per_prompt = "
+            f"{rl.prompts_per_step} x {rl.rollouts_per_prompt} = {samples} samples is not "
+            f"divisible by data-parallel size {dp} x data.micro_batch_size "
+            f"{job.data.micro_batch_size} x rl.num_minibatches {rl.num_minibatches} = {unit}; "
+            "change one of them so that it divides"
+        )
