@@ -132,6 +132,11 @@ def build_gpt_model(
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+        if transformer_config.context_parallel_size > 1:
+            # megatron's local attention asserts CP == 1: all-gather K/V attention instead.
+            from megatron_longact.models.cp_attention import with_cp_attention
+
+            spec = with_cp_attention(spec)
     gpt = GPTModel(
         config=transformer_config,
         transformer_layer_spec=spec,

@@ -1,15 +1,22 @@
 """Context parallel: this rank's share of a batch's sequence dimension.
 
-megatron's ring attention expects every CP rank to hold chunks ``r`` and ``2*CP-1-r`` of each
-sequence cut into ``2*CP`` chunks (balanced causal work). Dense rows ([b, s] tensors) are cut
-with megatron's ``get_batch_on_this_cp_rank``; packed THD rows with
-``get_thd_batch_on_this_cp_rank``, which needs every sample padded to a multiple of ``2*CP``
-(``sft.data`` pads them). Fields that are not [b, s] (``cu_seqlens``, ``max_seqlen``) stay whole.
+Every CP rank holds chunks ``r`` and ``2*CP-1-r`` of each sequence cut into ``2*CP`` chunks
+(balanced causal work; :mod:`models.cp_layout`). Dense rows ([b, s] tensors) are cut with
+megatron's ``get_batch_on_this_cp_rank``; packed THD rows per segment by
+:func:`slice_thd_batch`, which needs every sample padded to a multiple of ``2*CP``
+(``sft.data`` pads them). Fields that are not [b, s] (``cu_seqlens``, ``max_seqlen``) stay
+whole. The attention that consumes these layouts is TE's (GPU) or
+:mod:`models.cp_attention` (local spec).
 """
 
 from __future__ import annotations
 
 import torch
+
+from megatron_longact.models.cp_layout import check_boundaries, cp_token_index
+
+THD_METADATA = ("cu_seqlens", "cu_seqlens_padded", "max_seqlen")
+"""Batch fields of a THD micro-batch that describe the whole packed row (never sliced)."""
 
 
 def cp_size() -> int:
@@ -43,14 +50,52 @@ def slice_dense_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {**batch, **sliced}
 
 
-def slice_thd_batch(batch: dict[str, torch.Tensor]):
-    """This CP rank's tokens of a THD batch ([1, T] rows with ``cu_seqlens`` whose segments are
-    multiples of ``2*CP``); returns (batch, PackedSeqParams). Transformer Engine >= 1.10."""
-    from megatron.core.utils import get_thd_batch_on_this_cp_rank
+def thd_packed_seq_params(batch: dict[str, torch.Tensor]):
+    """megatron ``PackedSeqParams`` (qkv_format thd) for a [1, T] packed micro-batch.
 
-    cu = batch["cu_seqlens"].to(torch.int32)
-    rows = {k: v for k, v in batch.items() if k not in ("cu_seqlens", "max_seqlen")}
-    rows, params = get_thd_batch_on_this_cp_rank(rows, cu, cu, batch["max_seqlen"].view(1))
+    ``cu_seqlens`` [n + 1] int are the sample boundaries over the T tokens; the optional
+    ``cu_seqlens_padded`` are the boundaries the tokens are laid out on (what CP splits and
+    RoPE restarts on), by default the same. ``max_seqlen`` is the longest padded segment.
+    """
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = batch["cu_seqlens"].to(torch.int32).flatten()
+    padded = batch.get("cu_seqlens_padded", cu).to(torch.int32).flatten()
+    max_seqlen = int((padded[1:] - padded[:-1]).max())
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        cu_seqlens_q_padded=padded,
+        cu_seqlens_kv_padded=padded,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_kv=max_seqlen,
+    )
+
+
+def slice_thd_batch(batch: dict[str, torch.Tensor]):
+    """This CP rank's tokens of a THD batch ([1, T] rows with ``cu_seqlens`` whose padded
+    segments are multiples of ``2*CP``); returns (batch, PackedSeqParams).
+
+    Per segment, chunks ``r`` and ``2*CP-1-r``: the layout TE's ``thd_get_partitioned_indices``
+    gives (``megatron/core/utils.py`` ~2069), computed here without TE so the local CP
+    attention runs on CPU too.
+    """
+    params = thd_packed_seq_params(batch)
+    size = cp_size()
+    if size == 1:
+        return batch, params
+    padded = params.cu_seqlens_q_padded
+    check_boundaries(padded, cp_size=size, where="cu_seqlens_padded")
+    total = batch["tokens"].shape[1]
+    if int(padded[-1]) != total:
+        raise ValueError(f"cu_seqlens end at {int(padded[-1])}, the packed row has {total}")
+    index = cp_token_index(padded, cp_size=size, cp_rank=cp_rank()).to(batch["tokens"].device)
+    rows = {
+        k: v.index_select(1, index)
+        for k, v in batch.items()
+        if k not in THD_METADATA and v.dim() >= 2 and v.shape[1] == total
+    }
     return {**batch, **rows}, params
 
 

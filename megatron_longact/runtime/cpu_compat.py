@@ -62,6 +62,8 @@ class _CudaToCpuMode(TorchFunctionMode):
             return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):  # RoPE's CP slicing pins (rope_utils.py ~62); no allocator
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.to:
             args = tuple(
                 "cpu" if (i > 0 and _is_cuda_device(a) and not isinstance(a, int)) else a

@@ -3,7 +3,8 @@
 A batch is a dict of tensors on every pipeline stage (stages ignore what they do not need):
 ``tokens`` [b, s] int64, ``labels`` [b, s] int64, ``loss_mask`` [b, s] float32,
 ``position_ids`` [b, s] int64, optional ``attention_mask`` [b, 1, s, s] bool (True = masked
-out; block-causal for packed bins) and optional ``cu_seqlens`` [n+1] int32 (THD packing with TE).
+out; block-causal for packed bins) and optional ``cu_seqlens`` [n+1] int32 over the flattened
+b * s tokens (THD packing: TE on GPU, :mod:`models.cp_attention` under CP on the local spec).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from functools import partial
 
 import torch
 
-from megatron_longact.runtime.context_parallel import cp_size, slice_dense_batch, slice_thd_batch
+from megatron_longact.runtime.context_parallel import slice_dense_batch, slice_thd_batch
 from megatron_longact.runtime.train_step import masked_sum_loss
 
 
@@ -23,18 +24,24 @@ def device_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.cuda(non_blocking=True) for k, v in batch.items()}
 
 
-def packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int):
-    """megatron ``PackedSeqParams`` for THD attention (Transformer Engine only)."""
-    from megatron.core.packed_seq_params import PackedSeqParams
+def uses_thd(batch: dict[str, torch.Tensor]) -> bool:
+    """A packed batch without a dense mask goes to attention as THD (``packed_seq_params``)."""
+    return "attention_mask" not in batch and "cu_seqlens" in batch
 
-    cu = cu_seqlens.to(torch.int32)
-    return PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=cu,
-        cu_seqlens_kv=cu,
-        max_seqlen_q=max_seqlen,
-        max_seqlen_kv=max_seqlen,
-    )
+
+def model_batch(batch: dict[str, torch.Tensor]):
+    """This rank's part of a micro-batch, laid out as the model takes it.
+
+    THD (:func:`uses_thd`): every [b, s] field flattened to [1, b*s], then this CP rank's
+    per-segment chunks; returns ``(batch, PackedSeqParams)``. Otherwise: this CP rank's
+    zig-zag chunks of every [b, s] field (and of the mask's query dim), ``(batch, None)``.
+    The one place that decides the layout: the forward steps and LongAct's meter (which must
+    see the same tokens as the ``linear_qkv`` hooks) both call it. No collectives.
+    """
+    if uses_thd(batch):
+        flat = {k: (v.reshape(1, -1) if v.dim() == 2 else v) for k, v in batch.items()}
+        return slice_thd_batch(flat)
+    return slice_dense_batch(batch), None
 
 
 def lm_forward_step(data_iterator, model):
@@ -43,19 +50,8 @@ def lm_forward_step(data_iterator, model):
     Returns the model's per-token loss [b, s] (fp32, vocab-parallel CE) and the loss function
     that reduces it to (sum, count, report); see :mod:`runtime.train_step` for the contract.
     """
-    batch = device_batch(next(data_iterator))
-    kwargs = {}
-    if "attention_mask" not in batch and "cu_seqlens" in batch:
-        # THD: TE takes the micro-batch as one [1, b*s] token stream cut by cu_seqlens.
-        batch = {k: (v.reshape(1, -1) if v.dim() == 2 else v) for k, v in batch.items()}
-        if cp_size() > 1:
-            batch, kwargs["packed_seq_params"] = slice_thd_batch(batch)
-        else:
-            kwargs["packed_seq_params"] = packed_seq_params(
-                batch["cu_seqlens"], int(batch.get("max_seqlen", batch["tokens"].shape[1]))
-            )
-    else:
-        batch = slice_dense_batch(batch)
+    batch, params = model_batch(device_batch(next(data_iterator)))
+    kwargs = {} if params is None else {"packed_seq_params": params}
     output = model(
         input_ids=batch["tokens"],
         position_ids=batch["position_ids"],
