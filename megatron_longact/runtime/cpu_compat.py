@@ -170,6 +170,24 @@ def enable() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def suspended():
+    """Runs the block outside the CUDA->CPU function mode (a no-op where the bridge is off).
+
+    For hot loops of small torch calls that make no CUDA requests (the native rollout engine's
+    decode steps), where the mode's Python dispatch on every call costs more than the kernels.
+    Process-local; the mode is back on exit.
+    """
+    if _MODE is None:
+        yield
+        return
+    _MODE.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        _MODE.__enter__()
+
+
 def is_enabled() -> bool:
     """True when this process runs megatron on the CPU through this bridge."""
     return _ENABLED
