@@ -106,10 +106,13 @@ def reference():
 
 
 def _assert_same(ref, results, *, atol=2e-5):
+    # Never vacuous: every rank reports every step, and the full parameter set.
+    assert results and len(ref["losses"]) == STEPS and ref["params"]
     for res in results:
-        for (loss_ref, g_ref), (loss, g) in zip(ref["losses"], res["losses"]):
+        for (loss_ref, g_ref), (loss, g) in zip(ref["losses"], res["losses"], strict=True):
             assert loss == pytest.approx(loss_ref, abs=atol)
             assert g == pytest.approx(g_ref, rel=1e-4)
+        assert res["params"].keys() == ref["params"].keys()
         for name, value in res["params"].items():
             torch.testing.assert_close(value, ref["params"][name], atol=atol, rtol=1e-4)
 
@@ -136,11 +139,16 @@ def test_pipeline_parallel_2_matches_single(reference):
     results = run_local(
         _train, 2, ["parallel.pipeline_model_parallel_size=2"], 2, reference["initial"]
     )
+    assert len(results) == 2
+    covered = set()
     for res in results:
-        for (loss_ref, g_ref), (loss, g) in zip(reference["losses"], res["losses"]):
+        for (loss_ref, g_ref), (loss, g) in zip(reference["losses"], res["losses"], strict=True):
             assert loss == pytest.approx(loss_ref, abs=2e-5)
             assert g == pytest.approx(g_ref, rel=1e-4)
         offset = res["pp_rank"] * 1  # micro-qwen3 has 2 layers: one per stage
         for name, value in res["params"].items():
             ref_name = _global_name(name, layer_offset=offset)
+            covered.add(ref_name)
             torch.testing.assert_close(value, reference["params"][ref_name], atol=2e-5, rtol=1e-4)
+    # The two stages together hold (and were compared on) every parameter.
+    assert covered == reference["params"].keys()
