@@ -1,27 +1,57 @@
-"""Text generation backends for the evaluation runner: ``prompts -> responses``.
+"""Text generation backends for the evaluation runner.
 
+A backend turns *model inputs* (prompts already in the chat template) into completions:
 ``native`` decodes with the megatron model itself (``rl.rollout.native``), loading
-``checkpoint.load_dir``; ``vllm`` loads an exported Hugging Face folder. Both wrap each prompt
-as one user turn of the tokenizer's chat template. The runtime is imported lazily: the suites
-and scorers never depend on megatron.
+``checkpoint.load_dir``; ``vllm`` loads an exported Hugging Face folder. :func:`suite_generate`
+first puts a suite's prompts into the chat template (a user turn after the suite's system turn;
+as is for suites whose prompts already hold a template), as an OpenAI-style chat server does
+for LongBench's ``pred.py``. The runtime is imported lazily: the suites and scorers never
+depend on megatron.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from megatron_longact.config.schema import JobConfig
-from megatron_longact.data.chat_template import render_user_prompt, resolve_chat_template
+from megatron_longact.data.chat_template import render_chat, resolve_chat_template
 from megatron_longact.eval.runner import GenerateFn
+from megatron_longact.eval.suite import Suite
+
+CompleteFn = Callable[[list[str]], list[str]]
+"""Model inputs (chat template applied) -> completions, same length and order."""
+Backend = Callable[[JobConfig, object], CompleteFn]
+"""(job, tokenizer) -> CompleteFn, as ``native_backend`` and ``vllm_backend``."""
 
 
-def chat_prompt(tokenizer, text: str) -> str:
-    """``text`` as a user turn with the generation prompt, under the template SFT and RL use
-    (``data.chat_template``); raw text when the tokenizer has no template and no ChatML tokens."""
-    if resolve_chat_template(tokenizer) is None:
+def has_chat_template(tokenizer) -> bool:
+    """Whether prompts reach this model as chat turns (else as raw text: a base model)."""
+    return resolve_chat_template(tokenizer) is not None
+
+
+def chat_prompt(tokenizer, text: str, *, system: str | None = None) -> str:
+    """``text`` as a user turn (after a ``system`` turn when given) with the generation prompt,
+    under the template SFT and RL use (``data.chat_template``); raw text when the tokenizer has
+    no template and no ChatML tokens."""
+    if not has_chat_template(tokenizer):
         return text
-    return render_user_prompt(tokenizer, text)
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": text})
+    return render_chat(tokenizer, messages, add_generation_prompt=True)
 
 
-def native_backend(job: JobConfig, tokenizer) -> GenerateFn:
+def suite_generate(complete: CompleteFn, tokenizer, suite: Suite) -> GenerateFn:
+    """The runner's ``prompts -> responses`` for ``suite``: template, then ``complete``."""
+
+    def generate(prompts: list[str]) -> list[str]:
+        if not suite.chat_template:
+            return complete(list(prompts))
+        return complete([chat_prompt(tokenizer, p, system=suite.system_prompt) for p in prompts])
+
+    return generate
+
+
+def native_backend(job: JobConfig, tokenizer) -> CompleteFn:
     """Greedy (temperature 0) or sampled decoding with the megatron model. All ranks call the
     returned function with the same prompts (TP collectives); DP ranks all decode everything."""
     from megatron_longact.models.gpt import load_architecture, make_transformer_config
@@ -48,9 +78,8 @@ def native_backend(job: JobConfig, tokenizer) -> GenerateFn:
     )
     stops = set(params.stop_token_ids)
 
-    def generate(prompts: list[str]) -> list[str]:
-        ids = [tokenizer.encode(chat_prompt(tokenizer, p), add_special_tokens=False)
-               for p in prompts]  # fmt: skip
+    def generate(model_inputs: list[str]) -> list[str]:
+        ids = [tokenizer.encode(text, add_special_tokens=False) for text in model_inputs]
         outputs = engine.generate(ids, params)
         return [
             tokenizer.decode(
@@ -62,7 +91,7 @@ def native_backend(job: JobConfig, tokenizer) -> GenerateFn:
     return generate
 
 
-def vllm_backend(job: JobConfig, tokenizer) -> GenerateFn:
+def vllm_backend(job: JobConfig, tokenizer) -> CompleteFn:
     """vLLM offline generation from ``eval.hf_dir`` (seed and temperature as configured)."""
     try:
         import vllm
@@ -79,8 +108,8 @@ def vllm_backend(job: JobConfig, tokenizer) -> GenerateFn:
         temperature=job.eval.temperature, max_tokens=job.eval.max_new_tokens, seed=job.eval.seed
     )
 
-    def generate(prompts: list[str]) -> list[str]:
-        outputs = llm.generate([chat_prompt(tokenizer, p) for p in prompts], sampling)
+    def generate(model_inputs: list[str]) -> list[str]:
+        outputs = llm.generate(list(model_inputs), sampling)
         return [o.outputs[0].text for o in outputs]
 
     return generate

@@ -9,8 +9,15 @@ import torch.distributed as dist
 
 from megatron_longact.config.schema import JobConfig
 from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
-from megatron_longact.eval import infinitebench, longbench_v2, ruler, synthetic_kv
-from megatron_longact.eval.backends import native_backend, vllm_backend
+from megatron_longact.eval import infinitebench, longbench_v2, ruler, ruler_files, synthetic_kv
+from megatron_longact.eval.backends import (
+    Backend,
+    chat_prompt,
+    has_chat_template,
+    native_backend,
+    suite_generate,
+    vllm_backend,
+)
 from megatron_longact.eval.report import (
     INFINITEBENCH_TABLE,
     LONGBENCH_V2_TABLE,
@@ -20,7 +27,9 @@ from megatron_longact.eval.report import (
     ruler_table,
     write_report,
 )
+from megatron_longact.eval.ruler_qa import load_hotpotqa_pool, load_squad_pool
 from megatron_longact.eval.runner import evaluate, scores_path
+from megatron_longact.models.hf_config import read_hf_config, resolve_model_dir
 
 logger = logging.getLogger(__name__)
 KV_TABLE = TableSpec("Held-out synthetic key-value retrieval (%)", synthetic_kv.COLUMNS)
@@ -30,7 +39,76 @@ def _length_label(tokens: int) -> str:
     return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
 
 
-def _runs(job: JobConfig, tokenizer) -> list[tuple[str, object, list]]:
+def context_window(job: JobConfig) -> int | None:
+    """Tokens the evaluated model attends over: ``model.max_position_embeddings``, else the
+    ``max_position_embeddings`` of its HF config (``eval.hf_dir`` for vLLM); None if unknown."""
+    if job.model.max_position_embeddings:
+        return job.model.max_position_embeddings
+    try:
+        if job.eval.backend == "vllm" and job.eval.hf_dir is not None:
+            folder = job.eval.hf_dir
+        else:
+            folder = resolve_model_dir(hf_path=job.model.hf_path, preset=job.model.preset)
+        return int(read_hf_config(folder)["max_position_embeddings"])
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
+
+
+def prompt_budget(job: JobConfig, tokenizer, *, official: int, system: str | None) -> int:
+    """Middle-truncation budget of one benchmark's prompts, in tokens.
+
+    ``eval.max_prompt_tokens`` when set; else the benchmark's ``official`` budget, capped so the
+    prompt, its chat template (and ``system`` turn) and ``eval.max_new_tokens`` fit the model's
+    context window. Raises ValueError when nothing fits.
+    """
+    if job.eval.max_prompt_tokens is not None:
+        return job.eval.max_prompt_tokens
+    window = context_window(job)
+    if window is None:
+        return official
+    scaffold = chat_prompt(tokenizer, "", system=system)
+    room = (
+        window - job.eval.max_new_tokens - len(tokenizer.encode(scaffold, add_special_tokens=False))
+    )
+    if room <= 0:
+        raise ValueError(
+            f"the model's context window ({window} tokens) leaves no room for a prompt after "
+            f"eval.max_new_tokens={job.eval.max_new_tokens}; lower it or set eval.max_prompt_tokens"
+        )
+    return min(official, room)
+
+
+def _ruler_runs(job: JobConfig, tokenizer) -> list[tuple[str, object, list]]:
+    """RULER's own files (``eval.ruler_data_dirs``, sent as is), else generated samples."""
+    ev = job.eval
+    runs = []
+    for data_dir in ev.ruler_data_dirs:
+        samples = ruler_files.load_ruler_dir(data_dir)
+        for length in sorted({s.max_seq_length for s in samples}):
+            suite = ruler.make_suite(name=f"ruler-{_length_label(length)}", chat_template=False)
+            runs.append(("ruler", suite, [s for s in samples if s.max_seq_length == length]))
+    if ev.ruler_data_dirs:
+        return runs
+    pools = {}
+    for task, path, field, load in (("qa_1", ev.ruler_squad_path, "ruler_squad_path", load_squad_pool),
+                                    ("qa_2", ev.ruler_hotpotqa_path, "ruler_hotpotqa_path",
+                                     load_hotpotqa_pool)):  # fmt: skip
+        if task in ev.ruler_tasks:
+            if path is None:
+                raise ValueError(f"eval.ruler_tasks has {task}: set eval.{field}")
+            pools[task] = load(path)
+    essay = (
+        ruler_files.load_haystack_text(ev.ruler_haystack_path) if ev.ruler_haystack_path else None
+    )
+    for length in ev.ruler_lengths:
+        samples = ruler.generate_ruler(max_seq_length=length, tokenizer=tokenizer,
+                                       num_samples=ev.ruler_num_samples, tasks=ev.ruler_tasks,
+                                       seed=ev.seed, qa_pools=pools, essay_text=essay)  # fmt: skip
+        runs.append(("ruler", ruler.make_suite(name=f"ruler-{_length_label(length)}"), samples))
+    return runs
+
+
+def suite_runs(job: JobConfig, tokenizer) -> list[tuple[str, object, list]]:
     """(table name, suite, samples) for every configured suite; errors name missing inputs."""
     ev = job.eval
     runs = []
@@ -41,25 +119,27 @@ def _runs(job: JobConfig, tokenizer) -> list[tuple[str, object, list]]:
             runs.append(("synthetic_kv", synthetic_kv.make_suite(),
                          synthetic_kv.load_synthetic_kv(ev.synthetic_kv_path)))  # fmt: skip
         elif name == "ruler":
-            for length in ev.ruler_lengths:
-                samples = ruler.generate_ruler(max_seq_length=length, tokenizer=tokenizer,
-                                               num_samples=ev.ruler_num_samples,
-                                               tasks=ev.ruler_tasks, seed=ev.seed)  # fmt: skip
-                suite = ruler.make_suite(name=f"ruler-{_length_label(length)}")
-                runs.append(("ruler", suite, samples))
+            runs += _ruler_runs(job, tokenizer)
         elif name == "longbench_v2":
             if ev.longbench_v2_path is None:
                 raise ValueError("eval.suites has longbench_v2: set eval.longbench_v2_path")
-            suite = longbench_v2.make_suite(style="answer_tag", tokenizer=tokenizer,
-                                            max_prompt_tokens=ev.max_prompt_tokens)  # fmt: skip
+            style = "0shot" if ev.prompt_style == "official" else "answer_tag"
+            budget = prompt_budget(job, tokenizer, system=None,
+                                   official=longbench_v2.DEFAULT_MAX_PROMPT_TOKENS)  # fmt: skip
+            suite = longbench_v2.make_suite(
+                style=style, tokenizer=tokenizer, max_prompt_tokens=budget
+            )
             runs.append(("longbench_v2", suite,
                          longbench_v2.load_longbench_v2(ev.longbench_v2_path)))  # fmt: skip
         elif name == "infinitebench":
             if ev.infinitebench_dir is None:
                 raise ValueError("eval.suites has infinitebench: set eval.infinitebench_dir")
-            suite = infinitebench.make_suite(
-                tokenizer=tokenizer, max_prompt_tokens=ev.max_prompt_tokens
-            )
+            chat = has_chat_template(tokenizer)
+            budget = prompt_budget(job, tokenizer,
+                                   system=infinitebench.CHAT_SYSTEM_MESSAGE if chat else None,
+                                   official=infinitebench.DEFAULT_MAX_PROMPT_TOKENS)  # fmt: skip
+            suite = infinitebench.make_suite(templates="chat" if chat else "base",
+                                             tokenizer=tokenizer, max_prompt_tokens=budget)  # fmt: skip
             runs.append(("infinitebench", suite,
                          infinitebench.load_infinitebench(ev.infinitebench_dir)))  # fmt: skip
         else:
@@ -103,15 +183,21 @@ def _tables(job: JobConfig, runs) -> list[Path]:
     return written
 
 
-def run_eval(job: JobConfig) -> list[Path]:
-    """Generates, scores and tabulates; returns the markdown tables (rank 0 writes them)."""
+def run_eval(job: JobConfig, *, backend: Backend | None = None) -> list[Path]:
+    """Generates, scores and tabulates; returns the markdown tables (rank 0 writes them).
+
+    ``backend`` defaults to ``eval.backend`` (native or vLLM); any ``(job, tokenizer) ->
+    complete(model_inputs)`` works, e.g. to record the exact model inputs.
+    """
     tokenizer = load_tokenizer(job.data.tokenizer_path or TINY_TOKENIZER_DIR)
-    backend = native_backend if job.eval.backend == "native" else vllm_backend
-    generate = backend(job, tokenizer)
-    runs = _runs(job, tokenizer)
+    if backend is None:
+        backend = native_backend if job.eval.backend == "native" else vllm_backend
+    complete = backend(job, tokenizer)
+    runs = suite_runs(job, tokenizer)
     is_writer = not dist.is_initialized() or dist.get_rank() == 0
     out_dir = Path(job.eval.out_dir)
     for _, suite, samples in runs:
+        generate = suite_generate(complete, tokenizer, suite)
         scores = evaluate(suite, samples, generate, out_dir=out_dir if is_writer else
                           out_dir / f".rank{dist.get_rank()}", batch_size=job.eval.batch_size,
                           show_progress=is_writer and job.logging.progress)  # fmt: skip

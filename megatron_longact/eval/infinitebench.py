@@ -16,7 +16,8 @@ En.MC     longbook_choice_eng.jsonl  letter or option text, official prefix rule
 ========  =======================  =================================================
 
 Two template sets: "chat" is the official ``gpt4_templates`` (instructions only, for chat
-models), "base" the official ``yarn_mistral_templates`` (ends in an answer prefix).
+models), "base" the official ``yarn_mistral_templates`` (ends in an answer prefix). Chat models
+get the official system turn ``CHAT_SYSTEM_MESSAGE`` (``eval_utils.py:269-275`` ``create_msgs``).
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ MAX_NEW_TOKENS: dict[str, int] = {
 }
 # Official prompt budget: 128k minus 1,000 tokens left for the system message (create_msgs).
 DEFAULT_MAX_PROMPT_TOKENS = 128_000 - 1_000
+# The official chat models' system turn, verbatim (no final period; eval_utils.py:272 at 88b3daa).
+CHAT_SYSTEM_MESSAGE = "You are a helpful assistant"
 
 _MC = (
     "Read the book and answer the question.\n\n{context}\n\nQuestion: {question}\n\n"
@@ -302,7 +305,11 @@ def make_suite(
     tokenizer: Any = None,
     name: str | None = None,
 ) -> Suite[InfiniteBenchSample]:
-    """A runner suite over samples of any of the six tasks (ids are prefixed by the task)."""
+    """A runner suite over samples of any of the six tasks (ids are prefixed by the task).
+
+    The "chat" templates come with the official system turn (``CHAT_SYSTEM_MESSAGE``), the
+    "base" ones (raw completion) without.
+    """
     codec = budget_codec(tokenizer, max_prompt_tokens)
     return Suite(
         name=name or f"infinitebench_{templates}",
@@ -312,4 +319,5 @@ def make_suite(
         ),
         score_sample=score_sample,
         aggregate=aggregate,
+        system_prompt=CHAT_SYSTEM_MESSAGE if templates == "chat" else None,
     )

@@ -207,12 +207,19 @@ def aggregate(records: list[Record]) -> dict[str, float]:
     return scores
 
 
-def make_suite(*, name: str = "ruler", include_answer_prefix: bool = True) -> Suite[RulerSample]:
-    """A runner suite; prompts end with the answer prefix unless a chat backend adds it itself."""
+def make_suite(
+    *, name: str = "ruler", include_answer_prefix: bool = True, chat_template: bool = True
+) -> Suite[RulerSample]:
+    """A runner suite; prompts end with the answer prefix unless a chat backend adds it itself.
+
+    ``chat_template=False`` sends ``input + answer_prefix`` as is, for RULER's own files whose
+    ``input`` already holds the model template (``ruler_files``).
+    """
     return Suite(
         name=name,
         sample_id=lambda s: f"{s.task}/{s.max_seq_length}/{s.index}",
         build_prompt=(lambda s: s.prompt) if include_answer_prefix else (lambda s: s.input),
         score_sample=score_sample,
         aggregate=aggregate,
+        chat_template=chat_template,
     )

@@ -28,6 +28,10 @@ class Suite(Generic[S]):
         aggregate: records -> scores in percent, keyed by the paper's column names.
         followup_prompt: optional second turn, (sample, first response) -> prompt; used by
             LongBench v2's official CoT mode, which asks for the answer in a second query.
+        system_prompt: system turn put before every prompt when the model has a chat template
+            (InfiniteBench's official chat message); None: no system turn.
+        chat_template: False sends the prompt to the model as is, because it already holds
+            the model's template (RULER's own generated files); True wraps it as a user turn.
     """
 
     name: str
@@ -36,6 +40,8 @@ class Suite(Generic[S]):
     score_sample: Callable[[S, str], Record]
     aggregate: Callable[[list[Record]], dict[str, float]]
     followup_prompt: Callable[[S, str], str] | None = None
+    system_prompt: str | None = None
+    chat_template: bool = True
 
 
 def mean_percent(values: list[float]) -> float:
