@@ -1,15 +1,28 @@
 """``longact``: the one entry point. ``longact <command> --config X.yaml [section.field=value ...]``.
 
 Run under torchrun/srun for several processes; a bare call is a world of one.
+
+Exit status: 0 done; 75 stopped on a signal after saving a checkpoint (run again to resume,
+``runtime.signals.STOP_EXIT_CODE``); 2 a user error (bad config, data or paths: one line
+``longact: error: ...``, printed by rank 0 only); 130 interrupted by a second Ctrl-C; anything
+else a crash (with its traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
 import warnings
+
+# Errors the user can fix from the message alone: printed as one line, exit status 2.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
+               IsADirectoryError, NotADirectoryError)  # fmt: skip
+USER_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES)
+USER_ERROR_EXIT = 2
+INTERRUPTED_EXIT = 130
 
 COMMANDS = {
     "sft": "supervised fine-tuning (cold start)",
@@ -33,6 +46,12 @@ def _job_command(name: str, argv: list[str]) -> int:
     args = parser.parse_args(argv)
     job = load_config(JobConfig, args.config, args.overrides)
     config_yaml = to_yaml(job)
+    from megatron_longact.runtime.lifetime import die_with_parent, install_fork_guard
+    from megatron_longact.runtime.signals import STOP_EXIT_CODE, stopped_step
+
+    install_fork_guard()  # helpers we fork (checkpoint writers) die with this process
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: go when the agent goes
+        die_with_parent(os.getppid())
     if name == "sft":
         from megatron_longact.sft.loop import run_sft
 
@@ -52,7 +71,47 @@ def _job_command(name: str, argv: list[str]) -> int:
     from megatron_longact.runtime.distributed import shutdown
 
     shutdown()
+    step = stopped_step()
+    if step is not None and step < job.train.train_steps:
+        if job.checkpoint.save_dir:
+            logging.getLogger(__name__).warning(
+                "stopped after step %d with a checkpoint in %s: exit %d, run again to resume",
+                step, job.checkpoint.save_dir, STOP_EXIT_CODE,
+            )  # fmt: skip
+            return STOP_EXIT_CODE
+        _report(f"stopped on a signal after step {step} without a checkpoint "
+                "(no checkpoint.save_dir): set it to make stops resumable")  # fmt: skip
+        return 1
     return 0
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _report(message: str) -> None:
+    """Prints ``longact: error: message`` once per job: rank 0 prints; another rank leaves
+    its line in torchrun's error file (``runtime.launch`` prints it when rank 0 did not fail
+    the same way), or, without torchrun, prints it with its rank."""
+    rank = _rank()
+    if rank == 0:
+        print(f"longact: error: {message}", file=sys.stderr)
+        return
+    from megatron_longact.runtime.launch import write_error_file
+
+    if not write_error_file(message):
+        print(f"longact: error (rank {rank}): {message}", file=sys.stderr)
+
+
+def _is_user_error(err: BaseException) -> bool:
+    if isinstance(err, USER_ERRORS):
+        return True
+    return isinstance(err, OSError) and err.errno in USER_ERRNOS
+
+
+def _collective_timeout(err: BaseException) -> bool:
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("Timed out" in text or "timed out" in text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,11 +121,23 @@ def main(argv: list[str] | None = None) -> int:
     """
     try:
         return _dispatch(argv)
-    except (ValueError, FileNotFoundError) as err:
+    except KeyboardInterrupt:
+        _report("interrupted by a second Ctrl-C: the current step was not saved")
+        return INTERRUPTED_EXIT
+    except Exception as err:
         if os.environ.get("LONGACT_DEBUG"):
             raise
-        print(f"longact: error: {err}", file=sys.stderr)
-        return 2
+        if _is_user_error(err):
+            _report(str(err).splitlines()[0] if str(err) else type(err).__name__)
+            return USER_ERROR_EXIT
+        if _collective_timeout(err):
+            _report(
+                "a collective timed out (parallel.collective_timeout_s): another rank stalled "
+                "or died, see its log; resume from the last checkpoint, or raise the timeout "
+                f"if that rank was only slow ({str(err).splitlines()[0][:160]})"
+            )
+            return 1
+        raise
 
 
 def _dispatch(argv: list[str] | None) -> int:

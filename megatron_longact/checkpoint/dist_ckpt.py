@@ -6,10 +6,13 @@ Layout of ``save_dir``::
     iter_0000100/          megatron torch_dist checkpoint (model, optimizer, common state)
         rng/rank00003.pt   this rank's RNG states (restored only at the same layout)
         config.yaml        the run's config, for humans and tools
+        checksums.json     size and CRC-32 of every other file (see integrity.py)
 
-A save writes into ``iter_XXXXXXX.tmp``; all ranks meet at a barrier; rank 0 renames it and then
-replaces ``latest`` (write-then-rename). A crash at any point leaves the previous ``latest``
-and its directory untouched. What is reshardable: model weights load at any TP/PP (megatron
+A save writes into ``iter_XXXXXXX.tmp``; all ranks meet at a barrier; the ranks hash the files
+into ``checksums.json``; rank 0 renames the folder and then replaces ``latest``
+(write-then-rename). A crash or a full disk at any point leaves the previous ``latest`` and its
+directory untouched. Every load verifies the checksums first; ``checkpoint.on_corrupt``
+decides between failing and falling back to the previous good checkpoint. What is reshardable: model weights load at any TP/PP (megatron
 sharded tensors); the distributed optimizer is saved ``dp_reshardable`` (its CPU-capable
 format, see docs), so optimizer state carries over when only DP changes; at another TP/PP the
 optimizer restarts from fresh moments with a warning.
@@ -17,8 +20,10 @@ optimizer restarts from fresh moments with a warning.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +32,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_longact.checkpoint.integrity import corrupt_error, verify_checkpoint, write_manifest
+
 logger = logging.getLogger(__name__)
 
 LATEST_FILE = "latest"
 OPTIMIZER_SHARDING = "dp_reshardable"
+CHECKPOINT_NAME = re.compile(r"iter_\d{7}")
+# errno values of a write that ran out of room: disk full, file-size limit (ulimit -f), quota.
+NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +62,10 @@ def latest_checkpoint(save_dir: str | Path) -> Path | None:
     """The directory ``save_dir/latest`` points at, or None when there is no complete save.
 
     Accepts a checkpoint directory itself too (one holding ``metadata.json``).
+
+    Raises:
+        ValueError: ``latest`` names something other than an ``iter_*`` folder directly inside
+            ``save_dir`` (e.g. another run's checkpoint), or an incomplete checkpoint.
     """
     root = Path(save_dir)
     if (root / "metadata.json").is_file():
@@ -59,7 +73,21 @@ def latest_checkpoint(save_dir: str | Path) -> Path | None:
     pointer = root / LATEST_FILE
     if not pointer.is_file():
         return None
-    target = root / pointer.read_text().strip()
+    try:
+        name = pointer.read_text().strip()
+    except UnicodeDecodeError:
+        name = "<binary data>"
+    target = root / name
+    # A run resumes only its own saves: a pointer into another run's folder (absolute, "..",
+    # a symlinked iter_* folder) would silently continue someone else's trajectory.
+    inside = CHECKPOINT_NAME.fullmatch(name) and target.resolve().parent == root.resolve()
+    if not inside:
+        raise ValueError(
+            f"{pointer} names {name!r}, which is not an iter_* folder inside {root}; a "
+            "checkpoint.save_dir resumes only its own saves: write the name of one of its "
+            "iter_* folders into it, or delete it to start fresh (checkpoint.load_dir loads "
+            "another run's weights)"
+        )
     if not (target / "metadata.json").is_file():
         raise ValueError(
             f"{pointer} names {target.name}, which is not a complete checkpoint; restore the "
@@ -156,6 +184,11 @@ def save_checkpoint(
     saliency and masks, the RL data cursor). ``optimizer``/``scheduler`` None saves weights
     only (e.g. a converted Hugging Face model). All ranks must call it (collective).
     Returns the final checkpoint directory.
+
+    Raises:
+        OSError: (errno ENOSPC) the filesystem ran out of room (disk full, quota, file-size
+            limit); the half-written folder is removed and ``latest`` keeps naming the
+            previous save.
     """
     from megatron.core import dist_checkpointing
 
@@ -174,12 +207,19 @@ def save_checkpoint(
     state["progress"] = dict(progress or {}, step=step)
     state["layout"] = _layout()
     state["extra"] = extra or {}
-    dist_checkpointing.save(state, str(tmp))
-    # After megatron's save: it warns about any folder it finds non-empty.
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(_rng_state(), tmp / "rng" / f"rank{rank:05d}.pt")
-    if rank == 0 and config_yaml is not None:
-        (tmp / "config.yaml").write_text(config_yaml)
+    try:
+        dist_checkpointing.save(state, str(tmp))
+        # After megatron's save: it warns about any folder it finds non-empty.
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(_rng_state(), tmp / "rng" / f"rank{rank:05d}.pt")
+        if rank == 0 and config_yaml is not None:
+            (tmp / "config.yaml").write_text(config_yaml)
+        failure = None
+    except Exception as err:  # noqa: BLE001 - every rank must learn of any rank's failure
+        failure = err
+    _raise_if_any_failed(failure, tmp=tmp, root=root)
+    dist.barrier()
+    write_manifest(tmp)
     dist.barrier()
     if rank == 0:
         if final.exists():  # a re-save of the same step (e.g. after a requeue)
@@ -191,6 +231,48 @@ def save_checkpoint(
         _prune(root, keep_last=keep_last, keep=final.name)
     dist.barrier()
     return final
+
+
+def _no_room(err: BaseException) -> bool:
+    """Whether ``err`` (or an error it wraps) is a write that ran out of room."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in NO_ROOM_ERRNOS:
+            return True
+        text = str(err)
+        # torch.save's C++ writer reports a short write as "unexpected pos N vs M", and
+        # megatron's writer processes send back the message of the OSError they hit.
+        if "unexpected pos" in text or "No space left" in text or "File too large" in text:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _raise_if_any_failed(failure: BaseException | None, *, tmp: Path, root: Path) -> None:
+    """After every rank's writes: when any failed, all ranks remove the half-written folder
+    and raise (a one-line OSError naming ENOSPC for a full disk). Collective."""
+    flag = torch.tensor([0 if failure is None else 2 if _no_room(failure) else 1])
+    if torch.cuda.is_available():
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    code = int(flag.item())
+    if code == 0:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    previous = (root / LATEST_FILE).read_text().strip() if (root / LATEST_FILE).is_file() else None
+    kept = f"{root / LATEST_FILE} still names {previous}" if previous else "no earlier save exists"
+    if code == 2:
+        raise OSError(
+            errno.ENOSPC,
+            f"no space left on device (ENOSPC) writing checkpoint {tmp.name[:-4]} into {root}; "
+            f"the partial save was removed and {kept}; free space (or raise the quota) or set "
+            "checkpoint.save_dir to a larger filesystem, then resume",
+        )
+    if failure is not None:
+        raise failure
+    raise RuntimeError(f"another rank failed writing checkpoint {tmp} ({kept}); see its log")
 
 
 def _restore_adam_steps(optimizer, loaded: dict) -> None:
@@ -237,15 +319,21 @@ def load_checkpoint(
     optimizer=None,
     scheduler=None,
     weights_only: bool = False,
+    verify: bool = True,
 ) -> LoadedCheckpoint:
     """Loads a checkpoint directory (or a ``save_dir`` with ``latest``) into the live objects.
 
     ``weights_only``: model weights only (a fine-tuning start: fresh optimizer, scheduler and
     step). Otherwise restores optimizer (when the TP/PP layout matches), scheduler, progress and
-    RNG (when the whole layout matches). All ranks must call it (collective).
+    RNG (when the whole layout matches). ``verify``: check the files' checksums first (False
+    only when the caller just did). All ranks must call it (collective).
 
     Raises:
         FileNotFoundError: naming ``path`` when it holds no complete checkpoint.
+        CheckpointCorruptError: (a ValueError) a file is missing, truncated or fails its
+            checksum; the message names the checkpoint and the file.
+        ValueError: the checkpoint holds another model (names a tensor and both shapes), or
+            cannot be read.
     """
     from megatron.core import dist_checkpointing
 
@@ -255,7 +343,14 @@ def load_checkpoint(
             f"{path}: no checkpoint (no 'latest' file and no metadata.json); check "
             "checkpoint.load_dir / checkpoint.save_dir"
         )
-    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    if verify and (problem := verify_checkpoint(ckpt)) is not None:
+        raise corrupt_error(ckpt, problem)
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    except Exception as err:  # noqa: BLE001 - megatron raises anything from a missing file on
+        raise _unreadable(ckpt, "common.pt", err) from err
+    if not isinstance(common, dict):
+        raise _unreadable(ckpt, "common.pt", TypeError(type(common).__name__))
     saved_layout = common.get("layout", {})
     layout = _layout()
     same_model_layout = all(saved_layout.get(k) == layout[k] for k in ("tp", "pp"))
@@ -279,12 +374,22 @@ def load_checkpoint(
         for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
             inner._init_optimizer_states_with_dummy_values()
     template = _sharded_state(model, optimizer, with_optimizer=with_optimizer, is_loading=True)
-    loaded = dist_checkpointing.load(template, str(ckpt))
+    _check_same_model(ckpt, template["model"])
+    try:
+        loaded = dist_checkpointing.load(template, str(ckpt))
+    except Exception as err:  # noqa: BLE001 - EOFError, pickle and reader errors alike
+        raise _unreadable(ckpt, "its tensor shards", err) from err
     _load_model_state(model[0], loaded["model"])
     if with_optimizer:
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_steps(optimizer, loaded["optimizer"])
+    elif optimizer is not None:
+        # The optimizer copied the construction-time weights into its fp32 masters; without
+        # this the first step writes them back over the loaded weights (bf16). As Megatron-LM's
+        # load_checkpoint does when the optimizer is not loaded (megatron/training/
+        # checkpointing.py ~3056-3060 at d98e8a6).
+        optimizer.reload_model_params()
     progress = dict(common.get("progress", {}))
     if weights_only:
         return LoadedCheckpoint(
@@ -304,6 +409,83 @@ def load_checkpoint(
     )
 
 
+def _unreadable(ckpt: Path, what: str, err: BaseException) -> ValueError:
+    first_line = (str(err).strip().splitlines() or [""])[0][:200]
+    return ValueError(
+        f"checkpoint {ckpt}: cannot read {what} ({type(err).__name__}: {first_line}); the "
+        "folder is incomplete or corrupt (a save from an older version without checksums?): "
+        "restore it or point 'latest' at an older iter_* folder"
+    )
+
+
+def _check_same_model(ckpt: Path, model_template: dict) -> None:
+    """Raises a one-line ValueError when the checkpoint holds a model of another shape.
+
+    megatron would fail deep inside the load with "Global shape mismatch" (53 lines); the
+    saved global shapes are in the checkpoint's metadata (``load_tensors_metadata``).
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    saved = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    for item in model_template.values():
+        if not isinstance(item, ShardedTensor):
+            continue  # factories and objects: their plain tensors are checked through others
+        if item.key not in saved:
+            raise ValueError(
+                f"checkpoint {ckpt} has no tensor {item.key}: it holds another architecture; "
+                "point checkpoint.load_dir/save_dir at a checkpoint of this model "
+                "(model.preset / model.hf_path)"
+            )
+        shape = tuple(saved[item.key].global_shape)
+        if shape != tuple(item.global_shape):
+            raise ValueError(
+                f"checkpoint {ckpt} holds a model of another size: {item.key} is "
+                f"{list(shape)} there, {list(item.global_shape)} in this model; point "
+                "checkpoint.load_dir/save_dir at a checkpoint of this model, or set "
+                "model.preset / model.hf_path to the model it was saved from"
+            )
+
+
+def _candidates(save_dir: str | Path) -> list[Path]:
+    """``latest`` first, then the older complete ``iter_*`` folders, newest first."""
+    first = latest_checkpoint(save_dir)
+    if first is None:
+        return []
+    root = Path(save_dir)
+    older = sorted(
+        (p for p in root.glob("iter_*") if CHECKPOINT_NAME.fullmatch(p.name)),
+        reverse=True,
+    )
+    return [first] + [p for p in older if p.name < first.name and (p / "metadata.json").is_file()]
+
+
+def verified_checkpoint(save_dir: str | Path, *, on_corrupt: str = "fail") -> Path | None:
+    """The checkpoint to resume from: ``latest`` when its files verify; with ``on_corrupt``
+    ``previous``, else the newest older one that verifies (with a warning). None when there
+    is none. All ranks must call it (collective).
+
+    Raises:
+        CheckpointCorruptError: ``latest`` is corrupt and ``on_corrupt`` is ``fail``, or no
+            checkpoint verifies.
+    """
+    first_error = None
+    for ckpt in _candidates(save_dir):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            if first_error is not None:
+                logger.warning("resuming from %s instead (checkpoint.on_corrupt=previous)", ckpt)
+            return ckpt
+        error = corrupt_error(ckpt, problem)
+        if on_corrupt != "previous":
+            raise error
+        logger.warning("checkpoint %s is corrupt: %s; trying an older one", ckpt, problem)
+        first_error = first_error or error
+    if first_error is not None:
+        raise first_error
+    return None
+
+
 def resume_or_load(
     *,
     save_dir: str | None,
@@ -312,15 +494,22 @@ def resume_or_load(
     model: list,
     optimizer,
     scheduler,
+    on_corrupt: str = "fail",
 ) -> LoadedCheckpoint | None:
     """Start-of-run policy: resume ``save_dir``'s latest if any, else load ``load_dir``.
 
     Resuming restores everything (the run continues its exact trajectory); loading
     ``load_dir`` takes weights only when ``load_weights_only`` (e.g. SFT -> RL). Returns None
-    for a fresh start. All ranks must call it.
+    for a fresh start. ``on_corrupt`` (``checkpoint.on_corrupt``): ``previous`` resumes from
+    an older good save of ``save_dir`` when ``latest`` fails its checksums. All ranks must
+    call it.
     """
-    if save_dir is not None and latest_checkpoint(save_dir) is not None:
-        return load_checkpoint(save_dir, model=model, optimizer=optimizer, scheduler=scheduler)
+    if save_dir is not None:
+        ckpt = verified_checkpoint(save_dir, on_corrupt=on_corrupt)
+        if ckpt is not None:
+            return load_checkpoint(
+                ckpt, model=model, optimizer=optimizer, scheduler=scheduler, verify=False
+            )
     if load_dir is not None:
         return load_checkpoint(
             load_dir,

@@ -64,7 +64,8 @@ def init_distributed(parallel: ParallelConfig, *, seed: int) -> ParallelDims:
 
     Reads the launcher's RANK/WORLD_SIZE/MASTER_ADDR (torchrun or srun); a lone process with
     none of them becomes a world of one. All ranks must call it. On a machine without CUDA it
-    enables :mod:`cpu_compat` and uses gloo.
+    enables :mod:`cpu_compat` and uses gloo. Collectives time out after
+    ``parallel.collective_timeout_s``.
     """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -78,8 +79,12 @@ def init_distributed(parallel: ParallelConfig, *, seed: int) -> ParallelDims:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # The timeout bounds every collective: a stalled (SIGSTOPped, hung) or dead rank ends
+        # the job after it instead of holding every GPU for torch's 30-minute gloo default.
+        # NCCL enforces it through TORCH_NCCL_ASYNC_ERROR_HANDLING (set by the Slurm scripts).
         dist.init_process_group(
-            backend="nccl" if on_gpu else "gloo", timeout=datetime.timedelta(minutes=30)
+            backend="nccl" if on_gpu else "gloo",
+            timeout=datetime.timedelta(seconds=parallel.collective_timeout_s),
         )
     world_size = dist.get_world_size()
     dp = check_world_size(world_size, parallel)
@@ -88,6 +93,9 @@ def init_distributed(parallel: ParallelConfig, *, seed: int) -> ParallelDims:
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
             context_parallel_size=parallel.context_parallel_size,
+            # megatron's groups take their own timeout (parallel_state.py ~561 and ~819,
+            # megatron-core 0.16.1: timedelta(minutes=...), so a fraction of a minute works).
+            distributed_timeout_minutes=parallel.collective_timeout_s / 60,
         )
     # Same data seed on every rank; megatron offsets the TP seed per TP rank itself.
     torch.manual_seed(seed)

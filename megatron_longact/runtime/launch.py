@@ -1,12 +1,27 @@
-"""Start N local gloo processes running one function (tests, benchmarks, CPU tools).
+"""Launching: N local gloo processes running one function (tests, benchmarks, CPU tools), and
+torchrun with one-line errors and exit codes passed through (cluster jobs).
 
-Cluster jobs use torchrun or srun instead; this is for a single machine without a launcher.
+``python -m megatron_longact.runtime.launch <torchrun arguments>`` is torchrun (same flags)
+with three differences, because torchrun turns every worker failure into exit status 1 and a
+ChildFailedError report, and ends its workers itself on a stop signal:
+
+- a worker's user error (exit 2): rank 0 printed the one line; nothing more is printed
+  (a user error of another rank only is printed once, from that rank's error file);
+- workers that stopped on a signal and saved (exit 75, ``STOP_EXIT_CODE``): exit 75, quietly;
+- SIGTERM, SIGINT and SIGUSR1 are forwarded to the workers, and the launcher waits for them
+  to save and exit instead of killing them after a grace period (Slurm's KillWait still
+  bounds it).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import signal
+import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +31,10 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_longact.runtime.distributed import free_port
+from megatron_longact.runtime.lifetime import STOP_SIGNALS, die_with_parent
+
+# Exit status of a user error (bad config, data, paths): the CLI's argparse-style code.
+USER_ERROR_EXIT = 2
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args, kwargs):
@@ -28,6 +47,9 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, a
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
+    # torch's spawn sends its children SIGINT when the parent dies, which our stop handler
+    # would turn into "save after this step"; an orphaned rank should just go.
+    die_with_parent(sig=signal.SIGKILL)
     result_path = Path(out_dir) / f"rank{rank}.pt"
     try:
         result = fn(*args, **kwargs)
@@ -78,3 +100,80 @@ def run_local(fn: Callable, world_size: int, *args: Any, **kwargs: Any) -> list[
         if error is not None:
             raise RuntimeError(f"a rank failed: {error!r}")
         return results
+
+
+def write_error_file(message: str) -> bool:
+    """Writes ``message`` where torchrun collects this worker's error (TORCHELASTIC_ERROR_FILE,
+    the JSON layout of torch.distributed.elastic's ``ProcessFailure``). False outside
+    torchrun."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return False
+    Path(path).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+    return True
+
+
+def _children() -> list[int]:
+    pids = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            pids += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return pids
+
+
+def _forward(signum, _frame) -> None:
+    # Workers run in their own sessions (torch elastic's SubprocessHandler uses
+    # start_new_session), so a terminal's Ctrl-C reaches only this process.
+    for pid in _children():
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def torchrun_main(argv: list[str] | None = None) -> int:
+    """torchrun with one-line errors, exit codes passed through and stop signals forwarded.
+
+    Returns 0 (every worker finished), ``STOP_EXIT_CODE`` (workers stopped on a signal and
+    saved), 2 (a user error; printed once), else the first failed worker's exit status
+    after torchrun's failure report.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    from megatron_longact.runtime.signals import STOP_EXIT_CODE
+
+    args = parse_args(argv)
+    # The agent handles the other signals as usual; the stop signals are ours to forward.
+    stop_names = {signal.Signals(s).name for s in STOP_SIGNALS}
+    kept = [n for n in args.signals_to_handle.split(",") if n.strip() not in stop_names]
+    args.signals_to_handle = ",".join(kept) or "SIGHUP"
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _forward)
+    # "failed (exitcode: 2)" and "Sending process ... closing signal" would repeat the error.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(args)
+        return 0
+    except ChildFailedError as err:
+        failures = sorted(err.failures.items())
+        codes = {failure.exitcode for _, failure in failures}
+        if codes == {STOP_EXIT_CODE}:
+            print(f"longact: stopped on a signal after saving a checkpoint (exit "
+                  f"{STOP_EXIT_CODE}); run again to resume", file=sys.stderr)  # fmt: skip
+            return STOP_EXIT_CODE
+        users = [(rank, f) for rank, f in failures if f.exitcode == USER_ERROR_EXIT]
+        if users:
+            if users[0][0] != 0:  # rank 0 printed its own; another rank's comes from its file
+                rank, failure = users[0]
+                print(f"longact: error (rank {rank}): {failure.message}", file=sys.stderr)
+            return USER_ERROR_EXIT
+        print(err.format_msg(), file=sys.stderr)
+        code = failures[0][1].exitcode
+        return code if code > 0 else 128 - code  # a signal -N exits 128+N, as a shell does
+
+
+if __name__ == "__main__":
+    sys.exit(torchrun_main())
