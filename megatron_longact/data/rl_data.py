@@ -115,6 +115,9 @@ def _answer(value: Any, name: str, where: str) -> str | tuple[str, ...]:
 def _choices(value: Any, where: str) -> dict[str, str] | None:
     if value is None:
         return None
+    if isinstance(value, dict):
+        # A parquet/Arrow struct column holds every letter any row uses: absent ones are null.
+        value = {k: v for k, v in value.items() if v is not None}
     if isinstance(value, list):
         if len(value) > len(CHOICE_LETTERS):
             raise DataFormatError(

@@ -22,11 +22,11 @@ get the official system turn ``CHAT_SYSTEM_MESSAGE`` (``eval_utils.py:269-275`` 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from megatron_longact.data.records import read_records
 from megatron_longact.eval.metrics import (
     first_int,
     rouge_lsum,
@@ -166,7 +166,8 @@ def _parse_record(record: Any, task: str, where: str) -> InfiniteBenchSample:
 def load_infinitebench(
     data_dir: str | Path, *, tasks: tuple[str, ...] = TASKS
 ) -> list[InfiniteBenchSample]:
-    """Read ``<data_dir>/<task>.jsonl`` for each task, named as the official release.
+    """Read each task from ``<data_dir>``: ``<task>.jsonl`` as the official release names it,
+    or ``<task>.parquet`` / a ``<task>/`` dataset folder (``data.records.read_records``).
 
     Raises:
         FileNotFoundError: a task file is missing (the message names the expected file).
@@ -179,21 +180,15 @@ def load_infinitebench(
             raise ValueError(
                 f"unknown InfiniteBench task {task!r}; choose from {list(TASK_COLUMNS)}"
             )
-        path = data_dir / f"{task}.jsonl"
-        if not path.is_file():
+        candidates = [data_dir / f"{task}{suffix}" for suffix in (".jsonl", ".parquet", "")]
+        path = next((p for p in candidates if p.exists()), None)
+        if path is None:
             raise FileNotFoundError(
-                f"{path} not found; download {task}.jsonl of xinrongzhang2022/InfiniteBench into {data_dir}"
+                f"{candidates[0]} not found; download {task}.jsonl of xinrongzhang2022/InfiniteBench "
+                f"into {data_dir}"
             )
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}: line {line_no}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{where}: not valid JSON ({err.msg})") from err
-                samples.append(_parse_record(record, task, where))
+        for where, record in read_records(path):
+            samples.append(_parse_record(record, task, where))
     return samples
 
 

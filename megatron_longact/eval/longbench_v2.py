@@ -21,12 +21,12 @@ the text.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from megatron_longact.data.records import read_records
 from megatron_longact.eval.metrics import strip_thinking
 from megatron_longact.eval.suite import Record, Suite, mean_percent
 from megatron_longact.eval.tokens import TextCodec, budget_codec, truncate_middle
@@ -118,33 +118,9 @@ class LongBenchV2Sample:
 
 
 # ----------------------------------------------------------------------------- loading
-def _read_records(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        records = []
-        for line_no, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: line {line_no} is not valid JSON ({err.msg})") from err
-        return records
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"{path}: not valid JSON ({err.msg}); use .jsonl for one record per line"
-        ) from err
-    if not isinstance(data, list):
-        raise ValueError(
-            f"{path}: expected a JSON list of records (LongBench v2 data.json), got {type(data).__name__}"
-        )
-    return data
-
-
 def load_longbench_v2(path: str | Path) -> list[LongBenchV2Sample]:
-    """Read LongBench v2 from a local ``.json`` (a list, as ``data.json``) or ``.jsonl`` file.
+    """Read LongBench v2 from a local ``data.json`` (a JSON list), JSONL, parquet or a Hugging
+    Face dataset folder (``data.records.read_records``).
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -152,16 +128,14 @@ def load_longbench_v2(path: str | Path) -> list[LongBenchV2Sample]:
             message names the file, the record index and ``_id``, and the field.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(
             f"LongBench v2 file {path} not found; download data.json of THUDM/LongBench-v2 and "
             "pass its local path"
         )
     samples = []
-    for index, record in enumerate(_read_records(path)):
-        where = f"{path}: record {index} (_id={record.get('_id', '?') if isinstance(record, dict) else '?'})"
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for location, record in read_records(path):
+        where = f"{location} (_id={record.get('_id', '?')})"
         for field in FIELDS:
             if field not in record:
                 raise ValueError(

@@ -161,7 +161,7 @@ def test_loader_errors_name_the_file_line_and_field(tmp_path):
         load_infinitebench(tmp_path, tasks=("passkey",))
     assert (
         "passkey.jsonl" in str(err.value)
-        and "line 2" in str(err.value)
+        and "passkey.jsonl:2:" in str(err.value)
         and "'context'" in str(err.value)
     )
     with pytest.raises(FileNotFoundError, match="number_string.jsonl"):

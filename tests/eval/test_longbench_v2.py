@@ -155,7 +155,7 @@ def test_loader_names_file_record_and_field_on_a_missing_field(tmp_path, suffix)
     message = str(err.value)
     assert (
         str(path) in message
-        and "record 1" in message
+        and ("row 1" in message if suffix == ".json" else f"{path}:2" in message)
         and "id1" in message
         and "'question'" in message
     )
@@ -180,3 +180,15 @@ def test_make_suite_needs_a_tokenizer_for_a_budget():
     assert (
         suite.score_sample(sample, "The correct answer is (A) <answer>B</answer>")["judge"] is True
     )
+
+
+def test_templates_are_the_official_prompt_files_byte_for_byte():
+    from pathlib import Path
+
+    from megatron_longact.eval import longbench_v2
+
+    folder = Path(__file__).parent / "fixtures" / "longbench_v2_prompts"  # THUDM/LongBench 2e00731
+    for name, template in (("0shot", longbench_v2.TEMPLATE_0SHOT),
+                           ("0shot_cot", longbench_v2.TEMPLATE_0SHOT_COT),
+                           ("0shot_cot_ans", longbench_v2.TEMPLATE_0SHOT_COT_ANS)):  # fmt: skip
+        assert (folder / f"{name}.txt").read_text(encoding="utf-8") == template, name
