@@ -32,10 +32,14 @@
 #   LONGACT_SKIP_PLAN 1 skips the planner preflight; GPU_MEM_GIB is its memory budget (80);
 #                     LONGACT_PLAN_ARGS adds planner flags (e.g. "--rollout-batch 8 --rollout-sleep")
 #   LONGACT_DETERMINISTIC 1: deterministic NCCL/cuDNN/cuBLAS algorithms (slower)
+#   LONGACT_COLLECTIVE_TIMEOUT_S  GPU: parallel.collective_timeout_s of the sft and rl stages,
+#                     seconds a stalled or dead rank can hold the job (per-model default; 600)
 #   PYTHON            interpreter with megatron_longact installed (python)
 # ACCOUNT/PARTITION/nodes/time are sbatch flags: sbatch --account=A --partition=P --nodes=N ...
 
-# Exit status when a stage was stopped to be resumed and the job could not requeue itself.
+# Exit status of `longact sft|rl` that stopped on a signal after saving a checkpoint
+# (megatron_longact.runtime.signals.STOP_EXIT_CODE; 0 means the stage finished), and of this
+# script when a stage was stopped to be resumed and the job could not requeue itself.
 readonly LONGACT_EXIT_STOPPED=75
 # Seconds torchrun gives the workers to checkpoint after the stop signal before SIGKILL; below
 # the 120 s lead time of `#SBATCH --signal=B:USR1@120`.
@@ -95,6 +99,7 @@ longact_configure() {
 	PYTHON=${PYTHON:-python}
 	LONGACT_CLI_MODULE=${LONGACT_CLI_MODULE:-megatron_longact.cli}
 	GPU_MEM_GIB=${GPU_MEM_GIB:-80}
+	LONGACT_COLLECTIVE_TIMEOUT_S=${LONGACT_COLLECTIVE_TIMEOUT_S:-600}
 	read -r -a LONGACT_EXTRA <<<"${LONGACT_EXTRA_OVERRIDES:-}"
 	read -r -a LONGACT_PLAN_EXTRA <<<"${LONGACT_PLAN_ARGS:-}"
 
@@ -200,19 +205,22 @@ longact_build_launch() {
 	local nodes=$1 procs=$2 port=$((MASTER_PORT + $3))
 	shift 3
 	local module=(-m "$LONGACT_CLI_MODULE" "$@")
+	# torchrun's flags, but one-line errors, the workers' exit status passed through (75 for a
+	# saved stop) and stop signals forwarded to the workers (megatron_longact/runtime/launch.py).
+	local torchrun=(-m megatron_longact.runtime.launch)
 	# A single-node step hosts its own rendezvous, whichever node srun picked.
 	local addr=$MASTER_ADDR
 	((nodes == 1)) && addr=127.0.0.1
 	local remote
 	case $LAUNCHER in
 	local)
-		LONGACT_CMD=("$PYTHON" -m torch.distributed.run --nnodes=1 --nproc-per-node="$procs"
+		LONGACT_CMD=("$PYTHON" "${torchrun[@]}" --nnodes=1 --nproc-per-node="$procs"
 			--master-addr="$addr" --master-port="$port" "${module[@]}")
 		;;
 	torchrun)
 		# SLURM_NODEID is expanded by each task on its own node: static rendezvous, node ranks
 		# in allocation order, so global ranks of one node are contiguous (TP stays on NVLink).
-		remote="$(printf '%q ' "$PYTHON" -m torch.distributed.run --nnodes="$nodes" \
+		remote="$(printf '%q ' "$PYTHON" "${torchrun[@]}" --nnodes="$nodes" \
 			--nproc-per-node="$procs" --master-addr="$addr" --master-port="$port")"
 		# shellcheck disable=SC2016  # expanded by the remote shell
 		remote+='--node-rank="$SLURM_NODEID" '
@@ -286,7 +294,13 @@ longact_run_stage() {
 		break
 	done
 	LONGACT_CHILD_PID=""
-	if ((LONGACT_STOP_REQUESTED)); then
+	# 75: the stage saved a checkpoint on a stop signal (our USR1, or Slurm's SIGTERM on
+	# preemption); a stop we asked for that ended otherwise still resumes from the last save.
+	if ((rc == LONGACT_EXIT_STOPPED)); then
+		longact_log "stage $stage: stopped after saving a checkpoint (exit $rc)"
+		longact_stop_and_requeue
+	fi
+	if ((LONGACT_STOP_REQUESTED && rc != 0)); then
 		longact_log "stage $stage: stopped (exit $rc) before the time limit"
 		longact_stop_and_requeue
 	fi
@@ -338,7 +352,8 @@ longact_main() {
 		longact_layout_overrides "$SFT_TP" "$SFT_PP" "$SFT_CP" "${SFT_RECOMPUTE:-}"
 		sft_args+=("${LONGACT_LAYOUT[@]}")
 		longact_layout_overrides "$RL_TP" "$RL_PP" "$RL_CP" "${RL_RECOMPUTE:-}"
-		rl_args+=("${LONGACT_LAYOUT[@]}")
+		rl_args+=("${LONGACT_LAYOUT[@]}" parallel.collective_timeout_s="$LONGACT_COLLECTIVE_TIMEOUT_S")
+		sft_args+=(parallel.collective_timeout_s="$LONGACT_COLLECTIVE_TIMEOUT_S")
 		# The export runs as one process; the checkpoint format is layout independent.
 		export_args+=(parallel.tensor_model_parallel_size=1 parallel.pipeline_model_parallel_size=1
 			parallel.context_parallel_size=1 parallel.sequence_parallel=false)

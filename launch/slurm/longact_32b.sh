@@ -43,5 +43,8 @@ PLAN_MODEL=qwen3-32b
 # TP 8 fills a node's NVLink; CP spans node pairs / quads; no PP so decoding never pipelines.
 SFT_TP=${SFT_TP:-8} SFT_PP=${SFT_PP:-1} SFT_CP=${SFT_CP:-2}
 RL_TP=${RL_TP:-8} RL_PP=${RL_PP:-1} RL_CP=${RL_CP:-4}
+# parallel.collective_timeout_s: 32B rollouts decode ~4x slower than 8B, so DP ranks can
+# drift further apart; a stalled or dead rank fails the job after this long.
+LONGACT_COLLECTIVE_TIMEOUT_S=${LONGACT_COLLECTIVE_TIMEOUT_S:-1800}
 
 longact_main

@@ -43,5 +43,8 @@ PLAN_MODEL=qwen3-4b
 # A 4B model needs no TP; CP (one node at most) carries the long sequences.
 SFT_TP=${SFT_TP:-1} SFT_PP=${SFT_PP:-1} SFT_CP=${SFT_CP:-4}
 RL_TP=${RL_TP:-1} RL_PP=${RL_PP:-1} RL_CP=${RL_CP:-8}
+# parallel.collective_timeout_s: the longest wait for the slowest rank (DP ranks' rollout
+# skew, a checkpoint write) before a stalled or dead rank fails the job.
+LONGACT_COLLECTIVE_TIMEOUT_S=${LONGACT_COLLECTIVE_TIMEOUT_S:-900}
 
 longact_main

@@ -43,5 +43,8 @@ PLAN_MODEL=qwen3-8b
 # TP x CP = 8 keeps all TP and CP traffic on a node's NVLink; only DP crosses nodes.
 SFT_TP=${SFT_TP:-2} SFT_PP=${SFT_PP:-1} SFT_CP=${SFT_CP:-2}
 RL_TP=${RL_TP:-2} RL_PP=${RL_PP:-1} RL_CP=${RL_CP:-4}
+# parallel.collective_timeout_s: the longest wait for the slowest rank (DP ranks' rollout
+# skew, a checkpoint write) before a stalled or dead rank fails the job.
+LONGACT_COLLECTIVE_TIMEOUT_S=${LONGACT_COLLECTIVE_TIMEOUT_S:-900}
 
 longact_main

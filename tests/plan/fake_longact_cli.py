@@ -2,8 +2,8 @@
 
 Each process appends how it was started (argv, torch.distributed env) to
 ``$FAKE_CLI_LOG_DIR/<subcommand>.rank<RANK>.jsonl``. ``FAKE_CLI_FAIL=<sub>`` makes that stage
-exit 3; ``FAKE_CLI_BLOCK=<sub>`` makes it wait for SIGUSR1, record it, and exit 0 the way the
-real CLI does after its stop checkpoint.
+exit 3; ``FAKE_CLI_BLOCK=<sub>`` makes it wait for SIGUSR1, record it, and exit 75 the way the
+real CLI does after its stop checkpoint (``runtime.signals.STOP_EXIT_CODE``).
 """
 
 import json
@@ -37,7 +37,7 @@ def main() -> int:
 
         def on_usr1(signum, frame):
             (log_dir / f"{subcommand}.rank{rank}.usr1").write_text("checkpointed\n")
-            sys.exit(0)
+            sys.exit(75)
 
         signal.signal(signal.SIGUSR1, on_usr1)
         (log_dir / f"{subcommand}.rank{rank}.ready").write_text("")
