@@ -16,6 +16,17 @@ PAPER_SFT_LR = 2e-5
 PAPER_SFT_WARMUP_RATIO = 0.03
 PAPER_RL_LR = 1e-6
 PAPER_LONGACT_RATIO = 0.3
+# Policy-loss defaults, written once: RLConfig's defaults and the loss functions' defaults
+# (``rl.losses`` imports them). PPO clip family: verl / DAPO paper values.
+DAPO_EPS_LOW = 0.2
+DAPO_EPS_HIGH = 0.28  # DAPO's "clip-higher"
+DUAL_CLIP_C = 3.0  # lower bound -A*c on the loss for A < 0; verl's default is 10
+# Clip-Cov / KL-Cov (Cui et al. 2025, verl loss modes clip_cov / kl_cov).
+CLIP_COV_RATIO = 2e-4
+CLIP_COV_LB = 1.0
+CLIP_COV_UB = 5.0
+KL_COV_RATIO = 2e-4  # the 7B recipe uses 2e-3
+KL_COV_COEF = 1.0
 # torch's own default for NCCL process groups: long enough for a checkpoint save or a rollout
 # phase between two collectives, short enough that a stalled rank does not hold the job.
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
@@ -251,23 +262,24 @@ class RLConfig:
     leave_one_out: bool = False
     """NeMo-RL's GRPO advantage: baseline and std from the other n - 1 rollouts of the group
     (``rl.advantages``); False is verl's whole-group mean and std."""
-    eps_low: float = 0.2
-    """Lower PPO clip: ratios below 1 - eps_low stop the gradient (every algorithm)."""
-    eps_high: float = 0.28
-    """Upper PPO clip (DAPO's clip-higher 0.28; 0.2 is symmetric PPO)."""
-    dual_clip_c: float | None = 3.0
+    eps_low: float = DAPO_EPS_LOW
+    """PPO clip range ``[1 - eps_low, 1 + eps_high]`` of DAPO, GRPO and Clip-Cov (verl's Clip-Cov
+    recipe sets both to 1; KL-Cov does not clip)."""
+    eps_high: float = DAPO_EPS_HIGH
+    """Upper PPO clip (DAPO's clip-higher 0.28; 0.2 is symmetric PPO, as the paper's GRPO)."""
+    dual_clip_c: float | None = DUAL_CLIP_C
     """Dual-clip bound for negative advantages (verl's clip_ratio_c); None disables it."""
     kl_beta: float = 0.0
     """KL weight to a frozen reference model; > 0 builds the reference (GRPO: 0.01)."""
-    clip_cov_ratio: float = 2e-4
+    clip_cov_ratio: float = CLIP_COV_RATIO
     """Clip-Cov: fraction of tokens whose gradient is detached, drawn among high covariance."""
-    clip_cov_lb: float = 1.0
+    clip_cov_lb: float = CLIP_COV_LB
     """Clip-Cov: lower bound of the covariance window the detached tokens come from."""
-    clip_cov_ub: float = 5.0
+    clip_cov_ub: float = CLIP_COV_UB
     """Clip-Cov: upper bound of that window."""
-    kl_cov_ratio: float = 2e-4
+    kl_cov_ratio: float = KL_COV_RATIO
     """KL-Cov: fraction of tokens (the highest covariance) that get the KL penalty."""
-    kl_cov_coef: float = 1.0
+    kl_cov_coef: float = KL_COV_COEF
     """KL-Cov: weight of that penalty."""
     dynamic_sampling: bool = True
     """DAPO: drop groups whose rewards are all equal and generate more until the batch fills."""

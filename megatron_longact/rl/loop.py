@@ -6,8 +6,6 @@ import logging
 import time
 from functools import partial
 
-import torch
-
 from megatron_longact.checkpoint import resume_or_load, save_if_due
 from megatron_longact.config.schema import JobConfig
 from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
@@ -17,7 +15,7 @@ from megatron_longact.rl.data import load_rl_records
 from megatron_longact.rl.experience import collect_experience
 from megatron_longact.rl.forward import policy_forward_step
 from megatron_longact.rl.logprobs import compute_logprobs
-from megatron_longact.rl.losses import get_loss_fn
+from megatron_longact.rl.losses import policy_loss
 from megatron_longact.rl.metrics import experience_metrics
 from megatron_longact.rl.reference import build_reference_model
 from megatron_longact.rl.rollout.factory import build_engine, sampling_params
@@ -44,24 +42,6 @@ POLICY_REPORTS = (
     "kl_abs_mean",
     "kl_cov_frac",
 )
-
-
-def _loss_fn(job: JobConfig, step: int):
-    rl = job.rl
-    options = {
-        "dapo": dict(eps_low=rl.eps_low, eps_high=rl.eps_high, dual_clip_c=rl.dual_clip_c),
-        "grpo": dict(
-            eps_low=rl.eps_low, eps_high=rl.eps_high, dual_clip_c=rl.dual_clip_c, kl_beta=rl.kl_beta
-        ),
-        "clip_cov": dict(
-            clip_cov_ratio=rl.clip_cov_ratio,
-            clip_cov_lb=rl.clip_cov_lb,
-            clip_cov_ub=rl.clip_cov_ub,
-            generator=torch.Generator().manual_seed(rl.seed + step),
-        ),
-        "kl_cov": dict(kl_cov_ratio=rl.kl_cov_ratio, kl_coef=rl.kl_cov_coef),
-    }[rl.algorithm]
-    return partial(get_loss_fn(rl.algorithm), **options)
 
 
 def run_rl(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
@@ -151,7 +131,7 @@ def run_rl(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
                         batch["ref_logp"] = logp
             logprob_s = time.perf_counter() - tic - generate_s
             forward = policy_forward_step(
-                _loss_fn(job, step), temperature=rl.temperature, per_sequence=rl.algorithm == "grpo"
+                policy_loss(rl, step=step), temperature=rl.temperature, per_sequence=rl.algorithm == "grpo"
             )
             per_update = len(micro) // rl.num_minibatches
             for k in range(rl.num_minibatches):

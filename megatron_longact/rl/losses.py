@@ -3,7 +3,7 @@
 Notation (all tensors [B, T], B sequences of a micro-batch, T response positions):
     logp       log pi_theta(y_t | ...) of the sampled tokens, with grad
     old_logp   the same under the policy that generated the rollouts (no grad)
-    A          per-token advantage (``advantages.broadcast_to_tokens``)
+    A          per-token advantage (the sequence's advantage on its response tokens, ``rl.batch``)
     m          1 on valid response tokens, 0 on prompt and padding
     r_t        exp(clamp(logp - old_logp, -20, 20)), the importance ratio
 
@@ -11,28 +11,27 @@ The normalization contract (every loss here)
 --------------------------------------------
 Each function returns the micro-batch's share of the *global-batch* loss: the sum of its
 per-token (or per-sequence) terms divided by a count over the whole global batch, all
-micro-batches and all data-parallel ranks together, that the caller computes once per step
-(all-reduce over DP of ``count_valid(mask)``). Summing the returned values over micro-batches
-and DP ranks then gives exactly the global-batch loss, however the batch is split.
+micro-batches and all data-parallel ranks together. Summing the returned values over
+micro-batches and DP ranks then gives exactly the global-batch loss, however the batch is split.
 - token-mean (DAPO, Clip-Cov, KL-Cov): divide by ``num_global_tokens``, the number of valid
   response tokens in the global batch.
 - seq-mean-token-mean (GRPO, paper Eq. 5): each sequence's token sum is divided by its own
   token count, and the sum over sequences by ``num_global_sequences``, the number of sequences
   with at least one valid token in the global batch.
 
-Megatron must then not average again. Two ways:
-1. ``calculate_per_token_loss=False`` (default): megatron's schedule divides a 2-tuple loss
-   by ``num_microbatches`` (and multiplies it by the CP size), and DDP scales the reduced
-   gradient by 1 / (DP x CP). Return ``loss * num_microbatches * dp_size`` from the
-   ``loss_func``; the CP factors cancel by themselves.
-2. ``calculate_per_token_loss=True``: return ``(unnormalized_sum, local_count, metrics)``
-   (call with ``num_global_tokens=1`` or ``num_global_sequences=1`` to get the plain sum, and
-   ``local_count`` = this micro-batch's tokens, or sequences for GRPO); megatron then divides
-   the gradients by the count all-reduced over DP in ``finalize_model_grads``.
+Megatron must then not average again. The training path (``rl.forward.policy_forward_step``)
+uses megatron's ``calculate_per_token_loss=True``: it calls these functions with
+``num_global_tokens=1`` / ``num_global_sequences=1`` (the plain sum) and returns
+``(sum, local_count, metrics)``, local_count being this micro-batch's tokens (GRPO: its
+sequences, each counted on one CP rank only); megatron sums the counts over DP x CP and divides
+the gradients by that total in ``finalize_model_grads``. (The other way, a 2-tuple loss with
+``calculate_per_token_loss=False``, has megatron divide by ``num_microbatches`` and DDP by
+DP x CP; a caller would then pass the global counts and multiply back.)
 
 With context parallelism a rank sees only chunks of each sequence: the token-mean losses stay
-exact, but GRPO's per-sequence token counts would be partial (not handled here), and the
-Clip-Cov/KL-Cov selections are per chunk (verl's are per micro-batch, an approximation too).
+exact; GRPO takes each sequence's whole-sequence token count (``sequence_token_counts``) so
+that the CP-summed loss is exact; the Clip-Cov/KL-Cov selections are per chunk (verl's are per
+micro-batch, an approximation too).
 
 Padded positions are multiplied by 0, so they must hold finite values. Metrics are detached
 0-d tensors, masked means over this micro-batch's valid tokens; average them for logging.
@@ -41,26 +40,31 @@ Padded positions are multiplied by 0, so they must hold finite values. Metrics a
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
-# PPO-clip family (verl / DAPO paper defaults).
-DAPO_EPS_LOW = 0.2
-DAPO_EPS_HIGH = 0.28  # "clip-higher"
+from megatron_longact.config.schema import (
+    CLIP_COV_LB,
+    CLIP_COV_RATIO,
+    CLIP_COV_UB,
+    DAPO_EPS_HIGH,
+    DAPO_EPS_LOW,
+    DUAL_CLIP_C,
+    KL_COV_COEF,
+    KL_COV_RATIO,
+    RLConfig,
+)
+
+# One set of defaults, shared with RLConfig (config/schema.py); the two below belong to one
+# algorithm each and have no config field of their own (rl.eps_* override them).
 GRPO_EPS = 0.2  # the paper's Eq. 5 clips symmetrically
-DUAL_CLIP_C = 3.0  # lower bound -A*c on the loss for A < 0; verl's default is 10
+CLIP_COV_EPS = 1.0  # verl's Clip-Cov recipe scripts set eps_low = eps_high = 1
 LOG_RATIO_CLAMP = 20.0  # verl clamps log(r) to [-20, 20] before exp
 # GRPO KL to the reference model (k3 estimator).
 GRPO_KL_BETA = 0.01  # NeMo-RL's default; DAPO uses no KL
 KL_INNER_CLAMP = 20.0  # clamp on ref - logp before exp, as verl's low_var_kl
 KL_CLAMP = 10.0  # clamp on the k3 value, as verl
-# Clip-Cov / KL-Cov (Cui et al. 2025, verl loss modes clip_cov / kl_cov).
-CLIP_COV_RATIO = 2e-4
-CLIP_COV_LB = 1.0
-CLIP_COV_UB = 5.0
-CLIP_COV_EPS = 1.0  # the recipe scripts set eps_low = eps_high = 1 for Clip-Cov
-KL_COV_RATIO = 2e-4  # the 7B recipe uses 2e-3
-KL_COV_COEF = 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,26 +84,6 @@ def masked_mean(
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the softmax over the last dimension, [B, T, V] -> [B, T] (nats).
-
-    H = logsumexp(z) - sum_v softmax(z)_v z_v. Needs the full vocabulary on this rank; with
-    vocab-parallel (TP-sharded) logits the sums must be all-reduced over TP instead.
-    """
-    probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
-
-
-def count_valid(mask: torch.Tensor) -> tuple[int, int]:
-    """Local (valid tokens, sequences with >= 1 valid token) of a [B, T] mask.
-
-    All-reduce both over DP and sum over the step's micro-batches to get ``num_global_tokens``
-    and ``num_global_sequences``.
-    """
-    mask = mask.bool()
-    return int(mask.sum().item()), int(mask.any(dim=-1).sum().item())
-
-
 def _check_inputs(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
@@ -115,7 +99,7 @@ def _require_count(value: float | None, name: str, loss: str) -> float:
     if value is None or value <= 0:
         raise ValueError(
             f"{loss} needs {name} > 0 (got {value}): the global-batch count summed over "
-            "micro-batches and all-reduced over DP; see count_valid()"
+            "micro-batches and all-reduced over DP (module docstring)"
         )
     return float(value)
 
@@ -448,3 +432,26 @@ def get_loss_fn(name: str) -> LossFn:
     if fn is None:
         raise ValueError(f"unknown loss '{name}'; valid names: {', '.join(sorted(LOSS_FNS))}")
     return fn
+
+
+def policy_loss(rl: RLConfig, *, step: int) -> LossFn:
+    """``rl.algorithm``'s loss with its options bound from ``rl``: the RL step's one loss.
+
+    DAPO, GRPO and Clip-Cov take the PPO clip range ``rl.eps_low`` / ``rl.eps_high`` (KL-Cov
+    does not clip). Clip-Cov's token draw is seeded with ``rl.seed + step``: the same on every
+    rank, new each step.
+    """
+    clip = dict(eps_low=rl.eps_low, eps_high=rl.eps_high)
+    options = {
+        "dapo": dict(**clip, dual_clip_c=rl.dual_clip_c),
+        "grpo": dict(**clip, dual_clip_c=rl.dual_clip_c, kl_beta=rl.kl_beta),
+        "clip_cov": dict(
+            **clip,
+            clip_cov_ratio=rl.clip_cov_ratio,
+            clip_cov_lb=rl.clip_cov_lb,
+            clip_cov_ub=rl.clip_cov_ub,
+            generator=torch.Generator().manual_seed(rl.seed + step),
+        ),
+        "kl_cov": dict(kl_cov_ratio=rl.kl_cov_ratio, kl_coef=rl.kl_cov_coef),
+    }[rl.algorithm]
+    return partial(get_loss_fn(rl.algorithm), **options)

@@ -9,9 +9,7 @@ import torch
 from megatron_longact.rl.losses import (
     LOSS_FNS,
     clip_cov_loss,
-    count_valid,
     dapo_loss,
-    entropy_from_logits,
     get_loss_fn,
     grpo_loss,
     kl_cov_loss,
@@ -42,21 +40,12 @@ MASK = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
 # ------------------------------------------------------------------------------------- helpers
 
 
-def test_masked_mean_and_count_valid():
+def test_masked_mean():
     values = _t([[1.0, 2.0], [3.0, 4.0]])
     mask = torch.tensor([[1, 0], [1, 1]])
     assert masked_mean(values, mask).item() == pytest.approx(8 / 3)  # (1 + 3 + 4) / 3
     torch.testing.assert_close(masked_mean(values, mask, dim=-1), _t([1.0, 3.5]))
     assert masked_mean(values, torch.zeros(2, 2)).item() == 0.0  # empty mask -> 0, not nan
-    assert count_valid(torch.tensor([[1, 1, 0], [0, 0, 0], [0, 1, 0]])) == (3, 2)
-
-
-def test_entropy_from_logits():
-    # Uniform over 4 -> ln 4; softmax([0, ln 3]) = [1/4, 3/4] -> -(1/4 ln 1/4 + 3/4 ln 3/4).
-    # A logit of -1e9 has probability 0 and adds nothing.
-    logits = _t([[[0.0, 0.0, 0.0, 0.0], [0.0, math.log(3), -1e9, -1e9]]])
-    expected = [[math.log(4), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]]
-    torch.testing.assert_close(entropy_from_logits(logits), _t(expected))
 
 
 # ---------------------------------------------------------------------------------------- DAPO
@@ -315,7 +304,7 @@ def test_micro_batch_and_dp_splits_sum_to_the_global_loss(name):
     """Splitting the global batch over 2 DP ranks x 2 micro-batches, each part divided by the
     global count, sums to the whole-batch loss with identical gradients."""
     logp, old, adv, mask = _random_batch(seed=3)
-    num_tokens, num_sequences = count_valid(mask)
+    num_tokens, num_sequences = int(mask.sum()), int(mask.any(dim=-1).sum())
     loss_fn = functools.partial(
         LOSS_FNS[name], num_global_tokens=num_tokens, num_global_sequences=num_sequences
     )
@@ -340,7 +329,7 @@ def test_micro_batch_and_dp_splits_sum_to_the_global_loss(name):
                 old[a:b],
                 adv[a:b],
                 mask[a:b],
-                num_global_tokens=count_valid(mask[a:b])[0],
+                num_global_tokens=int(mask[a:b].sum()),
             )[0]
             / len(parts)
             for a, b in parts
@@ -383,3 +372,18 @@ def test_grpo_context_parallel_chunks_sum_to_whole_sequence_loss():
     (grad_whole,) = torch.autograd.grad(whole, logp)
     (grad_parts,) = torch.autograd.grad(sum(parts), logp)
     torch.testing.assert_close(grad_parts, grad_whole, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("algorithm", ["dapo", "grpo", "clip_cov"])
+def test_policy_loss_honours_the_configured_clip_range(algorithm):
+    # Clip-Cov used to ignore rl.eps_*: a ratio of 1.5 with A > 0 is clipped at 1 + eps_high.
+    from megatron_longact.config.schema import RLConfig
+    from megatron_longact.rl.losses import policy_loss
+
+    logp = torch.log(_t([[1.5, 1.0]])).requires_grad_()
+    old, adv, mask = _t([[0.0, 0.0]]), _t([[1.0, 1.0]]), torch.ones(1, 2)
+    counts = dict(num_global_tokens=2.0, num_global_sequences=1.0)
+    for eps_high, clipped in ((0.28, True), (1.0, False)):
+        rl = RLConfig(algorithm=algorithm, eps_low=0.2, eps_high=eps_high, clip_cov_ratio=0.0)
+        loss, metrics = policy_loss(rl, step=0)(logp, old, adv, mask, **counts)
+        assert (metrics["clip_frac_high"].item() > 0) == clipped, (algorithm, eps_high)

@@ -25,7 +25,11 @@ ABLATIONS = {
         "rl.eps_high": 0.2,
         "rl.dynamic_sampling": False,
     },
-    "clip_cov_longact-qwen3_8b.yaml": {"rl.algorithm": "clip_cov"},
+    "clip_cov_longact-qwen3_8b.yaml": {
+        "rl.algorithm": "clip_cov",
+        "rl.eps_low": 1.0,
+        "rl.eps_high": 1.0,
+    },
     "kl_cov_longact-qwen3_8b.yaml": {"rl.algorithm": "kl_cov"},
     "dapo_longact-qwen3_8b-min.yaml": {"longact.strategy": "min"},
     "dapo_longact-qwen3_8b-random.yaml": {"longact.strategy": "random"},
