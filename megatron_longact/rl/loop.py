@@ -6,7 +6,7 @@ import logging
 import time
 from functools import partial
 
-from megatron_longact.checkpoint import resume_or_load, save_if_due
+from megatron_longact.checkpoint import save_if_due
 from megatron_longact.config.schema import JobConfig
 from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 from megatron_longact.longact.controller import LongActController
@@ -22,7 +22,7 @@ from megatron_longact.rl.rollout.factory import build_engine, sampling_params
 from megatron_longact.runtime.batches import global_batch_indices
 from megatron_longact.runtime.distributed import init_distributed
 from megatron_longact.runtime.metrics import MetricsWriter, Progress
-from megatron_longact.runtime.setup import setup_train_state
+from megatron_longact.runtime.setup import load_start_weights, setup_train_state
 from megatron_longact.runtime.signals import StopRequest
 from megatron_longact.runtime.train_step import train_step
 from megatron_longact.sft.loop import tensorboard_dir
@@ -54,14 +54,7 @@ def run_rl(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
     state = setup_train_state(job, dims)
     # The one LongAct hook: strategy none installs nothing (the plain dense run).
     longact = LongActController.from_train_state(job.longact, state)
-    loaded = resume_or_load(
-        save_dir=ckpt.save_dir,
-        load_dir=ckpt.load_dir,
-        load_weights_only=ckpt.load_weights_only,
-        model=state.model,
-        optimizer=state.optimizer,
-        scheduler=state.scheduler,
-    )
+    loaded = load_start_weights(job, state)
     state.progress.setdefault("prompts_consumed", 0)
     if loaded is not None and loaded.progress:
         state.progress.update(loaded.progress)

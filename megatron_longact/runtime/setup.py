@@ -8,6 +8,7 @@ optimizer over those buffers and the scheduler over the optimizer.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,8 @@ from megatron_longact.config.schema import JobConfig
 from megatron_longact.models.gpt import build_gpt_model, load_architecture, make_transformer_config
 from megatron_longact.models.hf_config import HFArchitecture
 from megatron_longact.runtime.distributed import ParallelDims
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -111,6 +114,77 @@ def setup_train_state(job: JobConfig, dims: ParallelDims) -> TrainState:
         dims=dims,
         progress={"step": 0, "consumed_samples": 0, "data_epoch": 0, "data_index": 0},
     )
+
+
+def init_source(job: JobConfig) -> str:
+    """``hf`` or ``random``: where a run that neither resumes nor loads takes its weights."""
+    if job.model.init == "auto":
+        return "hf" if job.model.hf_path is not None else "random"
+    if job.model.init == "hf" and job.model.hf_path is None:
+        raise ValueError(
+            "model.init=hf needs model.hf_path (a local Hugging Face folder with safetensors); "
+            "set it, or model.init=random"
+        )
+    return job.model.init
+
+
+def load_start_weights(job: JobConfig, state: TrainState):
+    """The start-of-run policy, in order: resume ``checkpoint.save_dir``'s latest (everything),
+    else load ``checkpoint.load_dir`` (weights only when ``checkpoint.load_weights_only``),
+    else the Hugging Face weights of ``model.hf_path`` (see :func:`init_source`), else keep
+    the random init. Logs which one happened. Returns the
+    :class:`~megatron_longact.checkpoint.LoadedCheckpoint` or None (HF or random start).
+
+    Whenever the optimizer state is not restored, the optimizer's fp32 master copies are
+    refreshed from the loaded weights (``checkpoint.load_checkpoint`` does it for checkpoints,
+    this function for HF weights): the distributed optimizer copied the construction-time
+    weights into them (megatron/core/optimizer/distrib_optimizer.py ~399), and the first step
+    would write those back. All ranks must call it (checkpoint loads are collective).
+    """
+    from megatron_longact.checkpoint import resume_or_load
+
+    ckpt = job.checkpoint
+    log = logger.info if state.dims.rank == 0 else (lambda *_: None)
+    loaded = resume_or_load(
+        save_dir=ckpt.save_dir,
+        load_dir=ckpt.load_dir,
+        load_weights_only=ckpt.load_weights_only,
+        model=state.model,
+        optimizer=state.optimizer,
+        scheduler=state.scheduler,
+        on_corrupt=ckpt.on_corrupt,
+    )
+    if loaded is not None:
+        what = "resumed" if loaded.optimizer_restored or loaded.progress else "loaded weights of"
+        log("init: %s checkpoint %s (step %d)", what, loaded.path, loaded.step)
+        return loaded
+    if init_source(job) == "random":
+        log(
+            "init: random weights (init_method_std=%g; model.init=%s, %s)",
+            job.model.init_method_std,
+            job.model.init,
+            f"hf_path {job.model.hf_path}" if job.model.hf_path else f"preset {job.model.preset}",
+        )
+        return None
+    from megatron_longact.models.convert.hf_to_mcore import load_hf_weights
+
+    source = load_hf_weights(
+        unwrap_gpt(state.model[0]),
+        job.model.hf_path,
+        arch=state.arch,
+        tp_rank=state.dims.tp_rank,
+        tp=state.dims.tp,
+        show_progress=job.logging.progress and state.dims.rank == 0,
+    )
+    state.optimizer.reload_model_params()
+    log(
+        "init: Hugging Face weights from %s (%s, stored %s, trained in %s)",
+        source.model_dir,
+        source.arch.model_type,
+        str(source.weights_dtype).removeprefix("torch."),
+        str(state.transformer_config.params_dtype).removeprefix("torch."),
+    )
+    return None
 
 
 def build_frozen_model(

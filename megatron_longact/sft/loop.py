@@ -6,7 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from megatron_longact.checkpoint import resume_or_load, save_if_due
+from megatron_longact.checkpoint import save_if_due
 from megatron_longact.config.schema import JobConfig
 from megatron_longact.models.gpt import use_transformer_engine
 from megatron_longact.runtime.batches import (
@@ -17,7 +17,7 @@ from megatron_longact.runtime.batches import (
 from megatron_longact.runtime.distributed import init_distributed
 from megatron_longact.runtime.forward import lm_forward_step
 from megatron_longact.runtime.metrics import MetricsWriter, Progress
-from megatron_longact.runtime.setup import setup_train_state
+from megatron_longact.runtime.setup import load_start_weights, setup_train_state
 from megatron_longact.runtime.signals import StopRequest
 from megatron_longact.runtime.train_step import eval_step, train_step
 from megatron_longact.sft.data import bin_collate, load_sft_data
@@ -48,14 +48,7 @@ def run_sft(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
             f"{state.arch.vocab_size}; use a matching tokenizer (data.tokenizer_path)"
         )
     ckpt = job.checkpoint
-    loaded = resume_or_load(
-        save_dir=ckpt.save_dir,
-        load_dir=ckpt.load_dir,
-        load_weights_only=ckpt.load_weights_only,
-        model=state.model,
-        optimizer=state.optimizer,
-        scheduler=state.scheduler,
-    )
+    loaded = load_start_weights(job, state)
     if loaded is not None and loaded.progress:
         state.progress.update(loaded.progress)
     collate = bin_collate(use_thd=use_transformer_engine(job.model))

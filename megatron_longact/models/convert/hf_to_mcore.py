@@ -223,6 +223,45 @@ def _copy(
     param.copy_(tensor)
 
 
+def load_hf_weights(
+    gpt: torch.nn.Module,
+    hf_dir: str | Path,
+    *,
+    arch: HFArchitecture,
+    tp_rank: int,
+    tp: int,
+    show_progress: bool = False,
+) -> HFSource:
+    """Checks ``hf_dir`` (:func:`inspect_hf_dir`) and streams its weights into ``gpt``.
+
+    ``gpt`` is this rank's bare GPTModel chunk of a run built from the same config (``arch``:
+    the run's architecture, which must match the folder's). Parameters in bf16 take the HF
+    values rounded to bf16. No collectives; every rank reads only its own slices. The
+    caller refreshes any optimizer master copies afterwards.
+
+    Raises:
+        ValueError / FileNotFoundError: see :func:`inspect_hf_dir`; also when ``arch`` and
+            the folder's config disagree (names both).
+    """
+    source = inspect_hf_dir(hf_dir)
+    if source.arch != arch:
+        raise ValueError(
+            f"{source.model_dir}/config.json describes {source.arch} but the run was built as "
+            f"{arch}; point model.hf_path at the folder the run's config came from"
+        )
+    weights = HFWeights(source.model_dir)
+    try:
+        with progress_bar(
+            f"load {source.model_dir.name} (rank 0)",
+            total=len(gpt.decoder.layers),
+            enabled=show_progress,
+        ) as advance:
+            load_hf_into_chunk(gpt, weights, arch=arch, tp_rank=tp_rank, tp=tp, advance=advance)
+    finally:
+        weights.close()
+    return source
+
+
 def import_job_config(source: HFSource, *, tp: int, pp: int, precision: str):
     """The JobConfig written as the checkpoint's ``config.yaml`` (export reads it back)."""
     from megatron_longact.config.schema import (

@@ -1,0 +1,88 @@
+"""A tiny Hugging Face model folder saved by transformers itself, for tests and CPU smoke runs.
+
+The cluster path starts from ``MODEL_PATH``, an HF folder (config.json, safetensors shards,
+tokenizer). This writes one of the ``micro-qwen3`` preset's size with non-trivial random
+weights (norms included, so a dropped or swapped tensor changes the logits) and the tiny
+tokenizer, so CPU runs exercise the same HF -> megatron -> HF path as a real model.
+
+    python -m megatron_longact.models.convert.tiny_hf --out /tmp/tiny-hf [--seed 0] [--bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR
+from megatron_longact.models.hf_config import ASSETS_DIR
+
+PRESET = "micro-qwen3"
+WEIGHT_STD = 0.1
+"""Std of the random weights: large enough that every tensor moves the logits."""
+NORM_JITTER = 0.1
+SHARD_SIZE = "50KB"
+"""Several safetensors shards, so loading goes through the index as for a real model."""
+
+
+def save_tiny_hf_model(
+    out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Path:
+    """Saves a random ``micro-qwen3``-sized Qwen3ForCausalLM (``dtype``) and the tiny
+    tokenizer into ``out_dir`` with ``save_pretrained``; returns the folder.
+
+    The config keeps the preset's top-level ``rope_theta`` (as Hub checkpoints write it).
+    """
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    out = Path(out_dir)
+    preset = json.loads((ASSETS_DIR / PRESET / "config.json").read_text())
+    fields = {k: v for k, v in preset.items() if k not in ("architectures", "model_type")}
+    fields.pop("torch_dtype", None)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(Qwen3Config(**fields)).float()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1.0 + NORM_JITTER * torch.randn_like(param))
+            else:
+                param.normal_(0.0, WEIGHT_STD)
+    model.to(dtype).save_pretrained(out, safe_serialization=True, max_shard_size=SHARD_SIZE)
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("rope_parameters", None)
+    config["rope_theta"] = preset["rope_theta"]
+    config_path.write_text(json.dumps(config, indent=2))
+    for file in TINY_TOKENIZER_DIR.iterdir():
+        shutil.copy2(file, out / file.name)
+    return out
+
+
+def load_hf_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF folder's safetensors files, by HF name (small models only)."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder to write (created)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bf16", action="store_true", help="store the weights in bf16")
+    args = parser.parse_args(argv)
+    folder = save_tiny_hf_model(
+        args.out, seed=args.seed, dtype=torch.bfloat16 if args.bf16 else torch.float32
+    )
+    print(f"wrote {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
