@@ -21,11 +21,10 @@ from megatron_longact.rl.reference import build_reference_model
 from megatron_longact.rl.rollout.factory import build_engine, sampling_params
 from megatron_longact.runtime.batches import global_batch_indices
 from megatron_longact.runtime.distributed import init_distributed
-from megatron_longact.runtime.metrics import MetricsWriter, Progress
+from megatron_longact.runtime.metrics import MetricsWriter, Progress, tensorboard_dir
 from megatron_longact.runtime.setup import load_start_weights, setup_train_state
 from megatron_longact.runtime.signals import StopRequest
 from megatron_longact.runtime.train_step import train_step
-from megatron_longact.sft.loop import tensorboard_dir
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,18 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from megatron_longact.config.schema import JobConfig
+
 logger = logging.getLogger(__name__)
+
+
+def tensorboard_dir(job: JobConfig) -> str | None:
+    """``logging.tensorboard_dir``, else ``<save_dir>/../tensorboard``, else no logging."""
+    if job.logging.tensorboard_dir:
+        return job.logging.tensorboard_dir
+    if job.checkpoint.save_dir:
+        return str(Path(job.checkpoint.save_dir).parent / "tensorboard")
+    return None
 
 
 class MetricsWriter:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from megatron_longact.checkpoint import save_if_due
 from megatron_longact.config.schema import JobConfig
@@ -16,22 +15,13 @@ from megatron_longact.runtime.batches import (
 )
 from megatron_longact.runtime.distributed import init_distributed
 from megatron_longact.runtime.forward import lm_forward_step
-from megatron_longact.runtime.metrics import MetricsWriter, Progress
+from megatron_longact.runtime.metrics import MetricsWriter, Progress, tensorboard_dir
 from megatron_longact.runtime.setup import load_start_weights, setup_train_state
 from megatron_longact.runtime.signals import StopRequest
 from megatron_longact.runtime.train_step import eval_step, train_step
 from megatron_longact.sft.data import bin_collate, load_sft_data
 
 logger = logging.getLogger(__name__)
-
-
-def tensorboard_dir(job: JobConfig) -> str | None:
-    """``logging.tensorboard_dir``, else ``<save_dir>/../tensorboard``, else no logging."""
-    if job.logging.tensorboard_dir:
-        return job.logging.tensorboard_dir
-    if job.checkpoint.save_dir:
-        return str(Path(job.checkpoint.save_dir).parent / "tensorboard")
-    return None
 
 
 def run_sft(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
