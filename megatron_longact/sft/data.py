@@ -58,6 +58,11 @@ def load_sft_data(data: DataConfig, *, pad_multiple: int = 1) -> SftData:
     tokenizer = load_tokenizer(data.tokenizer_path or TINY_TOKENIZER_DIR)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train = load_sft_dataset(data.train_path, tokenizer, max_length=data.seq_length)
+    if len(train) == 0 and train.num_dropped == 0:
+        raise ValueError(
+            f"data.train_path={data.train_path} holds no samples (an empty file or folder); "
+            "point it at a chat data file with at least one record"
+        )
     if len(train) == 0:
         raise ValueError(
             f"{data.train_path}: no sample fits data.seq_length={data.seq_length}; raise it"

@@ -81,8 +81,16 @@ def _hf_to_mcore(args: argparse.Namespace) -> None:
         shutdown()
         return
     # Check in this process first, so bad input fails before tp*pp processes start.
-    inspect_hf_dir(args.hf_dir)
+    arch = inspect_hf_dir(args.hf_dir).arch
     check_out_dir(args.out)
+    for field in ("num_attention_heads", "num_query_groups"):
+        if getattr(arch, field) % args.tp:
+            raise ValueError(
+                f"--tp {args.tp} does not divide the model's {field}={getattr(arch, field)} "
+                f"({args.hf_dir}/config.json); pick a --tp that divides both "
+                f"num_attention_heads={arch.num_attention_heads} and "
+                f"num_query_groups={arch.num_query_groups}"
+            )
     from megatron_longact.runtime.launch import run_local
 
     run_local(import_hf_checkpoint, args.tp * args.pp, **kwargs)

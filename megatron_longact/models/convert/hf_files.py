@@ -40,6 +40,21 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
+def open_safetensors(path: Path):
+    """``safe_open(path)``; a truncated or corrupt file is a ValueError naming it.
+
+    safetensors checks the header against the file size when it opens a file ("incomplete
+    metadata, file not fully covered" for a truncated one) but does not say which file.
+    """
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as err:  # noqa: BLE001 - SafetensorError is not importable by name
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({err}); it is truncated or corrupt: "
+            "copy or download it again"
+        ) from err
+
+
 class HFWeights:
     """Read-only, lazy view of the safetensors in a local HF model folder.
 
@@ -58,7 +73,7 @@ class HFWeights:
                 raise ValueError(f"{index}: not a safetensors index ({err!r})") from err
             self.source = str(index)
         elif (self.model_dir / SINGLE_FILE).is_file():
-            with safe_open(self.model_dir / SINGLE_FILE, framework="pt") as handle:
+            with open_safetensors(self.model_dir / SINGLE_FILE) as handle:
                 weight_map = dict.fromkeys(handle.keys(), SINGLE_FILE)
             self.source = str(self.model_dir / SINGLE_FILE)
         else:
@@ -80,7 +95,7 @@ class HFWeights:
             raise ValueError(f"{self.source}: no tensor named {name!r}")
         file = self.weight_map[name]
         if file not in self._handles:
-            self._handles[file] = safe_open(self.model_dir / file, framework="pt")
+            self._handles[file] = open_safetensors(self.model_dir / file)
         return self._handles[file]
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
