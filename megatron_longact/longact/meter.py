@@ -5,7 +5,9 @@ A hook on each ``self_attention.linear_qkv`` of this pipeline stage sees the fus
 wrapped by :meth:`SaliencyMeter.observe`, which reads each micro-batch's ``token_mask`` /
 ``cu_seqlens`` when the schedule calls ``next()`` (right before that micro-batch's forward, on
 every stage, in order) and arms the hooks; nothing is measured outside an observed iterator
-(evaluation passes, log-prob passes).
+(evaluation passes, log-prob passes). The iterator yields whole micro-batches; the forward
+step then cuts them for context parallel (and flattens THD), so ``observe`` describes each one
+through the same cut (:func:`local_layout`, i.e. ``runtime.forward.local_rows``).
 
 Full activation recompute runs each layer's forward twice: once for real (under no_grad) and
 once inside backward. ``torch._C._current_graph_task_id()`` is -1 outside backward and a task
@@ -15,11 +17,21 @@ id during the recompute, so the hook skips the second run and every micro-batch 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 
 from megatron_longact.longact.saliency import SaliencyAccumulator, describe_micro_batch
 from megatron_longact.models.qkv_layout import QKVLayout
+
+
+def local_layout(fields: dict[str, torch.Tensor], *, thd: bool) -> dict[str, torch.Tensor]:
+    """[b, S] ``fields`` of a whole micro-batch cut as the forward steps cut it on this rank
+    (CP chunks; [1, b * S / CP] for THD). ``thd`` is :func:`runtime.forward.uses_thd` of the
+    full batch (the fields alone lack its ``attention_mask``). No collectives."""
+    from megatron_longact.runtime.forward import local_rows
+
+    return local_rows(fields, thd=thd)[0]
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -106,8 +118,12 @@ class SaliencyMeter:
         Yields the batches unchanged. Call once per step, on every rank, with the iterator the
         schedule will read.
         """
+        from megatron_longact.runtime.forward import uses_thd
+
         for batch in data_iterator:
-            samples = describe_micro_batch(batch, cp_size=self.cp_size, device=self.device)
+            samples = describe_micro_batch(
+                batch, localize=partial(local_layout, thd=uses_thd(batch)), device=self.device
+            )
             self.accumulator.begin_micro_batch(samples)
             yield batch
 

@@ -22,7 +22,7 @@ real token) excludes padding rows and the padding segment of a packed bin. Witho
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -54,34 +54,33 @@ class MicroBatchSamples:
     """[num_samples] float64 real tokens of each sample held by this rank."""
 
 
-def _cp_boundaries(cu_seqlens: torch.Tensor, *, cp_size: int) -> torch.Tensor:
-    """Global packed boundaries -> this CP rank's local ones.
+Localize = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+"""Maps [b, S] fields of a micro-batch (plus its ``cu_seqlens``) to this rank's share as the
+model sees it: [b', s'] (CP chunks, THD flattening). :func:`meter.local_layout` is the one the
+training hooks use; the identity is right for CP = 1 without THD."""
 
-    megatron/TE split every (padded) sequence of a packed row into ``2 * cp`` equal chunks and
-    give rank r chunks r and ``2cp - 1 - r``, so each segment keeps 1/cp of its tokens.
-    """
-    if cp_size == 1:
-        return cu_seqlens
-    if bool((cu_seqlens % (2 * cp_size)).any()):
-        raise ValueError(
-            f"packed boundaries {cu_seqlens.tolist()} are not multiples of 2 x context parallel "
-            f"size ({2 * cp_size}); pad every sequence to a multiple of it (cu_seqlens_padded)"
-        )
-    return cu_seqlens // cp_size
+
+def _local(fields: dict[str, torch.Tensor], localize: Localize | None) -> dict[str, torch.Tensor]:
+    return fields if localize is None else localize(fields)
 
 
 def describe_micro_batch(
-    batch: Mapping[str, torch.Tensor], *, cp_size: int = 1, device: torch.device | str | None = None
+    batch: Mapping[str, torch.Tensor],
+    *,
+    localize: Localize | None = None,
+    device: torch.device | str | None = None,
 ) -> MicroBatchSamples:
     """Sample layout of one micro-batch, computed once and shared by every layer's hook.
 
     Args:
-        batch: the dict the data iterator yields. ``tokens`` (or ``token_mask``) gives the local
-            shape [b, s]; ``token_mask`` [b, s] (1 = real token) is optional; packed batches
-            carry ``cu_seqlens`` (or ``cu_seqlens_padded``, preferred) int [n + 1] over the
-            flattened b * S tokens of the *whole* sequence, as TE takes them.
-        cp_size: context-parallel size; the [b, s] tensors are then this rank's chunks (as
-            megatron's ``get_batch_on_this_cp_rank`` leaves them) while cu_seqlens stay global.
+        batch: the dict the data iterator yields, *whole* (before any CP split): ``tokens``
+            (or ``token_mask``) [b, S] gives the shape; ``token_mask`` [b, S] (1 = real token)
+            is optional; packed batches carry ``cu_seqlens`` (or ``cu_seqlens_padded``,
+            preferred) int [n + 1] over the flattened b * S tokens, as TE takes them.
+        localize: how the forward step cuts the micro-batch for this rank (see
+            :data:`Localize`); the sample of every token is computed on the whole batch and
+            cut the same way, so the layout matches what the ``linear_qkv`` hook receives
+            (CP chunks; [b * S / CP, 1, R] for THD) by construction.
         device: where the activations live (the batch may still be on the host when the
             iterator yields it); defaults to the batch's device.
     """
@@ -96,46 +95,54 @@ def describe_micro_batch(
     b, s = shape_source.shape
     device = shape_source.device if device is None else torch.device(device)
     token_mask = batch.get("token_mask")
-    mask_bs = None if token_mask is None else (token_mask.to(device) != 0)
+    mask_bs = None if token_mask is None else (token_mask != 0)
+    fields = {"tokens": shape_source}
+    for key in ("cu_seqlens", "cu_seqlens_padded", "max_seqlen"):
+        if key in batch:
+            fields[key] = batch[key]
     cu = batch.get("cu_seqlens_padded", batch.get("cu_seqlens"))
     if cu is None:
+        if mask_bs is not None:
+            fields["token_mask"] = mask_bs.to(torch.float32)
+        local = _local(fields, localize)
+        lb, ls = local["tokens"].shape
         if mask_bs is None:
-            tokens = torch.full((b,), float(s), dtype=torch.float64, device=device)
-            return MicroBatchSamples(
-                num_samples=b,
-                batch_size=b,
-                num_tokens=b * s,
-                token_mask_sb=None,
-                sample_ids_sb=None,
-                tokens_per_sample=tokens,
-            )
+            tokens = torch.full((lb,), float(ls), dtype=torch.float64, device=device)
+            return MicroBatchSamples(num_samples=lb, batch_size=lb, num_tokens=lb * ls,
+                                     token_mask_sb=None, sample_ids_sb=None,
+                                     tokens_per_sample=tokens)  # fmt: skip
+        local_mask = local["token_mask"].to(device)
         return MicroBatchSamples(
-            num_samples=b,
-            batch_size=b,
-            num_tokens=b * s,
-            token_mask_sb=mask_bs.t().to(torch.float32).contiguous(),
+            num_samples=lb,
+            batch_size=lb,
+            num_tokens=lb * ls,
+            token_mask_sb=local_mask.t().contiguous(),
             sample_ids_sb=None,
-            tokens_per_sample=mask_bs.sum(dim=1).to(torch.float64),
+            tokens_per_sample=local_mask.sum(dim=1).to(torch.float64),
         )
-    local_cu = _cp_boundaries(cu.to(device=device, dtype=torch.int64).flatten(), cp_size=cp_size)
-    if int(local_cu[0]) != 0 or int(local_cu[-1]) != b * s:
+    cu = cu.to(dtype=torch.int64).flatten()
+    if int(cu[0]) != 0 or int(cu[-1]) != b * s:
         raise ValueError(
-            f"cu_seqlens must run from 0 to the packed token count (b * S = {b * s * cp_size}), "
+            f"cu_seqlens must run from 0 to the packed token count (b * S = {b * s}), "
             f"got {cu.tolist()}; include the trailing padding segment"
         )
-    num_segments = local_cu.numel() - 1
+    num_segments = cu.numel() - 1
     ids_bs = torch.repeat_interleave(
-        torch.arange(num_segments, device=device), local_cu[1:] - local_cu[:-1]
+        torch.arange(num_segments, device=cu.device), cu[1:] - cu[:-1]
     ).view(b, s)
     if mask_bs is not None:
-        ids_bs = ids_bs.masked_fill(~mask_bs, num_segments)
-    counts = torch.bincount(ids_bs.flatten(), minlength=num_segments + 1)[:num_segments]
+        ids_bs = ids_bs.masked_fill(~mask_bs.to(ids_bs.device), num_segments)
+    fields["sample_ids"] = ids_bs
+    local = _local(fields, localize)
+    local_ids = local["sample_ids"].to(device)
+    lb = local_ids.shape[0]
+    counts = torch.bincount(local_ids.flatten(), minlength=num_segments + 1)[:num_segments]
     return MicroBatchSamples(
         num_samples=num_segments,
-        batch_size=b,
-        num_tokens=b * s,
+        batch_size=lb,
+        num_tokens=local_ids.numel(),
         token_mask_sb=None,
-        sample_ids_sb=ids_bs.t().reshape(-1),
+        sample_ids_sb=local_ids.t().reshape(-1),
         tokens_per_sample=counts.to(torch.float64),
     )
 

@@ -32,13 +32,18 @@ def uses_thd(batch: dict[str, torch.Tensor]) -> bool:
 def model_batch(batch: dict[str, torch.Tensor]):
     """This rank's part of a micro-batch, laid out as the model takes it.
 
-    THD (:func:`uses_thd`): every [b, s] field flattened to [1, b*s], then this CP rank's
-    per-segment chunks; returns ``(batch, PackedSeqParams)``. Otherwise: this CP rank's
-    zig-zag chunks of every [b, s] field (and of the mask's query dim), ``(batch, None)``.
     The one place that decides the layout: the forward steps and LongAct's meter (which must
-    see the same tokens as the ``linear_qkv`` hooks) both call it. No collectives.
+    see the same tokens as the ``linear_qkv`` hooks) both go through :func:`local_rows` with
+    :func:`uses_thd`. Returns ``(batch, PackedSeqParams or None)``; no collectives.
     """
-    if uses_thd(batch):
+    return local_rows(batch, thd=uses_thd(batch))
+
+
+def local_rows(batch: dict[str, torch.Tensor], *, thd: bool):
+    """THD: every [b, s] field flattened to [1, b*s], then this CP rank's per-segment chunks;
+    returns ``(batch, PackedSeqParams)``. Otherwise this CP rank's zig-zag chunks of every
+    [b, s] field (and of the mask's query dim): ``(batch, None)``."""
+    if thd:
         flat = {k: (v.reshape(1, -1) if v.dim() == 2 else v) for k, v in batch.items()}
         return slice_thd_batch(flat)
     return slice_dense_batch(batch), None

@@ -5,6 +5,8 @@ world entry points the fixtures in conftest.py start. Results are CPU tensors / 
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from longact_cases import (
     dense_equivalence_case,
@@ -149,7 +151,10 @@ def cp_reduction_case() -> dict:
     from megatron.core import parallel_state
     from megatron.core.utils import get_batch_on_this_cp_rank
 
+    from megatron_longact.longact.meter import local_layout
     from megatron_longact.longact.saliency import SaliencyAccumulator, describe_micro_batch
+
+    dense, thd = partial(local_layout, thd=False), partial(local_layout, thd=True)
 
     cp = parallel_state.get_context_parallel_world_size()
     rank = parallel_state.get_context_parallel_rank()
@@ -180,7 +185,8 @@ def cp_reduction_case() -> dict:
         local = get_batch_on_this_cp_rank(
             {"token_mask": token_mask.clone(), **{f"act{n}": a.clone() for n, a in acts.items()}}
         )
-        acc.begin_micro_batch(describe_micro_batch({"token_mask": local["token_mask"]}, cp_size=cp))
+        # The whole micro-batch, as the data iterator yields it; the meter's cut must match.
+        acc.begin_micro_batch(describe_micro_batch({"token_mask": token_mask}, localize=dense))
         for n in CP_LAYERS:
             acc.add(n, local[f"act{n}"].transpose(0, 1))  # -> [s, b, R]
 
@@ -197,9 +203,7 @@ def cp_reduction_case() -> dict:
         return torch.cat([_cp_chunks(part, cp=cp, rank=rank) for part in x.split(lengths)])
 
     acc.begin_micro_batch(
-        describe_micro_batch(
-            {"token_mask": split(token_mask)[None, :], "cu_seqlens": cu}, cp_size=cp
-        )
+        describe_micro_batch({"token_mask": token_mask[None, :], "cu_seqlens": cu}, localize=thd)
     )
     for n in CP_LAYERS:
         acc.add(n, split(acts[n])[:, None, :])  # [t, 1, R]
