@@ -6,8 +6,8 @@ import logging
 import time
 from functools import partial
 
-from megatron_longact.checkpoint import save_if_due
-from megatron_longact.config.schema import JobConfig
+from megatron_longact.checkpoint import preflight, save_if_due
+from megatron_longact.config.schema import JobConfig, check_rl_batch
 from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 from megatron_longact.longact.controller import LongActController
 from megatron_longact.rl.batch import SEQ_MULTIPLE, make_rows, padded_length, split_rows
@@ -48,6 +48,7 @@ def run_rl(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
     resumes from ``checkpoint.save_dir``. All ranks run it."""
     rl, ckpt = job.rl, job.checkpoint
     dims = init_distributed(job.parallel, seed=job.train.seed)
+    check_rl_batch(job, dp=dims.dp)
     tokenizer = load_tokenizer(job.data.tokenizer_path or TINY_TOKENIZER_DIR)
     records = load_rl_records(rl, job.data)
     state = setup_train_state(job, dims)
@@ -62,6 +63,8 @@ def run_rl(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
     engine = build_engine(job, state, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     mbs = job.data.micro_batch_size
+    preflight(save_dir=ckpt.save_dir, other_dirs={"logging.tensorboard_dir": tensorboard_dir(job)},
+              model=state.model, with_optimizer=True)  # fmt: skip
     writer = MetricsWriter(tensorboard_dir(job), wandb_project=job.logging.wandb_project)
     metrics: dict[str, float] = {}
     start = state.progress["step"]
@@ -93,7 +96,7 @@ def run_rl(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
             if not samples:  # only under rl.on_exhausted=continue: nothing to train on
                 logger.warning("step %d: dynamic sampling kept no group; no update", step)
                 state.progress["step"] = step
-                stopping = stop.agreed()
+                stopping = stop.agreed(step=step)
                 save_if_due(state, ckpt, step=step, last_step=job.train.train_steps,
                             stopping=stopping, config_yaml=config_yaml,
                             extra={"longact": longact.pipeline_state_dict()})  # fmt: skip
@@ -160,7 +163,7 @@ def run_rl(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
                 info=f"reward {metrics['rollout/reward_mean']:.3f} "
                 f"acc {metrics['rollout/accuracy']:.2f}"
             )
-            stopping = stop.agreed()
+            stopping = stop.agreed(step=step)
             save_if_due(
                 state,
                 ckpt,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
-from megatron_longact.checkpoint import save_if_due
-from megatron_longact.config.schema import JobConfig
+from megatron_longact.checkpoint import preflight, save_if_due
+from megatron_longact.config.schema import JobConfig, check_sequence_length
 from megatron_longact.models.gpt import use_transformer_engine
 from megatron_longact.runtime.batches import (
     global_batch_indices,
@@ -32,6 +32,9 @@ def run_sft(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
     dims = init_distributed(job.parallel, seed=job.train.seed)
     data = load_sft_data(job.data, pad_multiple=2 * dims.cp if dims.cp > 1 else 1)
     state = setup_train_state(job, dims)
+    check_sequence_length(seq_length=job.data.seq_length, field="data.seq_length",
+                          max_position_embeddings=job.model.max_position_embeddings
+                          or state.arch.max_position_embeddings)  # fmt: skip
     if len(data.tokenizer) > state.arch.vocab_size:
         raise ValueError(
             f"tokenizer has {len(data.tokenizer)} tokens but the model's vocab_size is "
@@ -70,6 +73,8 @@ def run_sft(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
         seq_length=job.data.seq_length,
         micro_batch_size=job.data.micro_batch_size,
     )
+    preflight(save_dir=ckpt.save_dir, other_dirs={"logging.tensorboard_dir": tensorboard_dir(job)},
+              model=state.model, with_optimizer=True)  # fmt: skip
     writer = MetricsWriter(tensorboard_dir(job), wandb_project=job.logging.wandb_project)
     metrics: dict[str, float] = {}
     start = state.progress["step"]
@@ -106,7 +111,7 @@ def run_sft(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
             if step % job.train.log_interval == 0:
                 writer.log(metrics, step=step)
             bar.update(info=f"loss {result.loss:.4f} lr {result.lr:.2e}")
-            stopping = stop.agreed()
+            stopping = stop.agreed(step=step)
             save_if_due(
                 state,
                 ckpt,
