@@ -1,4 +1,4 @@
-"""Run megatron-core on a machine without CUDA (gloo backend, fp32).
+"""Run megatron-core on a machine without CUDA (gloo backend; fp32, or bf16 with fp32 masters).
 
 megatron-core assumes a GPU in a few places: it asks ``torch.cuda.current_device()``,
 creates tensors with ``device='cuda'``, forks a CUDA RNG tracker, checks
