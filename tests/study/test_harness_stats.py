@@ -1,0 +1,74 @@
+"""The study's aggregation on hand-made inputs: mean ± 95% CI per arm, curves, file readers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from megatron_longact.study.harness import (
+    StudyConfig,
+    StudyResult,
+    arm_summaries,
+    read_accuracy,
+    read_curve,
+    write_report,
+)
+from megatron_longact.study.stats import format_table, mean_curve, summarize, t_quantile_975
+
+
+def test_summary_by_hand():
+    # values 0.2, 0.4, 0.6: mean 0.4, sd 0.2, n 3 -> half-width 4.303 * 0.2 / sqrt(3).
+    s = summarize([0.2, 0.4, 0.6], arm="massive")
+    assert s.n == 3 and s.mean == pytest.approx(0.4)
+    assert s.ci95 == pytest.approx(4.303 * 0.2 / math.sqrt(3))
+    assert math.isnan(summarize([0.5], arm="one").ci95)
+    assert summarize([0.3, 0.3], arm="flat").ci95 == 0.0
+
+
+def test_t_quantiles_match_tables():
+    assert t_quantile_975(1) == 12.706 and t_quantile_975(2) == 4.303
+    assert t_quantile_975(30) == 2.042 and t_quantile_975(200) == 1.96
+    with pytest.raises(ValueError, match="at least 2"):
+        t_quantile_975(0)
+
+
+def test_mean_curve_over_seeds_with_ragged_steps():
+    curve = mean_curve([{1: 0.0, 2: 0.5}, {1: 1.0, 2: 0.5, 3: 0.25}])
+    assert curve[1][0] == pytest.approx(0.5)
+    assert curve[1][1] == pytest.approx(12.706 * math.sqrt(0.5) / math.sqrt(2))
+    assert curve[2] == (pytest.approx(0.5), 0.0)
+    assert curve[3][0] == 0.25 and math.isnan(curve[3][1])
+
+
+def test_table_and_report(tmp_path):
+    result = StudyResult(
+        sft_accuracy=0.25,
+        accuracy={"dense": {1: 0.3, 2: 0.5}, "massive": {1: 0.6, 2: 0.6}},
+        curves={"dense": {1: {1: 0.1, 2: 0.2}, 2: {1: 0.3, 2: 0.4}},
+                "massive": {1: {1: 0.5}, 2: {1: 0.7}}},
+    )  # fmt: skip
+    summaries = arm_summaries(result)
+    assert [s.arm for s in summaries] == ["dense", "massive"]
+    table = format_table(summaries, metric="acc")
+    assert "| dense | 2 | 40.0 ± 127.1 | 30.0, 50.0 |" in table  # 12.706 * 0.1414 / 1.414
+    assert "| massive | 2 | 60.0 ± 0.0 | 60.0, 60.0 |" in table
+    config = StudyConfig(sft_config="a", rl_config="b", eval_data="c", out_dir=str(tmp_path))
+    write_report(result, out=tmp_path, config=config)
+    saved = json.loads((tmp_path / "study.json").read_text())
+    assert saved["summary"][1]["mean"] == pytest.approx(0.6)
+    assert (tmp_path / "study.png").stat().st_size > 0
+    assert "SFT model (start of every RL run): 25.0%" in (tmp_path / "study.md").read_text()
+
+
+def test_readers(tmp_path):
+    (tmp_path / "synthetic_kv.scores.json").write_text(json.dumps({"KV-Acc": 37.5}))
+    assert read_accuracy(tmp_path / "synthetic_kv.scores.json") == 0.375
+    lines = [{"step": 1, "rollout/reward_mean": 0.5}, {"step": 1, "loss": 2.0},
+             {"step": 2, "rollout/reward_mean": 0.75}]  # fmt: skip
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert read_curve(tmp_path / "m.jsonl") == {1: 0.5, 2: 0.75}
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="KV-Acc"):
+        read_accuracy(tmp_path / "bad.json")
