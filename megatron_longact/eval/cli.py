@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from megatron_longact.config.schema import JobConfig
 from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
-from megatron_longact.eval import infinitebench, longbench_v2, ruler, ruler_files, synthetic_kv
+from megatron_longact.eval import infinitebench, longbench_v2, ruler, synthetic_kv
 from megatron_longact.eval.backends import (
     Backend,
     chat_prompt,
@@ -27,7 +27,8 @@ from megatron_longact.eval.report import (
     ruler_table,
     write_report,
 )
-from megatron_longact.eval.ruler_qa import load_hotpotqa_pool, load_squad_pool
+from megatron_longact.eval.ruler import files as ruler_files
+from megatron_longact.eval.ruler.qa import load_hotpotqa_pool, load_squad_pool
 from megatron_longact.eval.runner import evaluate, scores_path
 from megatron_longact.models.hf_config import read_hf_config, resolve_model_dir
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from megatron_longact.eval.infinitebench import TABLE3_COLUMNS
 from megatron_longact.eval.longbench_v2 import TABLE1_COLUMNS
-from megatron_longact.eval.ruler_config import TABLE2_COLUMNS
+from megatron_longact.eval.ruler.config import TABLE2_COLUMNS
 
 Scores = Mapping[str, float]
 DECIMALS = 2  # the paper reports percentages with two decimals

@@ -7,7 +7,7 @@ import random
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from megatron_longact.eval.ruler_text import NOISE_SENTENCE, essay_sentences
+from megatron_longact.eval.ruler.text import NOISE_SENTENCE, essay_sentences
 from megatron_longact.eval.tokens import TextCodec, as_codec
 
 BPE_VOCAB_SIZE = 1500

@@ -14,13 +14,13 @@ from megatron_longact.eval.ruler import (
     make_suite,
     score_prediction,
 )
-from megatron_longact.eval.ruler_config import (
+from megatron_longact.eval.ruler.config import (
     NIAH_TASKS,
     RULER_TASKS,
     TABLE2_GROUPS,
     TOKENS_TO_GENERATE,
 )
-from megatron_longact.eval.ruler_qa import QAItem, QAPool, synthetic_qa_pool
+from megatron_longact.eval.ruler.qa import QAItem, QAPool, synthetic_qa_pool
 
 BUDGET = 3000
 QA_POOLS = {

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from megatron_longact.data.jsonl import DataFormatError
-from megatron_longact.eval.ruler_files import load_haystack_text, load_ruler_dir
+from megatron_longact.eval.ruler.files import load_haystack_text, load_ruler_dir
 
 ROW = {"index": 7, "input": "Find it. The key is 42.", "outputs": ["42"], "length": 300,
        "length_w_model_temp": 300, "answer_prefix": " The key is"}  # fmt: skip

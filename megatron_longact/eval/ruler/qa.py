@@ -17,9 +17,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_longact.eval.ruler_config import QA_ANSWER_PREFIX, QA_DOCUMENT, QA_TEMPLATE
-from megatron_longact.eval.ruler_layout import Filled, fit_count, render
-from megatron_longact.eval.ruler_text import ADJECTIVES, NOUNS
+from megatron_longact.eval.ruler.config import QA_ANSWER_PREFIX, QA_DOCUMENT, QA_TEMPLATE
+from megatron_longact.eval.ruler.layout import Filled, fit_count, render
+from megatron_longact.eval.ruler.text import ADJECTIVES, NOUNS
 from megatron_longact.eval.tokens import TextCodec
 
 

@@ -14,7 +14,7 @@ import random
 import string
 from collections.abc import Callable, Sequence
 
-from megatron_longact.eval.ruler_config import (
+from megatron_longact.eval.ruler.config import (
     NIAH_ANSWER_PREFIX,
     NIAH_NEEDLE,
     NIAH_TEMPLATE,
@@ -23,7 +23,7 @@ from megatron_longact.eval.ruler_config import (
     NiahConfig,
     VariableTrackingConfig,
 )
-from megatron_longact.eval.ruler_layout import (
+from megatron_longact.eval.ruler.layout import (
     Filled,
     TokenCounter,
     UnitStream,
@@ -31,7 +31,7 @@ from megatron_longact.eval.ruler_layout import (
     place_at_depths,
     render,
 )
-from megatron_longact.eval.ruler_text import (
+from megatron_longact.eval.ruler.text import (
     NOISE_SENTENCE,
     RULER_DEPTHS_PERCENT,
     essay_sentences,

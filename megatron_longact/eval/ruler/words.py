@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import string
 
-from megatron_longact.eval.ruler_config import (
+from megatron_longact.eval.ruler.config import (
     CWE_ANSWER_PREFIX,
     CWE_SHORT_CONTEXT,
     CWE_TEMPLATE,
@@ -20,8 +20,8 @@ from megatron_longact.eval.ruler_config import (
     CommonWordsConfig,
     FreqWordsConfig,
 )
-from megatron_longact.eval.ruler_layout import Filled, fit_count, render
-from megatron_longact.eval.ruler_text import riemann_zeta, word_pool
+from megatron_longact.eval.ruler.layout import Filled, fit_count, render
+from megatron_longact.eval.ruler.text import riemann_zeta, word_pool
 from megatron_longact.eval.tokens import TextCodec
 
 # (distinct words, common repeats, uncommon repeats) of CWE's solved example: long / short context.

@@ -1,5 +1,10 @@
 """RULER (Hsieh et al. 2024): generate its synthetic tasks at any length, score, group for Table 2.
 
+The package: ``config`` (task settings and templates), ``layout`` (samples, budget fitting),
+``text`` (filler and values), ``niah`` / ``words`` / ``qa`` (the task families), ``files``
+(RULER's own generated files and essay haystack); this module generates, scores and makes the
+runner suite.
+
 Usage::
 
     samples = generate_ruler(max_seq_length=131072, num_samples=100, tokenizer=hf_tok,
@@ -24,7 +29,7 @@ from megatron_longact.eval.metrics import (
     string_match_part,
     strip_thinking,
 )
-from megatron_longact.eval.ruler_config import (
+from megatron_longact.eval.ruler.config import (
     DEFAULT_SEED,
     RULER_TASKS,
     TABLE2_GROUPS,
@@ -37,10 +42,10 @@ from megatron_longact.eval.ruler_config import (
     VariableTrackingConfig,
     task_config,
 )
-from megatron_longact.eval.ruler_layout import Filled, RulerSample
-from megatron_longact.eval.ruler_niah import generate_niah, generate_variable_tracking
-from megatron_longact.eval.ruler_qa import QAPool, generate_qa
-from megatron_longact.eval.ruler_words import generate_cwe, generate_fwe
+from megatron_longact.eval.ruler.layout import Filled, RulerSample
+from megatron_longact.eval.ruler.niah import generate_niah, generate_variable_tracking
+from megatron_longact.eval.ruler.qa import QAPool, generate_qa
+from megatron_longact.eval.ruler.words import generate_cwe, generate_fwe
 from megatron_longact.eval.suite import Record, Suite, mean_percent
 from megatron_longact.eval.tokens import TextCodec, as_codec
 
@@ -75,8 +80,8 @@ def generate_ruler_task(
         raise ValueError(f"depths= applies to NIAH tasks only, not {task!r}")
     if isinstance(cfg, QAConfig) and qa_pool is None:
         raise ValueError(
-            f"RULER task {task} needs a qa_pool: ruler_qa.load_squad_pool(path) / load_hotpotqa_pool(path) "
-            "for the official sets, or ruler_qa.synthetic_qa_pool() offline"
+            f"RULER task {task} needs a qa_pool: ruler.qa.load_squad_pool(path) / load_hotpotqa_pool(path) "
+            "for the official sets, or ruler.qa.synthetic_qa_pool() offline"
         )
     codec = as_codec(tokenizer)
     tokens_to_generate = TOKENS_TO_GENERATE[cfg.family]
@@ -213,7 +218,7 @@ def make_suite(
     """A runner suite; prompts end with the answer prefix unless a chat backend adds it itself.
 
     ``chat_template=False`` sends ``input + answer_prefix`` as is, for RULER's own files whose
-    ``input`` already holds the model template (``ruler_files``).
+    ``input`` already holds the model template (``ruler.files``).
     """
     return Suite(
         name=name,

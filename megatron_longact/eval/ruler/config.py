@@ -112,7 +112,7 @@ class FreqWordsConfig:
 
 @dataclass(frozen=True)
 class QAConfig:
-    """Question answering over a pool of documents the caller supplies (see ruler_qa)."""
+    """Question answering over a pool of documents the caller supplies (see ruler.qa)."""
 
     dataset: str = "squad"
     family: str = "qa"

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from megatron_longact.data.jsonl import DataFormatError
 from megatron_longact.data.records import read_records
-from megatron_longact.eval.ruler_config import RULER_TASKS
-from megatron_longact.eval.ruler_layout import RulerSample
+from megatron_longact.eval.ruler.config import RULER_TASKS
+from megatron_longact.eval.ruler.layout import RulerSample
 
 RULER_SUBSET_FILE = "validation.jsonl"  # prepare.py's default --subset
 
