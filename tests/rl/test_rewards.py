@@ -213,3 +213,35 @@ def test_registry_and_unknown_name():
     assert set(REWARD_FNS) == {"format", "answer_mc", "answer_qa", "answer_number", "format_answer"}
     with pytest.raises(ValueError, match="answer_mc, answer_number, answer_qa, format"):
         compute_reward("accuracy", "x", "y")
+
+
+def test_docqa_rows_reach_the_reward_with_the_answer_their_prompt_asks_for():
+    from megatron_longact.data.prompts import gold_answer, user_message
+    from megatron_longact.data.rl_data import docqa_record
+
+    def row(source, question, ground_truth):
+        content = (f"Please read the following text and answer the question below.\n\n<text>\n"
+                   f"doc\n</text>\n\n{question}\n\nFormat your response as follows: ...")  # fmt: skip
+        return {"data_source": source, "prompt": [{"role": "user", "content": content}],
+                "reward_model": {"ground_truth": ground_truth}, "extra_info": {"index": 0}}  # fmt: skip
+
+    mc = docqa_record(row("long_toc_choices_1", "What is the correct answer to this question: "
+                          "Which?\nChoices:\n(A) x\n(B) y\n(C) z\n(D) w",
+                          "The correct answer is (C)"))  # fmt: skip
+    assert "the letter of the correct choice" in user_message(mc, mc.context)
+    tagged = "<think>z is right</think><answer>C</answer>"
+    assert compute_reward("format_answer", tagged, gold_answer(mc)).score == 2.0
+    assert (
+        compute_reward(
+            "format_answer", "<think>.</think><answer>z</answer>", gold_answer(mc)
+        ).answer_ok
+        is False
+    )  # the option text is not the letter
+    math = docqa_record(row("docmath_1", "How much?", "Therefore, the answer is 1,250."))
+    assert "give the number" in user_message(math, math.context)
+    assert compute_reward("format_answer", "<think>.</think><answer>1250</answer>",
+                          gold_answer(math)).score == 2.0  # fmt: skip
+    yes = docqa_record(row("multihoprag_1", "Is it?", "yes"))
+    assert "yes/no" in user_message(yes, yes.context)
+    assert compute_reward("format_answer", "<think>.</think><answer>Yes</answer>",
+                          gold_answer(yes)).score == 2.0  # fmt: skip
