@@ -37,15 +37,14 @@ def row_location(path: str | os.PathLike[str], row: int) -> str:
 
 
 def _pyarrow():
+    """pyarrow with its parquet module loaded (imported on first use: JSONL needs neither)."""
     try:
-        import pyarrow  # noqa: F401
-        import pyarrow.parquet  # noqa: F401
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401  (makes pyarrow.parquet available)
     except ImportError as err:  # pragma: no cover - pyarrow is in install_requires
         raise ImportError(
             "reading parquet or Hugging Face dataset folders needs pyarrow: pip install pyarrow"
         ) from err
-    import pyarrow
-
     return pyarrow
 
 
@@ -56,9 +55,9 @@ def _is_parquet(path: Path) -> bool:
         return f.read(4) == PARQUET_MAGIC
 
 
-def _rows_of_batches(batches, path: Path, start: int = 0) -> Iterator[tuple[str, dict[str, Any]]]:
+def _rows_of_batches(batches, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yields (location, row dict) from Arrow record batches; nested types become lists/dicts."""
-    row = start
+    row = 0
     for batch in batches:
         for record in batch.to_pylist():
             yield row_location(path, row), record
