@@ -1,8 +1,9 @@
 """JSON Lines reading with file/line error context, and crash-safe writing.
 
-Every data file in the project (SFT conversations, RL prompts, eval sets) is JSONL: one JSON
-object per line. Errors name the file, the 1-based line and the field so a user can open the
-file and fix it.
+JSONL (one JSON object per line) is the project's own data format (the synthetic sets, RL
+records, predictions); ``records.read_records`` reads it through here and adds parquet, JSON
+lists and Hugging Face dataset folders. Errors name the file, the 1-based line and the field so
+a user can open the file and fix it.
 """
 
 from __future__ import annotations

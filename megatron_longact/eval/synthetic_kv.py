@@ -21,7 +21,8 @@ COLUMNS = ("KV-Acc", "KV-Format")
 
 
 def load_synthetic_kv(path: str | Path) -> list[RLRecord]:
-    """Records from an RL JSONL file (errors name the file, line and field)."""
+    """Records from an RL data file (JSONL, parquet or an HF folder; errors name the file, the
+    line or row and the field)."""
     return load_rl_jsonl(path)
 
 
