@@ -341,6 +341,7 @@ def export_checkpoint(
     from megatron.core import dist_checkpointing
 
     from megatron_longact.checkpoint.dist_ckpt import latest_checkpoint
+    from megatron_longact.checkpoint.integrity import corrupt_error, verify_checkpoint
 
     ckpt = latest_checkpoint(load)
     if ckpt is None:
@@ -348,6 +349,8 @@ def export_checkpoint(
             f"--load {load}: no checkpoint there (no 'latest' file and no metadata.json); point "
             "it at a save_dir or an iter_* folder"
         )
+    if (problem := verify_checkpoint(ckpt)) is not None:  # an export must not spread corruption
+        raise corrupt_error(ckpt, problem)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"--out {out} exists and is not empty; remove it or pick another")
