@@ -134,7 +134,8 @@ def build_dataclass(cls: type[T], values: dict, *, where: str = "") -> T:
     except ValueError as err:
         if isinstance(err, ConfigError):
             raise
-        raise ConfigError(f"{where or cls.__name__}: {err}") from err
+        # A check across sections (JobConfig) names its dotted fields itself.
+        raise ConfigError(f"{where}: {err}" if where else str(err)) from err
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:

@@ -11,6 +11,10 @@ child SIGKILL when its parent exits. It is set in every forked child (``os.regis
 and in the spawned Manager (its initializer). The resource_tracker exits by itself once every
 holder of its pipe (trainer, Manager, writers) is gone. Stdlib only: the spawned Manager imports
 this module before anything else.
+
+Caveat: Linux sends the signal when the parent *thread* that forked the child exits, so a
+helper forked from a short-lived thread would die with that thread. megatron forks its
+writers from the thread that saves (the main thread here).
 """
 
 from __future__ import annotations
