@@ -80,3 +80,12 @@ def test_malformed_jsonl_line_fails_cleanly_and_keeps_checkpoints(synthetic_data
     after = {p: p.read_bytes() for p in save_dir.rglob("*") if p.is_file()}
     assert after == before
     assert json.loads((save_dir / "iter_0000005" / "metadata.json").read_text()) == {}
+
+
+def test_warmup_not_below_train_steps_is_one_cli_line(capsys):
+    from megatron_longact.cli import main
+
+    assert main(["sft", "optim.warmup_steps=5", "train.train_steps=5"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("longact: error: <defaults>: optim.warmup_steps=5")
+    assert "AssertionError" not in line

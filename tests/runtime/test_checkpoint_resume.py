@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_longact.checkpoint import latest_checkpoint
+from megatron_longact.checkpoint import latest_checkpoint, verify_checkpoint
 from megatron_longact.runtime.launch import run_local
 
 
@@ -66,6 +66,10 @@ def test_resume_continues_exact_trajectory(synthetic_data_dir, tmp_path):
     run_local(_sft, 1, _overrides(synthetic_data_dir, full))
     reference = _losses(full)
     assert sorted(reference) == [1, 2, 3, 4]
+    # Every save carries checksums of all its files (checked on each load).
+    for step in (2, 4):
+        assert verify_checkpoint(full / "ckpt" / f"iter_{step:07d}") is None
+        assert (full / "ckpt" / f"iter_{step:07d}" / "checksums.json").is_file()
 
     # Simulate a job killed after step 2 with a save of step 4 half written.
     resumed = tmp_path / "resumed"
