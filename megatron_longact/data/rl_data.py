@@ -146,7 +146,7 @@ def record_from_dict(obj: Mapping[str, Any], *, where: str = "<record>") -> RLRe
 
 
 def load_rl_jsonl(path: str | Path) -> list[RLRecord]:
-    """Reads our RL records from a JSONL file (or a JSON list); errors name file and line."""
+    """Reads our RL records from any data file or folder; errors name the file, line or row."""
     return [record_from_dict(obj, where=where) for where, obj in _iter_records(path)]
 
 
@@ -302,12 +302,12 @@ def memagent_record(obj: Mapping[str, Any], *, where: str = "<record>") -> RLRec
 
 
 def load_docqa_rl(path: str | Path) -> list[RLRecord]:
-    """Reads a DocQA-RL-1.6K JSONL/JSON export (see ``docqa_record``)."""
+    """Reads DocQA-RL-1.6K as published (parquet) or exported (JSONL, HF folder); see ``docqa_record``."""
     return [docqa_record(obj, where=where) for where, obj in _iter_records(path)]
 
 
 def load_memagent_rl(path: str | Path) -> list[RLRecord]:
-    """Reads a MemAgent RL JSONL/JSON export (see ``memagent_record``)."""
+    """Reads MemAgent's RL data as published (parquet) or exported; see ``memagent_record``."""
     return [memagent_record(obj, where=where) for where, obj in _iter_records(path)]
 
 

@@ -23,7 +23,9 @@ def load_rl_records(rl: RLConfig, data: DataConfig) -> list[RLRecord]:
         )
     if not rl.datasets:
         if data.train_path is None:
-            raise ValueError("set rl.datasets or data.train_path to an RL JSONL file")
+            raise ValueError(
+                "set rl.datasets or data.train_path to an RL data file (JSONL, parquet or an HF folder)"
+            )
         return load_rl_jsonl(data.train_path)
     sources = {f"{i}:{d.path}": _LOADERS[d.format](d.path) for i, d in enumerate(rl.datasets)}
     ratios = {name: d.ratio for name, d in zip(sources, rl.datasets)}

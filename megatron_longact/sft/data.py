@@ -54,7 +54,9 @@ def load_sft_data(data: DataConfig, *, pad_multiple: int = 1) -> SftData:
             f"({pad_multiple})"
         )
     if data.train_path is None:
-        raise ValueError("data.train_path is not set; point it at a chat JSONL file")
+        raise ValueError(
+            "data.train_path is not set; point it at SFT conversations (JSONL, parquet or an HF folder)"
+        )
     tokenizer = load_tokenizer(data.tokenizer_path or TINY_TOKENIZER_DIR)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train = load_sft_dataset(data.train_path, tokenizer, max_length=data.seq_length)
