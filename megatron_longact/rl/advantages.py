@@ -116,26 +116,3 @@ def _leave_one_out(
     others_sq = (sq_sum - dev**2 - dev**2 / others).clamp(min=0)
     sigma = torch.where(n > 2, (others_sq / (n - 2).clamp(min=1)).sqrt(), 0.0)
     return torch.where(sigma > 0, centered / (sigma + eps), centered)
-
-
-def broadcast_to_tokens(advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Copies each response's advantage to its valid tokens.
-
-    Args:
-        advantages: [N] float, one per response.
-        response_mask: [N, T] (bool or 0/1), 1 on the response tokens that get a loss.
-
-    Returns:
-        [N, T] in the dtype of ``advantages``: A_i on valid tokens, 0 elsewhere.
-    """
-    if advantages.dim() != 1 or response_mask.dim() != 2:
-        raise ValueError(
-            f"expected advantages [N] and response_mask [N, T]; got {tuple(advantages.shape)} "
-            f"and {tuple(response_mask.shape)}"
-        )
-    if advantages.shape[0] != response_mask.shape[0]:
-        raise ValueError(
-            f"{advantages.shape[0]} advantages for {response_mask.shape[0]} responses; "
-            "they must match one to one"
-        )
-    return advantages[:, None] * response_mask.to(advantages.dtype)

@@ -186,8 +186,3 @@ def suspended():
         yield
     finally:
         _MODE.__enter__()
-
-
-def is_enabled() -> bool:
-    """True when this process runs megatron on the CPU through this bridge."""
-    return _ENABLED

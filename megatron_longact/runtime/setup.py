@@ -112,7 +112,7 @@ def setup_train_state(job: JobConfig, dims: ParallelDims) -> TrainState:
         optimizer=optimizer,
         scheduler=scheduler,
         dims=dims,
-        progress={"step": 0, "consumed_samples": 0, "data_epoch": 0, "data_index": 0},
+        progress={"step": 0, "consumed_samples": 0},
     )
 
 

@@ -6,7 +6,7 @@ import statistics
 import pytest
 import torch
 
-from megatron_longact.rl.advantages import ADVANTAGE_EPS, broadcast_to_tokens, group_advantages
+from megatron_longact.rl.advantages import ADVANTAGE_EPS, group_advantages
 
 EPS = ADVANTAGE_EPS
 
@@ -110,11 +110,3 @@ def test_bad_groups():
         group_advantages(torch.zeros(5), 2)
     with pytest.raises(ValueError, match="one per reward"):
         group_advantages(torch.zeros(4), torch.tensor([0, 0, 1]))
-
-
-def test_broadcast_to_tokens():
-    adv = torch.tensor([2.0, -1.0])
-    mask = torch.tensor([[1, 1, 0], [0, 1, 1]], dtype=torch.bool)
-    _close(broadcast_to_tokens(adv, mask), [[2.0, 2.0, 0.0], [0.0, -1.0, -1.0]])
-    with pytest.raises(ValueError, match="one to one"):
-        broadcast_to_tokens(adv, torch.ones(3, 2))
