@@ -1,8 +1,11 @@
 """Rollout -> reward -> dynamic-sampling filter -> advantages: the experience of one RL step.
 
-Data parallel: each DP replica generates rollouts for its share of the prompts (all TP ranks of
-a replica decode in lockstep), then the scored groups are all-gathered so that every rank holds
-the same global batch; filtering and advantages are therefore identical everywhere.
+Data and context parallel: each DP replica takes its share of the prompts (round-robin), and
+under CP its CP ranks split the replica's rollouts (prompts x rollouts_per_prompt, contiguous
+chunks): each (DP, CP) rank generates its own, with full local attention, and all TP ranks of it
+decode in lockstep. No rollout is generated twice. The scored rollouts are then all-gathered over
+DP x CP so that every rank holds the same global batch; filtering and advantages are therefore
+identical everywhere.
 """
 
 from __future__ import annotations
@@ -59,7 +62,11 @@ def _score(
 ) -> Sample:
     # A template whose generation prompt opens the think block (think_prefix "<think>\n") puts
     # that tag in the prompt, as in the SFT targets; the reward reads it as part of the response.
-    text = think_prefix + tokenizer.decode(rollout.response_ids, skip_special_tokens=False)
+    # The engine's text is cut after the stop string that ended the response (vLLM's output).
+    response = rollout.text
+    if response is None:
+        response = tokenizer.decode(rollout.response_ids, skip_special_tokens=False)
+    text = think_prefix + response
     result = compute_reward(rl.reward, text, gold_answer(record))
     reward = result.score
     if rl.overlong_buffer > 0:
@@ -82,6 +89,22 @@ def _score(
     )
 
 
+def replica_share(
+    num_records: int, *, rollouts_per_prompt: int, dp: int, dp_rank: int, cp: int, cp_rank: int
+) -> list[tuple[int, int]]:
+    """The (record index, rollout index) pairs one (DP, CP) rank generates, in order.
+
+    Records go round-robin over DP replicas (balanced), and a replica's rollouts (records in
+    order, ``rollouts_per_prompt`` each) are split into CP contiguous chunks whose sizes differ
+    by at most one (the rollouts of a prompt stay together: prefix sharing). Over all ranks
+    every pair appears exactly once.
+    """  # fmt: skip
+    pairs = [(i, k) for i in range(dp_rank, num_records, dp) for k in range(rollouts_per_prompt)]
+    base, extra = divmod(len(pairs), cp)
+    begin = cp_rank * base + min(cp_rank, extra)
+    return pairs[begin : begin + base + (cp_rank < extra)]
+
+
 def generate_groups(
     engine: RolloutEngine,
     records: list[RLRecord],
@@ -91,28 +114,42 @@ def generate_groups(
     params: SamplingParams,
 ) -> list[list[Sample]]:
     """Rollouts for ``records`` (``rollouts_per_prompt`` each), scored; all ranks return the
-    same global list of groups in record order. All ranks must call it (collective)."""
+    same global list of groups in record order. All ranks must call it (collective over
+    DP x CP; TP ranks of a replica generate together)."""
     from megatron.core import parallel_state
 
-    dp = parallel_state.get_data_parallel_world_size()
-    dp_rank = parallel_state.get_data_parallel_rank()
-    mine = list(range(dp_rank, len(records), dp))  # round-robin keeps replicas balanced
+    mine = replica_share(
+        len(records),
+        rollouts_per_prompt=rl.rollouts_per_prompt,
+        dp=parallel_state.get_data_parallel_world_size(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        cp=parallel_state.get_context_parallel_world_size(),
+        cp_rank=parallel_state.get_context_parallel_rank(),
+    )
     max_prompt = rl.max_seq_length - rl.max_new_tokens
-    prompts = []
-    for index in mine:
-        ids = encode_prompt(records[index], tokenizer, max_prompt_tokens=max_prompt)
-        prompts.extend([ids] * rl.rollouts_per_prompt)
+    encoded: dict[int, list[int]] = {}
+    for index, _ in mine:
+        if index not in encoded:
+            encoded[index] = encode_prompt(records[index], tokenizer, max_prompt_tokens=max_prompt)
+    prompts = [encoded[index] for index, _ in mine]
     rollouts = engine.generate(prompts, params) if prompts else []
     think_prefix = generation_think_prefix(tokenizer)
-    local = {}
-    for k, index in enumerate(mine):
-        chunk = rollouts[k * rl.rollouts_per_prompt : (k + 1) * rl.rollouts_per_prompt]
-        local[index] = [_score(r, records[index], tokenizer=tokenizer, rl=rl,
-                               think_prefix=think_prefix) for r in chunk]  # fmt: skip
-    gathered: list[dict] = [None] * dp  # type: ignore[list-item]
-    dist.all_gather_object(gathered, local, group=parallel_state.get_data_parallel_group())
-    merged = {k: v for part in gathered for k, v in part.items()}
-    return [merged[i] for i in range(len(records))]
+    local = {
+        pair: _score(rollout, records[pair[0]], tokenizer=tokenizer, rl=rl,
+                     think_prefix=think_prefix)
+        for pair, rollout in zip(mine, rollouts, strict=True)
+    }  # fmt: skip
+    gathered: list[dict] = [None] * parallel_state.get_data_parallel_world_size(  # type: ignore[list-item]
+        with_context_parallel=True
+    )
+    dist.all_gather_object(
+        gathered, local, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
+    )
+    merged = {pair: sample for part in gathered for pair, sample in part.items()}
+    expected = len(records) * rl.rollouts_per_prompt
+    if len(merged) != expected:
+        raise RuntimeError(f"gathered {len(merged)} rollouts for {expected} (prompts x rollouts)")
+    return [[merged[(i, k)] for k in range(rl.rollouts_per_prompt)] for i in range(len(records))]
 
 
 def collect_experience(

@@ -3,48 +3,48 @@
 from __future__ import annotations
 
 from megatron_longact.config.schema import JobConfig
+from megatron_longact.rl.rollout.stops import resolve_stop_conditions
 from megatron_longact.rl.rollout.types import SamplingParams
 
 
 def stop_token_ids(tokenizer, stop_strings: list[str]) -> tuple[int, ...]:
-    """EOS/end-of-turn ids plus the single-token ids of ``stop_strings`` (e.g. ``</answer>``).
+    """EOS/end-of-turn ids plus the single-token ids of ``stop_strings`` (multi-token strings
+    are in :func:`stops.resolve_stop_conditions`'s ``sequences`` and ``strings``)."""
+    return resolve_stop_conditions(tokenizer, stop_strings).token_ids
 
-    Raises ValueError naming a stop string that is not one token (the native engine stops on
-    token ids).
+
+def replica_rank() -> tuple[int, int]:
+    """(rank, size) of this rank's generation replica among all of them: DP x CP.
+
+    Under CP each CP rank generates its own share of the replica's rollouts, so replicas are
+    the ranks of the DP x CP group (TP ranks of one replica decode in lockstep). At CP = 1 this
+    is the DP rank.
     """
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    for token in ("<|im_end|>", "<|endoftext|>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
-            ids.add(token_id)
-    for text in stop_strings:
-        encoded = tokenizer.encode(text, add_special_tokens=False)
-        if len(encoded) != 1:
-            raise ValueError(
-                f"rl.stop_strings: {text!r} is {len(encoded)} tokens for this tokenizer; the "
-                "native engine stops on single tokens"
-            )
-        ids.add(encoded[0])
-    return tuple(sorted(ids))
+    from megatron.core import parallel_state
+
+    return (
+        parallel_state.get_data_parallel_rank(with_context_parallel=True),
+        parallel_state.get_data_parallel_world_size(with_context_parallel=True),
+    )
 
 
 def sampling_params(job: JobConfig, tokenizer, round_index: int, *, step: int) -> SamplingParams:
     """Sampling for generation round ``round_index`` of RL step ``step``.
 
-    The seed depends on (rl.seed, step, round, DP rank): replicas sample differently, while
-    the TP ranks of one replica draw identical tokens.
+    The seed depends on (rl.seed, step, round, replica rank over DP x CP): replicas sample
+    differently, while the TP ranks of one replica draw identical tokens.
     """
-    from megatron.core import parallel_state
-
     rl = job.rl
-    seed = (rl.seed * 1_000_003 + step * 1009 + round_index) * 97 + (
-        parallel_state.get_data_parallel_rank()
-    )
+    rank, _ = replica_rank()
+    seed = (rl.seed * 1_000_003 + step * 1009 + round_index) * 97 + rank
+    stops = resolve_stop_conditions(tokenizer, rl.stop_strings)
     return SamplingParams(
         temperature=rl.temperature,
         top_p=rl.top_p,
         max_new_tokens=rl.max_new_tokens,
-        stop_token_ids=stop_token_ids(tokenizer, rl.stop_strings),
+        stop_token_ids=stops.token_ids,
+        stop_strings=stops.strings,
+        stop_sequences=stops.sequences,
         seed=seed,
     )
 
@@ -55,9 +55,8 @@ def build_engine(job: JobConfig, state, tokenizer):
     if job.rl.engine == "native":
         from megatron_longact.rl.rollout.native import NativeEngine
 
-        return NativeEngine(
-            state.model[0], pad_token_id=pad, batch_size=job.rl.generation_batch_size
-        )
+        return NativeEngine(state.model[0], pad_token_id=pad,
+                            batch_size=job.rl.generation_batch_size, tokenizer=tokenizer)  # fmt: skip
     from megatron_longact.rl.rollout.vllm_engine import VLLMEngine
 
     return VLLMEngine.from_train_state(job, state, tokenizer)

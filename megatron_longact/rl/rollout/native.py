@@ -1,16 +1,54 @@
 """Native generation with the megatron policy itself: no weight copy, KV cache, batched.
 
 Prompts are left-padded so every row decodes in lockstep; a padding-aware causal mask keeps
-pads out of attention and position ids start at each prompt's first real token. The KV cache
-is megatron's ``StaticInferenceContext``. Works on CPU (local attention) and GPU, at any TP;
+pads out of attention. The KV cache is megatron's ``StaticInferenceContext`` holding rotated
+keys (:mod:`rl.rollout.kv_cache`: each key is rotated once, not at every step). Works on CPU
+(local attention) and GPU, at any TP, with sequence parallel, and under context parallel;
 pipeline parallel generation is not supported (use vLLM for PP > 1).
+
+Per decode step the loop keeps everything on the device: sampling (the generator lives on the
+device), the log-probs, and the stop-token / stop-sequence check (:class:`stops.StopTable`). The
+host looks every ``SYNC_EVERY_CUDA`` steps on GPU (every step on CPU, where looking is free) to
+end the batch once every row has stopped, and every ``TEXT_CHECK_EVERY`` steps to find stop
+strings in the decoded tails (:func:`stops.first_text_stop`). A row that stops between looks
+runs on for a few tokens that are cut afterwards: rows never influence each other, and each
+batch has its own generator, so the outputs do not depend on when the host looks.
+
+Layouts, all inside :meth:`NativeEngine.generate`:
+
+* sequence parallel: switched off for generation (one-token steps cannot be split over TP) with
+  megatron's ``set_model_to_sequence_parallel``, as megatron's own text generation controller
+  does for non-MoE layers (``inference/text_generation_controllers/
+  text_generation_controller.py`` ~1113-1125), and restored afterwards;
+* context parallel: each CP rank generates whole sequences of its own (the caller splits the
+  prompts, :func:`rl.experience.generate_groups`), so attention runs as plain local attention
+  (``models.cp_attention.local_attention_only``) and RoPE is not cut per CP rank (GPTModel's
+  rotary module would cut its table, ``rotary_pos_embedding.py`` ~199-204).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
+from megatron_longact.rl.rollout.kv_cache import rotated_key_cache
+from megatron_longact.rl.rollout.stops import (
+    StopTable,
+    first_text_stop,
+    response_text,
+    tail_tokens,
+)
 from megatron_longact.rl.rollout.types import Rollout, SamplingParams
+from megatron_longact.runtime import cpu_compat
+
+SYNC_EVERY_CUDA = 8
+"""Decode steps between the host's looks at the "all rows stopped" flag on GPU."""
+TEXT_CHECK_EVERY = 8
+"""Decode steps between decoded-tail stop-string checks (the host decodes each row's tail)."""
+NOT_GENERATED = -2
+"""Token id that fills the stop window left of the first response token (matches no stop)."""
 
 
 def sample_next(
@@ -20,7 +58,8 @@ def sample_next(
 
     Returns ``(tokens [b] int64, logprobs [b])`` where the log-probability is under the
     temperature-scaled distribution (before top-p truncation, as verl/vLLM report it).
-    ``temperature`` 0 is greedy decoding (log-probs then at temperature 1).
+    ``temperature`` 0 is greedy decoding (log-probs then at temperature 1). ``generator`` is on
+    the device of ``logits`` (no host round trip).
     """
     if temperature == 0:
         logprobs_all = torch.log_softmax(logits, dim=-1)
@@ -33,14 +72,23 @@ def sample_next(
         keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
         sorted_probs = sorted_probs * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    tokens = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-class NativeEngine:
-    """Generates with a (DDP-wrapped) megatron GPTModel chunk. See module docstring."""
+def batch_seed(seed: int, batch_index: int) -> int:
+    """Generator seed of batch ``batch_index`` of a ``generate`` call (batch 0: ``seed``)."""
+    return seed if batch_index == 0 else (seed * 1_000_003 + batch_index) % (2**63 - 1)
 
-    def __init__(self, model, *, pad_token_id: int, batch_size: int = 64):
+
+class NativeEngine:
+    """Generates with a (DDP-wrapped) megatron GPTModel chunk. See module docstring.
+
+    ``tokenizer`` (a Hugging Face tokenizer) is needed for stop strings: the decoded-tail check
+    and the response text the reward sees.
+    """
+
+    def __init__(self, model, *, pad_token_id: int, batch_size: int = 64, tokenizer=None):
         from megatron.core import parallel_state
 
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
@@ -53,7 +101,10 @@ class NativeEngine:
         self.model = unwrap_gpt(model)
         self.pad_token_id = pad_token_id
         self.batch_size = batch_size
+        self.tokenizer = tokenizer
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.sync_every = SYNC_EVERY_CUDA if self.device == "cuda" else 1
+        self.bridge_free_decode = parallel_state.get_tensor_model_parallel_world_size() == 1
 
     def sleep(self) -> None:
         if torch.cuda.is_available():
@@ -63,15 +114,20 @@ class NativeEngine:
         """Nothing to do: the engine reads the trainer's parameters directly."""
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
-        """One response per prompt, in input order; batches of ``batch_size``."""
+        """One response per prompt, in input order; batches of ``batch_size``. All TP ranks of
+        a replica call it with the same prompts and params (TP collectives in the forward)."""
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need the tokenizer: NativeEngine(..., tokenizer=)")
         results: list[Rollout] = []
-        generator = torch.Generator().manual_seed(params.seed)
         was_training = self.model.training
         self.model.eval()
         try:
-            for start in range(0, len(prompts), self.batch_size):
-                chunk = prompts[start : start + self.batch_size]
-                results.extend(self._generate_batch(chunk, params, generator))
+            with _generation_layout(self.model):
+                for index, start in enumerate(range(0, len(prompts), self.batch_size)):
+                    generator = torch.Generator(device=self.device)
+                    generator.manual_seed(batch_seed(params.seed, index))
+                    chunk = prompts[start : start + self.batch_size]
+                    results.extend(self._generate_batch(chunk, params, generator))
         finally:
             self.model.train(was_training)
         return results
@@ -80,9 +136,9 @@ class NativeEngine:
     def _generate_batch(self, prompts, params: SamplingParams, generator) -> list[Rollout]:
         from megatron.core.inference.contexts import StaticInferenceContext
 
-        batch = len(prompts)
+        batch, new = len(prompts), params.max_new_tokens
         prompt_len = max(len(p) for p in prompts)
-        total = prompt_len + params.max_new_tokens
+        total = prompt_len + new
         tokens = torch.full((batch, total), self.pad_token_id, dtype=torch.long)
         valid = torch.zeros(batch, total, dtype=torch.bool)
         for row, prompt in enumerate(prompts):
@@ -91,52 +147,133 @@ class NativeEngine:
         valid[:, prompt_len:] = True  # generated positions; finished rows are cut afterwards
         positions = (valid.cumsum(1) - 1).clamp(min=0)
         tokens, valid, positions = (t.to(self.device) for t in (tokens, valid, positions))
-        stop_ids = torch.tensor(list(params.stop_token_ids) or [-1], device=self.device)
+        table = StopTable(params.stop_token_ids, params.stop_sequences, device=self.device)
+        # Response tokens with width-1 non-generated slots in front: the stop window of step i
+        # is window[:, i : i + width].
+        window = torch.full((batch, table.width - 1 + new), NOT_GENERATED, dtype=torch.long,
+                            device=self.device)  # fmt: skip
+        text_stops = TextStops(self, params, prompt_len=prompt_len)
 
         context = StaticInferenceContext(batch, total)
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        lengths = torch.full((batch,), params.max_new_tokens, dtype=torch.long)
-        logprobs = torch.zeros(batch, params.max_new_tokens)
+        lengths = torch.full((batch,), new, dtype=torch.long, device=self.device)
+        logprobs = torch.zeros(batch, new, device=self.device)
         start, end = 0, prompt_len
-        for step in range(params.max_new_tokens):
-            logits = self.model(
-                input_ids=tokens[:, start:end],
-                position_ids=positions[:, start:end],
-                attention_mask=_padded_causal_mask(valid, start, end),
-                inference_context=context,
-                runtime_gather_output=True,
-            )
-            context.sequence_len_offset += end - start
-            next_tokens, next_logprobs = sample_next(
-                logits[:, -1].float(),
-                temperature=params.temperature,
-                top_p=params.top_p,
-                generator=generator,
-            )
-            next_tokens = torch.where(finished, self.pad_token_id, next_tokens)
-            tokens[:, end] = next_tokens
-            logprobs[:, step] = next_logprobs.cpu()
-            just_stopped = ~finished & torch.isin(next_tokens, stop_ids)
-            lengths[just_stopped.cpu()] = step + 1
-            finished |= just_stopped
-            if bool(finished.all()):
-                break
-            start, end = end, end + 1
+        with contextlib.ExitStack() as decode_steps:
+            for step in range(new):
+                if step == 1 and self.bridge_free_decode:
+                    # After the prompt step a TP=1 decode step asks nothing of CUDA (megatron's
+                    # lru_cache holds RoPE's table, the KV cache exists; TP's gathers would
+                    # allocate on "the current CUDA device"), and the CPU bridge's per-call
+                    # Python dispatch would cost more than the small kernels.
+                    decode_steps.enter_context(cpu_compat.suspended())
+                logits = self.model(
+                    input_ids=tokens[:, start:end],
+                    position_ids=positions[:, start:end],
+                    attention_mask=_padded_causal_mask(valid, start, end),
+                    inference_context=context,
+                    runtime_gather_output=True,
+                )
+                context.sequence_len_offset += end - start
+                next_tokens, next_logprobs = sample_next(
+                    logits[:, -1].float(),
+                    temperature=params.temperature,
+                    top_p=params.top_p,
+                    generator=generator,
+                )
+                next_tokens = torch.where(finished, self.pad_token_id, next_tokens)
+                tokens[:, end] = next_tokens
+                logprobs[:, step] = next_logprobs
+                window[:, table.width - 1 + step] = next_tokens
+                just_stopped = ~finished & table.matches(window[:, step : step + table.width])
+                lengths = torch.where(just_stopped, step + 1, lengths)
+                finished |= just_stopped
+                last = step == new - 1
+                if (step + 1) % TEXT_CHECK_EVERY == 0 or last:
+                    text_stops.check(tokens, end=end + 1, finished=finished, lengths=lengths)
+                if ((step + 1) % self.sync_every == 0 or last) and bool(finished.all()):
+                    break
+                start, end = end, end + 1
+        text_stops.check(tokens, end=prompt_len + step + 1, finished=finished, lengths=lengths)
+        responses = tokens[:, prompt_len:].cpu()
+        lengths_host, logprobs_host = lengths.cpu().tolist(), logprobs.cpu()
+        stopped = finished.cpu().tolist()
         rollouts = []
         for row, prompt in enumerate(prompts):
-            n = int(lengths[row])
+            n = lengths_host[row]
+            ids = responses[row, :n].tolist()
             rollouts.append(
                 Rollout(
                     prompt_ids=list(prompt),
-                    response_ids=tokens[row, prompt_len : prompt_len + n].tolist(),
-                    logprobs=logprobs[row, :n].tolist(),
-                    finish_reason="stop"
-                    if n < params.max_new_tokens
-                    or bool(torch.isin(tokens[row, prompt_len + n - 1], stop_ids))
-                    else "length",
+                    response_ids=ids,
+                    logprobs=logprobs_host[row, :n].tolist(),
+                    finish_reason="stop" if stopped[row] else "length",
+                    text=response_text(self.tokenizer, ids, stop_strings=params.stop_strings)
+                    if params.stop_strings
+                    else None,
                 )
             )
         return rollouts
+
+
+class TextStops:
+    """The host's decoded-tail check of one batch: rows whose text reached a stop string."""
+
+    def __init__(self, engine: NativeEngine, params: SamplingParams, *, prompt_len: int):
+        self.strings = params.stop_strings
+        self.tokenizer = engine.tokenizer
+        self.prompt_len = prompt_len
+        self.window = tail_tokens(self.strings)
+        self.checked = 0  # response tokens already searched
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def check(self, tokens, *, end: int, finished, lengths) -> None:
+        """Ends rows whose response ``tokens[:, prompt_len:end]`` reaches a stop string in its
+        unsearched part, at the exact token, unless they stopped earlier (``finished`` and
+        ``lengths`` are updated in place). One device->host copy of the new stretch."""
+        if not self.strings or end - self.prompt_len <= self.checked:
+            return
+        left = max(0, self.checked - self.window)
+        stretch = tokens[:, self.prompt_len + left : end].cpu().tolist()
+        limits = lengths.cpu().tolist()
+        for row, ids in enumerate(stretch):
+            hit = first_text_stop(self._decode, ids[: limits[row] - left],
+                                  stop_strings=self.strings, first=self.checked - left,
+                                  window=self.window)  # fmt: skip
+            if hit is not None:
+                finished[row] = True
+                lengths[row] = left + hit
+        self.checked = end - self.prompt_len
+
+
+@contextlib.contextmanager
+def _generation_layout(gpt) -> Iterator[None]:
+    """Rotated-key cache; sequence parallel off; under CP, full local attention and an uncut
+    RoPE table (module docstring). Restores the training layout on exit."""
+    from megatron.core import parallel_state
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(rotated_key_cache(gpt))
+        if gpt.config.sequence_parallel:
+            from megatron.core.transformer.utils import set_model_to_sequence_parallel
+
+            set_model_to_sequence_parallel(gpt, False)
+            stack.callback(set_model_to_sequence_parallel, gpt, True)
+        if parallel_state.get_context_parallel_world_size() > 1:
+            from megatron_longact.models.cp_attention import local_attention_only
+
+            stack.enter_context(local_attention_only())
+            rotary = getattr(gpt, "rotary_pos_emb", None)
+            if rotary is not None and getattr(rotary, "cp_group", None) is not None:
+                group, rotary.cp_group = rotary.cp_group, None
+                stack.callback(setattr, rotary, "cp_group", group)
+                # RotaryEmbedding.forward is lru_cached on its arguments, not on cp_group: drop
+                # tables cut for training before, and the uncut ones after.
+                type(rotary).forward.cache_clear()
+                stack.callback(type(rotary).forward.cache_clear)
+        yield
 
 
 def _padded_causal_mask(valid: torch.Tensor, start: int, end: int) -> torch.Tensor:

@@ -13,6 +13,11 @@ class SamplingParams:
     max_new_tokens: int = 4096
     stop_token_ids: tuple[int, ...] = ()
     """Generation of a sequence ends after it emits one of these (EOS, ``</answer>``...)."""
+    stop_strings: tuple[str, ...] = ()
+    """Generation ends once the decoded response contains one (vLLM's stop strings, with the
+    string kept in the output: ``rl.rollout.stops``)."""
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
+    """Token sequences of the multi-token stop strings (the native engine's device check)."""
     seed: int = 0
     """Sampling seed; the same on every TP rank of a model replica."""
 
@@ -26,6 +31,9 @@ class Rollout:
     logprobs: list[float] = field(default_factory=list)
     """The engine's log-probabilities of ``response_ids`` (at the sampling temperature)."""
     finish_reason: Literal["stop", "length"] = "length"
+    text: str | None = None
+    """The response text the reward scores (cut after its stop string); None: decode
+    ``response_ids``."""
 
 
 class RolloutEngine(Protocol):

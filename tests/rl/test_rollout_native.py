@@ -1,0 +1,107 @@
+"""The native engine on a real megatron GPTModel (micro-qwen3, one gloo process, fp32):
+
+* the rotated-key cache gives bit-identical tokens and log-probs to megatron's stock static
+  path (which re-rotates the whole cache every step), greedy and sampled;
+* multi-token stop strings end a response at the exact token vLLM would stop at, both when the
+  string's own token sequence appears and when it only appears in the decoded text; other rows
+  of the batch are untouched, and the text the reward sees ends with the stop string.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from megatron_longact.runtime.launch import run_local
+
+PROMPTS = ["The answer is <answer>", "Read the document and", "key value pairs: k1 = 4,"]
+NEW_TOKENS = 14
+
+
+def _expected_stop(tok, response: list[int], stop: str) -> int | None:
+    """Brute force over whole-prefix decodes: the first length whose text has ``stop`` ending
+    in that token's new characters."""
+    for end in range(1, len(response) + 1):
+        text = tok.decode(response[:end], skip_special_tokens=False)
+        before = tok.decode(response[: end - 1], skip_special_tokens=False)
+        start = max(0, len(before) - len(stop) + 1)
+        if text.find(stop, start) != -1:
+            return end
+    return None
+
+
+def _engine_case() -> dict:
+    from megatron_longact.config import JobConfig, load_config
+    from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
+    from megatron_longact.models.gpt import (
+        build_gpt_model,
+        load_architecture,
+        make_transformer_config,
+    )
+    from megatron_longact.rl.rollout import native
+    from megatron_longact.rl.rollout.stops import resolve_stop_conditions
+    from megatron_longact.rl.rollout.types import SamplingParams
+    from megatron_longact.runtime.distributed import init_distributed
+
+    job = load_config(JobConfig, None, ["model.preset=micro-qwen3", "train.precision=fp32"])
+    dims = init_distributed(job.parallel, seed=3)
+    arch = load_architecture(job.model)
+    config = make_transformer_config(arch, model=job.model, parallel=job.parallel, train=job.train)
+    gpt = build_gpt_model(arch, config, model=job.model)
+    tok = load_tokenizer(TINY_TOKENIZER_DIR)
+    prompts = [tok.encode(p, add_special_tokens=False) for p in PROMPTS]
+    engine = native.NativeEngine(gpt, pad_token_id=0, batch_size=2, tokenizer=tok)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, seed=5)
+    sampled = SamplingParams(temperature=1.0, max_new_tokens=NEW_TOKENS, seed=5)
+
+    def run(params):
+        return [(r.response_ids, r.logprobs, r.finish_reason) for r in engine.generate(prompts, params)]  # noqa: E501
+
+    fast = {"greedy": run(greedy), "sampled": run(sampled)}
+    stock_cache, native.rotated_key_cache = native.rotated_key_cache, lambda gpt: contextlib.nullcontext()  # noqa: E501
+    try:
+        stock = {"greedy": run(greedy), "sampled": run(sampled)}
+    finally:
+        native.rotated_key_cache = stock_cache
+
+    # Stop strings cut from row 0's greedy response: its own tokens, and the same text minus
+    # its first character (tokenized differently alone, so only the decoded tail shows it).
+    response0 = fast["greedy"][0][0]
+    whole = tok.decode(response0[3:6], skip_special_tokens=False)
+    cases = {}
+    for name, stop in (("tokens", whole), ("in_context", whole[1:])):
+        stops = resolve_stop_conditions(tok, [stop])
+        params = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, seed=5,
+                                stop_token_ids=(), stop_strings=stops.strings,
+                                stop_sequences=stops.sequences)  # fmt: skip
+        out = engine.generate(prompts, params)
+        cases[name] = {
+            "stop": stop,
+            "encoded": tok.encode(stop, add_special_tokens=False),
+            "rows": [(r.response_ids, r.finish_reason, r.text) for r in out],
+            "expected": [_expected_stop(tok, full, stop) for full, _, _ in fast["greedy"]],
+        }
+    return {"fast": fast, "stock": stock, "cases": cases, "greedy": fast["greedy"], "rank": dims.rank}
+
+
+def test_native_engine_rotated_cache_and_stop_strings():
+    (result,) = run_local(_engine_case, 1)
+    # Bit for bit: tokens, and log-probs compared as floats with ==.
+    assert result["fast"] == result["stock"]
+    greedy = result["greedy"]
+    assert all(len(ids) == NEW_TOKENS for ids, _, _ in greedy)
+    assert len({tuple(ids) for ids, _, _ in greedy}) == len(PROMPTS)
+    for name, case in result["cases"].items():
+        assert case["expected"][0] is not None and case["expected"][0] <= 6, case
+        for row, ((ids, reason, text), want, (full, _, _)) in enumerate(
+            zip(case["rows"], case["expected"], greedy)
+        ):
+            if want is None:
+                assert (ids, reason) == (full, "length"), (name, row)
+            else:
+                assert ids == full[:want] and reason == "stop", (name, row, ids, full, want)
+                assert text.endswith(case["stop"]), (name, row, text)
+    # The in-context string's own tokens are not what row 0 generated: only the decoded-tail
+    # check can have stopped it.
+    in_context = result["cases"]["in_context"]
+    want, encoded = in_context["expected"][0], in_context["encoded"]
+    assert greedy[0][0][want - len(encoded) : want] != encoded, in_context
