@@ -88,7 +88,9 @@ def run_saliency(job: JobConfig) -> Path:
     mbs = job.data.micro_batch_size
     # Same micro-batch count and shape on every DP rank; the ragged tail is padded, not dropped.
     num_batches = math.ceil(math.ceil(len(samples) / dims.dp) / mbs)
-    length = (max(len(s) for s in samples) + 7) // 8 * 8
+    # Rows in multiples of 8 tokens, and of 2 x CP: context parallel cuts them into 2 x CP chunks.
+    multiple = math.lcm(8, 2 * dims.cp)
+    length = -(-max(len(s) for s in samples) // multiple) * multiple
     batches = _batches(mine, micro_batch_size=mbs, num_batches=num_batches, length=length,
                        pad=pad)  # fmt: skip
     profile_saliency(state, batches, path=out, micro_batch_size=mbs, seq_length=length)

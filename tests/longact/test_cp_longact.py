@@ -1,0 +1,198 @@
+"""LongAct under context parallel: CP=2 and TP=2 x CP=2 equal CP=1 on the same global batch.
+
+For every strategy (massive, min, random, none), the every_n_steps + EMA schedule and freeze
+mode: M after each step, the selected masks, losses and the parameters after 3 steps. Input:
+padded rows, packed bins with block-causal masks, and packed bins as THD with micro-batch 2
+(the forward step flattens them to [1, 2S] and cuts per segment; the meter must follow).
+Then ``longact saliency`` (the profile path and the CLI) under CP and on THD.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from longact_helpers import build, make_job, reinit
+
+from megatron_longact.data.chat import TokenizedSample
+from megatron_longact.data.packing import fill_bin
+from megatron_longact.runtime.launch import run_local
+
+SEQ, MBS, STEPS = 32, 2, 3
+BINS = [[10, 14], [32], [5, 7, 9], [20]]  # sample lengths per bin (each padded to 4 = 2 x CP)
+CASES = {  # name: (overrides, input kind)
+    "massive_padded": ([], "padded"),
+    "massive_packed": ([], "packed"),
+    "massive_thd": ([], "thd"),
+    "min_thd": (["longact.strategy=min", "longact.selection_scope=global"], "thd"),
+    "random": (["longact.strategy=random", "longact.targets=[q,k,v]", "longact.seed=5"],
+               "padded"),
+    "none": (["longact.strategy=none"], "thd"),
+    "every_n_ema": (["longact.schedule=every_n_steps", "longact.every_n_steps=2",
+                     "longact.ema_decay=0.5"], "packed"),
+    "freeze_thd": (["longact.mode=freeze"], "thd"),
+}  # fmt: skip
+
+
+def batches(step: int, vocab: int, *, kind: str) -> list[dict[str, torch.Tensor]]:
+    """The step's 2 micro-batches of 2 rows (every rank builds them all; DP = 1 here).
+
+    ``padded``: one sample per row with a padded tail; ``packed``: bins of several samples
+    with block-causal masks; ``thd``: the same bins without masks (THD). ``token_mask`` marks
+    real tokens (what LongAct counts), as ``sft.data.bin_collate`` builds it.
+    """
+    from megatron_longact.sft.data import bin_collate, pad_to_multiple
+
+    gen = torch.Generator().manual_seed(100 + step)
+    bins = []
+    for lengths in BINS if kind != "padded" else [[32], [20], [9], [27]]:
+        samples = []
+        for n in lengths:
+            ids = torch.randint(0, vocab, (n,), generator=gen).tolist()
+            sample = TokenizedSample(input_ids=ids, loss_mask=[1] * n)
+            samples.append(pad_to_multiple(sample, 4, pad_token_id=0))
+        bins.append(fill_bin(samples, seq_length=SEQ))
+    collate = bin_collate(use_thd=kind == "thd")
+    return [collate(bins[i : i + MBS]) for i in range(0, len(bins), MBS)]
+
+
+def longact_run(overrides: list[str], kind: str, parallel: list[str]) -> dict:
+    from megatron_longact.longact import LongActController
+    from megatron_longact.runtime.forward import lm_forward_step
+    from megatron_longact.runtime.params import full_named_parameters
+    from megatron_longact.runtime.train_step import train_step
+
+    job = make_job([*parallel, *overrides])
+    state = build(job, reinit(job))
+    if kind == "thd" and state.dims.cp == 1:
+        kind = "packed"  # megatron's local attention (CP=1 on CPU) takes masks, not THD
+    controller = LongActController.from_train_state(job.longact, state)
+    steps = []
+    for step in range(STEPS):
+        micro = batches(step, state.arch.vocab_size, kind=kind)
+        result = train_step(state, forward_step_func=lm_forward_step,
+                            data_iterator=controller.observe(iter(micro)),
+                            num_microbatches=len(micro), seq_length=SEQ,
+                            micro_batch_size=MBS)  # fmt: skip
+        steps.append({"loss": result.loss, "grad_norm": result.grad_norm,
+                      "saliency": controller.saliency, "selection": controller.selection})  # fmt: skip
+    controller.close()
+    return {"steps": steps, "params": full_named_parameters(state.model[0])}
+
+
+def world(parallel: list[str], names: list[str]) -> dict:
+    return {name: longact_run(CASES[name][0], CASES[name][1], parallel) for name in names}
+
+
+def _assert_same(ref: dict, got: dict, *, name: str) -> None:
+    for step, (want, have) in enumerate(zip(ref["steps"], got["steps"], strict=True)):
+        where = f"{name} step {step}"
+        assert have["loss"] == pytest.approx(want["loss"], abs=2e-5), where
+        assert have["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), where
+        assert have["saliency"].keys() == want["saliency"].keys(), where
+        for layer, per in want["saliency"].items():
+            for p, values in per.items():
+                # Step 0: the same weights. Later steps start from weights that differ by
+                # fp32 reduction-order noise amplified by Adam (~1e-5).
+                tol = 1e-5 if step == 0 else 2e-4
+                torch.testing.assert_close(have["saliency"][layer][p], values, rtol=tol,
+                                           atol=tol / 10, msg=f"{where}: M {layer}.{p}")  # fmt: skip
+        assert have["selection"].keys() == want["selection"].keys(), where
+        for layer, per in want["selection"].items():
+            for p, mask in per.items():
+                assert torch.equal(have["selection"][layer][p], mask), f"{where}: mask {p}"
+    for key, value in got["params"].items():
+        torch.testing.assert_close(value, ref["params"][key], atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    result = run_local(world, 1, [], list(CASES))[0]
+    assert result["massive_thd"]["steps"][0]["saliency"]  # measured, not vacuous
+    assert not result["none"]["steps"][0]["saliency"]
+    return result
+
+
+def test_cp2_longact_matches_cp1(reference):
+    for rank_result in run_local(world, 2, ["parallel.context_parallel_size=2"], list(CASES)):
+        for name, got in rank_result.items():
+            _assert_same(reference[name], got, name=name)
+
+
+@pytest.mark.slow
+def test_tp2_cp2_longact_matches_cp1(reference):
+    names = ["massive_thd", "min_thd", "random", "freeze_thd"]
+    parallel = ["parallel.context_parallel_size=2", "parallel.tensor_model_parallel_size=2"]
+    for rank_result in run_local(world, 4, parallel, names):
+        for name, got in rank_result.items():
+            _assert_same(reference[name], got, name=name)
+
+
+# ---- longact saliency ---------------------------------------------------------------------
+
+
+def profile_world(parallel: list[str]) -> dict:
+    """measure_saliency on THD bins with micro-batch 2, packed bins with masks, padded rows."""
+    from megatron_longact.longact.profile import measure_saliency
+
+    job = make_job(parallel)
+    state = build(job, reinit(job))
+    profiles = {}
+    for kind in ("thd", "packed", "padded"):
+        if kind == "thd" and state.dims.cp == 1:
+            continue
+        micro = batches(0, state.arch.vocab_size, kind=kind)
+        profile = measure_saliency(state, micro, micro_batch_size=MBS, seq_length=SEQ)
+        profiles[kind] = (profile.saliency, profile.num_samples)
+    return profiles
+
+
+def cli_world(parallel: list[str], chat_path: str, path: str):
+    """``longact saliency`` end to end (it initialises its own world): the file it wrote."""
+    from megatron_longact.longact.cli import run_saliency
+    from megatron_longact.longact.profile import load_saliency
+
+    job = make_job([*parallel, f"data.train_path={chat_path}", "data.seq_length=64",
+                    "data.micro_batch_size=2", "longact.profile_samples=5",
+                    f"longact.static_saliency_path={path}"])  # fmt: skip
+    run_saliency(job)
+    profile = load_saliency(path)
+    return profile.saliency, profile.num_samples
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
+    words = "the quick brown fox jumps over a lazy dog and runs far away".split()
+    with open(path, "w") as handle:
+        for i in range(6):
+            text = " ".join(words[: 3 + 2 * i])
+            messages = [{"role": "user", "content": text}, {"role": "assistant", "content": "ok"}]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    return str(path)
+
+
+def _close(got, want) -> None:
+    saliency, num = got
+    assert num == want[1]
+    for layer, per in want[0].items():
+        for p, values in per.items():
+            torch.testing.assert_close(saliency[layer][p], values, rtol=1e-5, atol=1e-6)
+
+
+def test_longact_saliency_profile_under_cp_and_thd():
+    ref = run_local(profile_world, 1, [])[0]
+    assert ref["packed"][1] == 7 and ref["padded"][1] == 4  # real samples, not bins or pads
+    for res in run_local(profile_world, 2, ["parallel.context_parallel_size=2"]):
+        _close(res["thd"], ref["packed"])  # THD, micro-batch 2, flattened and cut per segment
+        for kind in ("packed", "padded"):
+            _close(res[kind], ref[kind])
+
+
+def test_longact_saliency_cli_under_cp(chat_file, tmp_path):
+    ref = run_local(cli_world, 1, [], chat_file, str(tmp_path / "cp1.safetensors"))[0]
+    assert ref[1] == 5  # every sample, the ragged tail of the micro-batches of 2 included
+    cp = ["parallel.context_parallel_size=2"]
+    for res in run_local(cli_world, 2, cp, chat_file, str(tmp_path / "cp2.safetensors")):
+        _close(res, ref)
