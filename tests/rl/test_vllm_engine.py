@@ -21,6 +21,7 @@ from megatron_longact.rl.rollout.vllm_engine import (
     row_fingerprints,
     to_rollout,
     vllm_sampling_kwargs,
+    without_expandable_segments,
 )
 from megatron_longact.runtime.launch import run_local
 
@@ -212,6 +213,28 @@ def test_sampling_kwargs_give_each_rollout_its_own_seed():
     assert kwargs[0] | {"seed": 0} == dict(n=1, temperature=0.7, top_p=0.9, max_tokens=12,
                                            stop_token_ids=[5, 9], seed=0, logprobs=0,
                                            detokenize=False)  # fmt: skip
+
+
+def test_stop_strings_go_to_vllm_with_the_string_kept():
+    # vLLM 0.10.2 sampling_params.py ~429-434: stop strings need detokenize=True; the
+    # detokenizer (v1/engine/detokenizer.py ~91-142) then cuts the text after the string.
+    params = SamplingParams(max_new_tokens=8, stop_token_ids=(2,), stop_strings=("</answer>",),
+                            stop_sequences=((7, 8, 9),), seed=1)  # fmt: skip
+    kwargs = vllm_sampling_kwargs(params, index=0)
+    assert kwargs["stop"] == ["</answer>"] and kwargs["include_stop_str_in_output"] is True
+    assert kwargs["detokenize"] is True and kwargs["skip_special_tokens"] is False
+    assert kwargs["stop_token_ids"] == [2]
+    completion = SimpleNamespace(token_ids=[7, 8, 9], finish_reason="stop", logprobs=None,
+                                 text="x</answer>")  # fmt: skip
+    assert to_rollout([1], completion, with_text=True).text == "x</answer>"
+    assert to_rollout([1], completion).text is None
+
+
+def test_sleep_mode_gets_no_expandable_segments():
+    # vllm 0.10.x device_allocator/cumem.py ~145-150 asserts on this substring.
+    conf = without_expandable_segments("expandable_segments:True,max_split_size_mb:128")
+    assert "expandable_segments:True" not in conf and "max_split_size_mb:128" in conf
+    assert without_expandable_segments("") == ""
 
 
 def test_vllm_output_becomes_rollout():

@@ -32,6 +32,24 @@ replicated when TP > KV heads), an internal of each vLLM version. In the paper's
 saving would be small anyway: W_V, W_O and the MLP train densely and AdamW's weight decay and
 momentum move most rows every step; the refit metrics report the changed-row fraction.
 
+Allocator and environment (checked against vLLM 0.10.2, the ``vllm`` extra's range):
+
+* sleep mode allocates through a CUDA memory pool, and vLLM 0.10.x's ``CuMemAllocator.__init__``
+  asserts that ``PYTORCH_CUDA_ALLOC_CONF`` does not hold ``expandable_segments:True``
+  (``vllm/device_allocator/cumem.py`` ~145-150). The launch scripts set it for the trainer, so
+  the engine is built with it switched off (environment and allocator), and each
+  :meth:`VLLMEngine.wake` (weights back, refit, KV cache back) runs with it off and switches it
+  back on afterwards, as verl does around its rollout mode (volcengine/verl @b178a3cd,
+  ``verl/workers/megatron_workers.py`` ``rollout_mode`` ~677-737, with
+  ``verl/utils/device.py`` ``set_expandable_segments`` ~128-142);
+* before waking, Python garbage and PyTorch's cached blocks are freed (``gc.collect()`` then
+  ``torch.cuda.empty_cache()``), so the memory vLLM re-maps is really free;
+* ``VLLM_ENABLE_V1_MULTIPROCESSING`` is forced to 0 (the engine core must run in this process
+  for ``external_launcher``; an inherited 1 would otherwise win over a default);
+* stop strings: vLLM detokenizes (the tokenizer is the run's) and stops with its own stop
+  checker; ``include_stop_str_in_output`` keeps the string in the text the reward scores
+  (``rl.rollout.stops`` has the semantics the native engine reproduces).
+
 vLLM is imported only here and only when ``rl.engine=vllm``; the tensor iterator and the
 change detection are pure torch + megatron and tested on CPU (tests/rl/test_vllm_engine.py).
 """
@@ -40,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -332,6 +351,36 @@ def check_tp_group(tp_ranks: list[int], *, rank: int) -> None:
         )
 
 
+EXPANDABLE_ON = "expandable_segments:True"
+EXPANDABLE_OFF = "expandable_segments:False"
+
+
+def without_expandable_segments(conf: str) -> str:
+    """``PYTORCH_CUDA_ALLOC_CONF`` with ``expandable_segments:True`` switched off (other options
+    kept), the value vLLM's sleep-mode allocator accepts."""
+    return conf.replace(EXPANDABLE_ON, EXPANDABLE_OFF)
+
+
+@contextlib.contextmanager
+def expandable_segments_off(*, restore: bool) -> Iterator[None]:
+    """The CUDA caching allocator without expandable segments for the block; ``restore``: turn
+    them back on after (the trainer asked for them). verl's ``set_expandable_segments``."""
+    if restore and torch.cuda.is_available():
+        torch.cuda.memory._set_allocator_settings(EXPANDABLE_OFF)
+    try:
+        yield
+    finally:
+        if restore and torch.cuda.is_available():
+            torch.cuda.memory._set_allocator_settings(EXPANDABLE_ON)
+
+
+def free_cached_memory() -> None:
+    """Drops Python garbage, then PyTorch's cached CUDA blocks (what verl does before waking)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def request_seed(seed: int, index: int) -> int:
     """Seed of request ``index`` in a batch sampled with ``SamplingParams.seed``: distinct per
     request (16 rollouts of one prompt must differ), the same on every TP rank."""
@@ -341,7 +390,7 @@ def request_seed(seed: int, index: int) -> int:
 def vllm_sampling_kwargs(params: SamplingParams, *, index: int) -> dict[str, Any]:
     """``vllm.SamplingParams`` keyword arguments for request ``index``; ``logprobs=0`` returns
     the sampled token's log-probability."""
-    return dict(
+    kwargs = dict(
         n=1,
         temperature=params.temperature,
         top_p=params.top_p,
@@ -351,11 +400,17 @@ def vllm_sampling_kwargs(params: SamplingParams, *, index: int) -> dict[str, Any
         logprobs=0,
         detokenize=False,
     )
+    if params.stop_strings:
+        # vLLM matches stop strings on its detokenized text; keep the string in the output and
+        # special tokens in the text, as the reward decodes them (rl.rollout.stops).
+        kwargs.update(stop=list(params.stop_strings), include_stop_str_in_output=True,
+                      detokenize=True, skip_special_tokens=False)  # fmt: skip
+    return kwargs
 
 
-def to_rollout(prompt: list[int], completion) -> Rollout:
-    """A vLLM ``CompletionOutput`` (token_ids, logprobs [{token: Logprob}], finish_reason)
-    as a :class:`Rollout`."""
+def to_rollout(prompt: list[int], completion, *, with_text: bool = False) -> Rollout:
+    """A vLLM ``CompletionOutput`` (token_ids, logprobs [{token: Logprob}], finish_reason,
+    text) as a :class:`Rollout`; ``with_text``: keep vLLM's text (cut after its stop string)."""
     ids = list(completion.token_ids)
     steps = completion.logprobs or []
     logprobs = [float(step[token].logprob) for step, token in zip(steps, ids)]
@@ -364,6 +419,7 @@ def to_rollout(prompt: list[int], completion) -> Rollout:
         response_ids=ids,
         logprobs=logprobs,
         finish_reason="length" if completion.finish_reason == "length" else "stop",
+        text=completion.text if with_text else None,
     )
 
 
@@ -387,6 +443,8 @@ class VLLMEngine:
         self.tracker = ChangeTracker()
         self.last_refit = RefitStats()
         self._awake = True
+        self.trainer_expandable = False
+        """The launch environment asked for expandable segments: on again outside wake()."""
 
     @classmethod
     def from_train_state(cls, job, state, tokenizer) -> VLLMEngine:
@@ -408,13 +466,24 @@ class VLLMEngine:
             dist.get_process_group_ranks(parallel_state.get_tensor_model_parallel_group()),
             rank=dist.get_rank(),
         )
+        from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR
+
         model_dir = resolve_model_dir(hf_path=job.model.hf_path, preset=job.model.preset)
-        # external_launcher runs the engine core in this process; say so for older versions.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # external_launcher runs the engine core in this process (vLLM 0.10.2 sets this itself,
+        # config/parallel.py ~345; older 0.10.x read it): force it over an inherited 1.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+        # The sleep-mode allocator asserts on this variable when it is created (module
+        # docstring); the trainer gets expandable segments back outside wake().
+        trainer_expandable = EXPANDABLE_ON in conf
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = without_expandable_segments(conf)
+        tokenizer_dir = job.data.tokenizer_path or str(TINY_TOKENIZER_DIR)
         kwargs = dict(
             model=str(model_dir),
             load_format="dummy",  # the first wake() refits every tensor from the trainer
-            skip_tokenizer_init=True,  # prompts arrive as token ids, the trainer decodes
+            # Prompts arrive as token ids; the tokenizer is only for stop strings.
+            tokenizer=tokenizer_dir,
+            skip_tokenizer_init=not job.rl.stop_strings,
             dtype="bfloat16" if state.transformer_config.bf16 else "float32",
             tensor_parallel_size=job.parallel.tensor_model_parallel_size,
             distributed_executor_backend="external_launcher",
@@ -429,7 +498,9 @@ class VLLMEngine:
             # vLLM V1 reports raw (temperature-free) log-probs by default; the Rollout contract
             # is log-probs at the sampling temperature.
             kwargs["logprobs_mode"] = "processed_logprobs"
-        engine = cls(vllm.LLM(**kwargs), model=state.model, arch=state.arch)
+        with expandable_segments_off(restore=trainer_expandable):
+            engine = cls(vllm.LLM(**kwargs), model=state.model, arch=state.arch)
+        engine.trainer_expandable = trainer_expandable
         engine.sleep()
         return engine
 
@@ -445,10 +516,13 @@ class VLLMEngine:
         over the model-parallel group (the refit gathers and broadcasts)."""
         if self._awake:
             return
-        self.llm.wake_up(tags=["weights"])
-        self.last_refit = self.refit()
-        self.llm.wake_up(tags=["kv_cache"])
-        self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
+        with expandable_segments_off(restore=self.trainer_expandable):
+            free_cached_memory()  # the trainer's cached blocks go back to the driver first
+            self.llm.wake_up(tags=["weights"])
+            self.last_refit = self.refit()
+            free_cached_memory()  # the refit's temporaries, before the KV cache is mapped
+            self.llm.wake_up(tags=["kv_cache"])
+            self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
         self._awake = True
 
     def refit(self) -> RefitStats:
@@ -473,7 +547,9 @@ class VLLMEngine:
             for i in range(len(prompts))
         ]
         outputs = self.llm.generate(requests, sampling, use_tqdm=False)
-        return [to_rollout(p, out.outputs[0]) for p, out in zip(prompts, outputs)]
+        with_text = bool(params.stop_strings)
+        return [to_rollout(p, out.outputs[0], with_text=with_text)
+                for p, out in zip(prompts, outputs)]  # fmt: skip
 
     def metrics(self) -> dict[str, float]:
         """The last refit's numbers (``refit/*``), for the step's log."""
