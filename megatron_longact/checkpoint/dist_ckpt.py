@@ -137,7 +137,7 @@ def _model_sharded_state_dict(chunk) -> dict:
 
 
 def _load_model_state(chunk, state: dict) -> None:
-    from megatron_longact.runtime.setup import unwrap_gpt
+    from megatron_longact.models.gpt import unwrap_gpt
 
     def bare(key: str) -> str:
         while key.startswith("module."):

@@ -22,6 +22,7 @@ from functools import partial
 import torch
 
 from megatron_longact.longact.saliency import SaliencyAccumulator, describe_micro_batch
+from megatron_longact.models.gpt import unwrap_gpt
 from megatron_longact.models.qkv_layout import QKVLayout
 
 
@@ -34,18 +35,11 @@ def local_layout(fields: dict[str, torch.Tensor], *, thd: bool) -> dict[str, tor
     return local_rows(fields, thd=thd)[0]
 
 
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The bare GPTModel under DDP / Float16Module wrappers."""
-    while hasattr(module, "module"):
-        module = module.module
-    return module
-
-
 def find_qkv_modules(model_chunks: list[torch.nn.Module]) -> dict[int, torch.nn.Module]:
     """``{global layer index (0-based): linear_qkv}`` for the layers of this pipeline stage."""
     found = {}
     for chunk in model_chunks:
-        decoder = getattr(unwrap(chunk), "decoder", None)
+        decoder = getattr(unwrap_gpt(chunk), "decoder", None)
         for layer in getattr(decoder, "layers", []):
             attention = getattr(layer, "self_attention", None)
             qkv = getattr(attention, "linear_qkv", None)

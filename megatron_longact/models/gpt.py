@@ -149,3 +149,10 @@ def build_gpt_model(
     if torch.cuda.is_available():
         gpt = gpt.cuda(torch.cuda.current_device())
     return gpt
+
+
+def unwrap_gpt(module: torch.nn.Module) -> torch.nn.Module:
+    """The bare GPTModel under DDP / Float16Module wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module

@@ -13,10 +13,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from megatron_longact.config.schema import JobConfig
-from megatron_longact.models.gpt import build_gpt_model, load_architecture, make_transformer_config
+from megatron_longact.models.gpt import (
+    build_gpt_model,
+    load_architecture,
+    make_transformer_config,
+    unwrap_gpt,
+)
 from megatron_longact.models.hf_config import HFArchitecture
 from megatron_longact.runtime.distributed import ParallelDims
 
@@ -201,10 +204,3 @@ def build_frozen_model(
     load_checkpoint(load_dir, model=[model], weights_only=True)
     model.requires_grad_(False)
     return model.eval()
-
-
-def unwrap_gpt(module: torch.nn.Module) -> torch.nn.Module:
-    """The bare GPTModel under DDP / Float16Module wrappers."""
-    while hasattr(module, "module"):
-        module = module.module
-    return module
