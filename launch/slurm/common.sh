@@ -10,7 +10,8 @@
 # Inside a stage, `longact sft|rl` resumes from the `latest` checkpoint in checkpoint.save_dir.
 #
 # Environment (all optional unless marked):
-#   MODEL_PATH        HF directory of the base model (required on GPU; config.json + tokenizer)
+#   MODEL_PATH        HF directory of the base model (required on GPU; config.json, safetensors,
+#                     tokenizer): SFT starts from its weights. CPU runs without it use the preset
 #   DATA_DIR          dataset root holding sft_train.jsonl, sft_val.jsonl, rl_train.jsonl,
 #                     rl_val.jsonl (the names `longact data` writes); or set SFT_TRAIN_PATH,
 #                     SFT_VAL_PATH, RL_TRAIN_PATH, RL_VAL_PATH one by one. Without either the
@@ -367,10 +368,13 @@ longact_main() {
 		# LongAct's lambda = 0.3 and strategy come from the recipe, so ablations keep theirs.
 	fi
 	if [[ -n ${MODEL_PATH:-} ]]; then
+		# SFT starts from MODEL_PATH's weights (model.init=auto: the HF safetensors, streamed
+		# at the stage's TP/PP); RL from SFT's checkpoint; a requeued stage from its save_dir.
 		local model=(model.hf_path="$MODEL_PATH" data.tokenizer_path="$MODEL_PATH")
 		sft_args+=("${model[@]}")
 		rl_args+=("${model[@]}")
 		export_args+=("${model[@]}")
+		longact_log "weights: SFT from $MODEL_PATH, RL from $sft_dir/checkpoints"
 	fi
 	[[ -n $SFT_TRAIN_PATH ]] && sft_args+=(data.train_path="$SFT_TRAIN_PATH")
 	[[ -n $SFT_VAL_PATH ]] && sft_args+=(data.val_path="$SFT_VAL_PATH")

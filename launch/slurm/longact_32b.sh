@@ -38,11 +38,13 @@ source "$REPO_DIR/launch/slurm/common.sh"
 LONGACT_RUN_NAME=longact_32b
 PLAN_MODEL=qwen3-32b
 # Layouts chosen in docs/planner.md from the planner's per-GPU estimates (8 nodes x 8 x 80 GiB).
-#   SFT 16K: TP 8 x CP 2 x DP 4, no recompute: 49.0 GiB
-#   RL  32K: TP 8 x CP 4 x DP 2, no recompute: 65.0 GiB incl. a 16.0 GiB rollout KV cache
+#   SFT 16K: TP 8 x CP 2 x DP 4, no recompute: 55.3 GiB
+#   RL  32K: TP 8 x CP 4 x DP 2, full recompute: 52.8 GiB incl. a 16.0 GiB rollout KV cache
+#   (73.3 GiB without recompute: under 10% headroom; TP 8 x CP 8 x DP 1 is 61.0 GiB but
+#   sends CP traffic over 8 nodes)
 # TP 8 fills a node's NVLink; CP spans node pairs / quads; no PP so decoding never pipelines.
 SFT_TP=${SFT_TP:-8} SFT_PP=${SFT_PP:-1} SFT_CP=${SFT_CP:-2}
-RL_TP=${RL_TP:-8} RL_PP=${RL_PP:-1} RL_CP=${RL_CP:-4}
+RL_TP=${RL_TP:-8} RL_PP=${RL_PP:-1} RL_CP=${RL_CP:-4} RL_RECOMPUTE=${RL_RECOMPUTE:-full}
 # parallel.collective_timeout_s: 32B rollouts decode ~4x slower than 8B, so DP ranks can
 # drift further apart; a stalled or dead rank fails the job after this long.
 LONGACT_COLLECTIVE_TIMEOUT_S=${LONGACT_COLLECTIVE_TIMEOUT_S:-1800}

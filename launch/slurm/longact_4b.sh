@@ -38,8 +38,8 @@ source "$REPO_DIR/launch/slurm/common.sh"
 LONGACT_RUN_NAME=longact_4b
 PLAN_MODEL=qwen3-4b
 # Layouts chosen in docs/planner.md from the planner's per-GPU estimates (8 nodes x 8 x 80 GiB).
-#   SFT 16K: TP 1 x CP 4 x DP 16, no recompute: 46.9 GiB
-#   RL  32K: TP 1 x CP 8 x DP 8, no recompute: 55.9 GiB incl. a 9.0 GiB rollout KV cache
+#   SFT 16K: TP 1 x CP 4 x DP 16, no recompute: 52.2 GiB
+#   RL  32K: TP 1 x CP 8 x DP 8, no recompute: 69.3 GiB incl. a 9.0 GiB rollout KV cache
 # A 4B model needs no TP; CP (one node at most) carries the long sequences.
 SFT_TP=${SFT_TP:-1} SFT_PP=${SFT_PP:-1} SFT_CP=${SFT_CP:-4}
 RL_TP=${RL_TP:-1} RL_PP=${RL_PP:-1} RL_CP=${RL_CP:-8}

@@ -38,11 +38,12 @@ source "$REPO_DIR/launch/slurm/common.sh"
 LONGACT_RUN_NAME=longact_8b
 PLAN_MODEL=qwen3-8b
 # Layouts chosen in docs/planner.md from the planner's per-GPU estimates (8 nodes x 8 x 80 GiB).
-#   SFT 16K: TP 2 x CP 2 x DP 16, no recompute: 51.8 GiB
-#   RL  32K: TP 2 x CP 4 x DP 8, no recompute: 60.8 GiB incl. a 9.0 GiB rollout KV cache
+#   SFT 16K: TP 2 x CP 2 x DP 16, no recompute: 58.6 GiB
+#   RL  32K: TP 4 x CP 2 x DP 8, no recompute: 64.2 GiB incl. a 9.0 GiB rollout KV cache
+#   (TP 2 x CP 4 comes to 75.7 GiB once the RL logits peak is counted: under 10% headroom)
 # TP x CP = 8 keeps all TP and CP traffic on a node's NVLink; only DP crosses nodes.
 SFT_TP=${SFT_TP:-2} SFT_PP=${SFT_PP:-1} SFT_CP=${SFT_CP:-2}
-RL_TP=${RL_TP:-2} RL_PP=${RL_PP:-1} RL_CP=${RL_CP:-4}
+RL_TP=${RL_TP:-4} RL_PP=${RL_PP:-1} RL_CP=${RL_CP:-2}
 # parallel.collective_timeout_s: the longest wait for the slowest rank (DP ranks' rollout
 # skew, a checkpoint write) before a stalled or dead rank fails the job.
 LONGACT_COLLECTIVE_TIMEOUT_S=${LONGACT_COLLECTIVE_TIMEOUT_S:-900}

@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the engine frees its KV pool during the training step (vLLM sleep mode)",
     )
     parser.add_argument("--no-flash-attention", action="store_true")
+    parser.add_argument(
+        "--attention-backend",
+        choices=["te", "local"],
+        help="te: Transformer Engine (flash, ring CP); local: megatron's unfused attention and "
+        "our all-gather CP attention (default: model.attention_backend of --config when local, "
+        "else te)",
+    )
     parser.add_argument("--gpu-mem-gib", type=float, default=DEFAULT_GPU_MEM_GIB)
     parser.add_argument("--overhead-gib", type=float, default=DEFAULT_OVERHEAD_GIB)
     parser.add_argument(
@@ -213,8 +220,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         recompute = _pick(args.recompute, inputs.recompute, "none")
         rollout_batch = args.rollout_batch
-        if rollout_batch is None and inputs.rollout_sequences:
-            rollout_batch = rollout_batch_per_replica(inputs.rollout_sequences, layout)
+        if rollout_batch is None and inputs.generation_sequences:
+            rollout_batch = rollout_batch_per_replica(
+                inputs.generation_sequences, layout, max_batch=inputs.generation_batch_size
+            )
+        backend = args.attention_backend or (
+            "local" if inputs.attention_backend == "local" else "te"
+        )
         rollout = None
         if rollout_batch:
             rollout = RolloutSpec(
@@ -229,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             recompute=recompute,
             rollout=rollout,
             flash_attention=not args.no_flash_attention,
+            attention_backend=backend,
+            rl_policy_step=bool(rollout_batch) or inputs.rollout_sequences is not None,
             overhead_gib=args.overhead_gib,
             gpu_mem_gib=args.gpu_mem_gib,
             enforce_budget=False,  # print the breakdown first, then fail below

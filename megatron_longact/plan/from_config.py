@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from megatron_longact.config.schema import RLConfig
+
 # Named model configs shipped with the package (``model.preset``), e.g. the tiny CPU model.
 PACKAGE_MODELS_DIR = Path(__file__).resolve().parents[1] / "assets" / "models"
 
@@ -21,7 +23,10 @@ PACKAGE_MODELS_DIR = Path(__file__).resolve().parents[1] / "assets" / "models"
 class ConfigInputs:
     """Planner inputs found in a config; None where the config does not say.
 
-    ``rollout_sequences`` is ``rl.prompts_per_step * rl.rollouts_per_prompt`` for RL configs.
+    ``rollout_sequences`` is ``rl.prompts_per_step * rl.rollouts_per_prompt`` for RL configs;
+    ``generation_sequences`` what one generation round decodes (times ``rl.gen_batch_multiplier``
+    under dynamic sampling) and ``generation_batch_size`` the native engine's cap per replica
+    (None for vLLM, which schedules its own batch).
     """
 
     tensor_parallel_size: int | None = None
@@ -35,6 +40,9 @@ class ConfigInputs:
     model_preset: str | None = None
     hf_config_path: Path | None = None
     rollout_sequences: int | None = None
+    generation_sequences: int | None = None
+    generation_batch_size: int | None = None
+    attention_backend: str | None = None
 
 
 def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -110,7 +118,7 @@ def read_plan_inputs(config: dict[str, Any], *, source: str = "config") -> Confi
 
     seq_length = _int(data, "seq_length", f"{source}: data")
     global_batch = _int(data, "global_batch_size", f"{source}: data")
-    rollout_sequences = None
+    rollout_sequences = generation_sequences = generation_batch_size = None
     if rl:
         seq_length = _int(rl, "max_seq_length", f"{source}: rl") or seq_length
         prompts = _int(rl, "prompts_per_step", f"{source}: rl")
@@ -118,6 +126,16 @@ def read_plan_inputs(config: dict[str, Any], *, source: str = "config") -> Confi
         if prompts and rollouts:
             rollout_sequences = prompts * rollouts
             global_batch = global_batch or rollout_sequences
+            defaults = RLConfig()
+            multiplier = _int(rl, "gen_batch_multiplier", f"{source}: rl")
+            dynamic = rl.get("dynamic_sampling", defaults.dynamic_sampling)
+            multiplier = (multiplier or defaults.gen_batch_multiplier) if dynamic else 1
+            generation_sequences = rollout_sequences * multiplier
+            if rl.get("engine", defaults.engine) == "native":
+                generation_batch_size = (
+                    _int(rl, "generation_batch_size", f"{source}: rl")
+                    or defaults.generation_batch_size
+                )
 
     # model.hf_path wins over model.preset, as in the training CLI; a preset is either one of the
     # planner's Qwen3 presets or a config shipped in the package's assets.
@@ -146,4 +164,7 @@ def read_plan_inputs(config: dict[str, Any], *, source: str = "config") -> Confi
         model_preset=str(name).lower() if name else None,
         hf_config_path=hf_config_path,
         rollout_sequences=rollout_sequences,
+        generation_sequences=generation_sequences,
+        generation_batch_size=generation_batch_size,
+        attention_backend=model.get("attention_backend"),
     )

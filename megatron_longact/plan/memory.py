@@ -13,11 +13,16 @@ with the sequence divided by CP. Per layer and micro-batch, with s = seq/CP, b =
 t = TP, elements of 2 bytes::
 
     norm/residual region  4*s*b*h            (/t only with sequence parallel)
-    TP region             s*b*(3*a*d + 3*g*d + 3*f)/t
+    TP region             s*b*(3*a*d + 3*g*d + 5*f)/t
         q/k norm inputs (a*d + g*d), attention q, k, v (a*d + 2*g*d), attention output
-        (a*d), SwiGLU gate+up output (2f), SwiGLU output (f)
+        (a*d), SwiGLU: 5*f (measured on megatron-core 0.16.1's MLP without
+        bias-activation fusion: fc1 output 2f, silu output f, the chunk's up half kept by the
+        product f, the product (fc2 input) f)
     flash attention       4*a*s*b/t bytes of fp32 softmax statistics
-    unfused attention     + 2*a*s*s*b/t bytes of softmax output (selective recompute drops it)
+    unfused attention     + 7*a*s*s*b/t bytes (megatron's local attention: fp32 softmax output
+                          4, dropout mask 1, dropout output 2; selective recompute drops it)
+    CP all-gather         (our local-spec CP attention, ``models/cp_attention.py``) + the
+                          gathered K and V 2*b*S*(g/t)*d*2 bytes, S = s*CP; scores over S keys
 
 Full recompute keeps only each layer's input (2*s*b*h bytes, /t with sequence parallel) plus
 one layer's full working set while it is recomputed. The first pipeline stage holds
@@ -34,6 +39,9 @@ from megatron_longact.plan.layout import Layout, LayoutError, LayoutReport, chec
 from megatron_longact.plan.model_spec import ModelSpec, embedding_parameters, layer_parameters
 
 Recompute = Literal["none", "selective", "full"]
+AttentionBackend = Literal["te", "local"]
+"""``te``: Transformer Engine's flash/fused attention (GPU; CP by ring exchange); ``local``:
+megatron's unfused local attention, with CP our all-gather attention (CPU, no TE)."""
 RECOMPUTE_CHOICES: tuple[str, ...] = ("none", "selective", "full")
 
 BYTES_PER_GIB = 2**30
@@ -42,9 +50,20 @@ GRAD_BYTES = 4  # fp32 main grads (grad_reduce_in_fp32, the default for bf16 tra
 OPTIMIZER_BYTES = 12  # fp32 master weight + Adam exp_avg + exp_avg_sq, sharded over DP x CP
 ACTIVATION_BYTES = 2  # bf16 activations
 SOFTMAX_STATS_BYTES = 4  # flash attention keeps one fp32 log-sum-exp per head and token
+SWIGLU_SAVED_PER_FFN = 5
+"""Elements per token x ffn_hidden_size a SwiGLU MLP keeps for backward without
+bias-activation fusion (megatron-core 0.16.1, measured with saved-tensor hooks)."""
+UNFUSED_ATTENTION_BYTES_PER_SCORE = 7
+"""megatron's local (unfused) attention keeps per score: the fp32 softmax output (4), the
+dropout mask (1, dropout runs even at p=0) and the bf16 dropout output (2)."""
 # Logits: bf16 output of the output layer (2) + the fp32 copy the vocab-parallel cross entropy
 # keeps for backward (4) + the bf16 logits gradient made in backward (2).
 LOGITS_BYTES_PER_ELEMENT = 8
+RL_LOGITS_BYTES_PER_ELEMENT = 22
+"""The RL policy step's logits peak, read off ``rl/forward.py``: bf16 logits (2), their fp32
+copy ``logits.float()`` (4), the temperature-scaled fp32 logits the cross entropy saves (4),
+the cross entropy's fp32 softmax (4), and ``vocab_parallel_entropy``'s fp32 scaled and shifted
+copies live together (8)."""
 KV_CACHE_BYTES = 2  # bf16 KV cache in the rollout engine
 DEFAULT_GPU_MEM_GIB = 80.0  # H800 / H100 80GB
 # CUDA context, NCCL buffers, cuBLAS/TE workspaces and allocator fragmentation.
@@ -138,11 +157,14 @@ def activation_bytes_per_layer(
     sequence_parallel: bool,
     flash_attention: bool = True,
     recompute: Recompute = "none",
+    cp_gather: int = 1,
 ) -> float:
     """Bytes one layer keeps for backward for one micro-batch (no full recompute).
 
     ``seq_per_rank`` is seq_length / CP. ``recompute="selective"`` recomputes the attention core,
-    which only saves memory without flash attention (the s x s softmax output).
+    which only saves memory without flash attention (the s x s softmax output). ``cp_gather``
+    > 1 (CP size) models the all-gather CP attention of the local spec: K and V of the whole
+    sequence (``cp_gather * s`` tokens) are kept for backward and the scores span them.
     """
     s, b, t = seq_per_rank, micro_batch_size, tensor_parallel_size
     h, a = spec.hidden_size, spec.num_attention_heads
@@ -151,14 +173,35 @@ def activation_bytes_per_layer(
     residual_region = 4 * s * b * h / (t if sequence_parallel else 1)
     qk_norm_inputs = (q_width + kv_width) if spec.qk_norm else 0
     tp_region = (
-        s * b * (qk_norm_inputs + (q_width + 2 * kv_width) + q_width + 3 * spec.ffn_hidden_size) / t
+        s
+        * b
+        * (
+            qk_norm_inputs
+            + (q_width + 2 * kv_width)
+            + q_width
+            + SWIGLU_SAVED_PER_FFN * spec.ffn_hidden_size
+        )
+        / t
     )
     total = (residual_region + tp_region) * ACTIVATION_BYTES
+    keys = s * cp_gather
+    if cp_gather > 1:
+        total += cp_kv_gather_bytes(spec, seq_length=keys, micro_batch_size=b,
+                                    tensor_parallel_size=t)  # fmt: skip
     if flash_attention:
         total += SOFTMAX_STATS_BYTES * a * s * b / t
     elif recompute != "selective":
-        total += ACTIVATION_BYTES * a * s * s * b / t
+        total += UNFUSED_ATTENTION_BYTES_PER_SCORE * a * s * keys * b / t
     return total
+
+
+def cp_kv_gather_bytes(
+    spec: ModelSpec, *, seq_length: int, micro_batch_size: int, tensor_parallel_size: int
+) -> float:
+    """The gathered K and V of one layer in the all-gather CP attention (local spec, CP > 1):
+    ``2 * b * S * (g/TP) * d`` bf16 elements, S the full sequence (``models/cp_attention.py``)."""
+    kv_heads = kv_heads_per_rank(spec, tensor_parallel_size=tensor_parallel_size)
+    return 2 * micro_batch_size * seq_length * kv_heads * spec.head_dim * ACTIVATION_BYTES
 
 
 def rollout_kv_cache_bytes(spec: ModelSpec, layout: Layout, rollout: RolloutSpec) -> float:
@@ -175,11 +218,18 @@ def rollout_kv_cache_bytes(spec: ModelSpec, layout: Layout, rollout: RolloutSpec
     return per_token * rollout.max_tokens * rollout.batch
 
 
-def rollout_batch_per_replica(num_sequences: int, layout: Layout) -> int:
-    """Sequences each rollout replica (one TP x PP group) generates when ``num_sequences`` are
-    spread evenly over all replicas."""
+def rollout_batch_per_replica(
+    num_sequences: int, layout: Layout, *, max_batch: int | None = None
+) -> int:
+    """Sequences one rollout replica decodes at once when a generation round's
+    ``num_sequences`` (prompts x gen_batch_multiplier x rollouts) are split as
+    ``rl/experience.py`` splits them: each DP rank takes its share of the prompts and its CP
+    ranks split that share's rollouts, so every TP group (DP x CP of them; PP ranks share one)
+    decodes ceil(n / (DP x CP)) whole sequences, at most ``max_batch`` at a time
+    (``rl.generation_batch_size``, per replica)."""
     replicas = layout.world_size // (layout.tensor_parallel_size * layout.pipeline_parallel_size)
-    return math.ceil(num_sequences / max(replicas, 1))
+    per_replica = math.ceil(num_sequences / max(replicas, 1))
+    return per_replica if max_batch is None else min(per_replica, max_batch)
 
 
 def _stage_estimate(
@@ -190,6 +240,8 @@ def _stage_estimate(
     stage: str,
     recompute: Recompute,
     flash_attention: bool,
+    attention_backend: AttentionBackend,
+    rl_policy_step: bool,
     rollout_bytes: float,
     rollout_sleeps: bool,
     overhead_gib: float,
@@ -221,8 +273,9 @@ def _stage_estimate(
         micro_batch_size=layout.micro_batch_size,
         tensor_parallel_size=tp,
         sequence_parallel=sp,
-        flash_attention=flash_attention,
+        flash_attention=flash_attention and attention_backend == "te",
         recompute=recompute,
+        cp_gather=cp if attention_backend == "local" else 1,
     )
     if recompute == "full":
         layer_input = (
@@ -235,7 +288,7 @@ def _stage_estimate(
         seq_per_rank
         * layout.micro_batch_size
         * (report.padded_vocab_size // tp)
-        * LOGITS_BYTES_PER_ELEMENT
+        * (RL_LOGITS_BYTES_PER_ELEMENT if rl_policy_step else LOGITS_BYTES_PER_ELEMENT)
         if last
         else 0.0
     )
@@ -262,11 +315,17 @@ def estimate_memory(
     recompute: Recompute = "none",
     rollout: RolloutSpec | None = None,
     flash_attention: bool = True,
+    attention_backend: AttentionBackend = "te",
+    rl_policy_step: bool | None = None,
     overhead_gib: float = DEFAULT_OVERHEAD_GIB,
     gpu_mem_gib: float = DEFAULT_GPU_MEM_GIB,
     enforce_budget: bool = True,
 ) -> MemoryEstimate:
     """Estimate peak memory per GPU (GiB) of the most loaded pipeline stage.
+
+    ``rl_policy_step``: the logits term of the RL policy loss (``RL_LOGITS_BYTES_PER_ELEMENT``)
+    instead of SFT's cross entropy; default: True when a ``rollout`` is given.
+    ``attention_backend="local"`` implies unfused attention (``flash_attention`` is ignored).
 
     Checks the layout first (:func:`check_layout`) and, with ``enforce_budget``, raises
     :class:`LayoutError` when the total exceeds ``gpu_mem_gib`` (see :func:`check_fits`).
@@ -302,6 +361,8 @@ def estimate_memory(
             stage=stage,
             recompute=recompute,
             flash_attention=flash_attention,
+            attention_backend=attention_backend,
+            rl_policy_step=rollout is not None if rl_policy_step is None else rl_policy_step,
             rollout_bytes=rollout_bytes,
             rollout_sleeps=rollout is not None and rollout.sleep,
             overhead_gib=overhead_gib,

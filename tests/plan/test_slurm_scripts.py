@@ -177,6 +177,7 @@ def test_gpu_mode_passes_paper_settings_layout_and_paths(tmp_path):
         MODEL_PATH=str(model_dir),
         DATA_DIR="/data/longact",
         SFT_CP="1",
+        RL_TP="2",
         RL_CP="1",
         RL_RECOMPUTE="full",
         GPU_MEM_GIB="1000",

@@ -98,43 +98,6 @@ def first_loss(run: Path) -> float:
     return first["train/loss"]
 
 
-def transformers_sft_loss(hf_dir: Path, overrides: list[str]) -> float:
-    """transformers' loss on the first global batch of the SFT run configured by
-    ``overrides``: every packed sample on its own (block-causal attention and per-sample
-    positions make packed samples independent), summed over loss tokens / their count."""
-    from transformers import AutoModelForCausalLM
-
-    from megatron_longact.config import JobConfig, load_config
-    from megatron_longact.runtime.batches import global_batch_indices
-    from megatron_longact.sft.data import load_sft_data
-
-    job = load_config(JobConfig, None, overrides)
-    bins = load_sft_data(job.data).train_bins
-    order = global_batch_indices(
-        len(bins),
-        batch_size=job.data.global_batch_size,
-        consumed=0,
-        seed=job.train.seed,
-        shuffle=job.data.shuffle,
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        hf_dir, dtype=torch.float32, attn_implementation="eager"
-    )
-    total, count = 0.0, 0.0
-    with torch.no_grad():
-        for packed in (bins[i] for i in order):
-            cu = packed.cu_seqlens.tolist()
-            for start, end in zip(cu[: packed.num_samples], cu[1 : packed.num_samples + 1]):
-                logits = model(input_ids=packed.tokens[None, start:end]).logits[0]
-                losses = torch.nn.functional.cross_entropy(
-                    logits, packed.labels[start:end], reduction="none"
-                )
-                mask = packed.loss_mask[start:end]
-                total += float((losses * mask).sum())
-                count += float(mask.sum())
-    return total / count
-
-
 def _max_excess(moved: torch.Tensor, base: torch.Tensor, *, bound: float, bf16: bool) -> float:
     """Largest amount by which |moved - base| exceeds ``bound`` (+ bf16 rounding)."""
     slack = bound + (base.float().abs() * BF16_EPS if bf16 else 0.0)
@@ -150,7 +113,8 @@ def hf_model(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_weights_flow_hf_sft_rl_hf(precision, hf_model, synthetic_data_dir, tmp_path):
-    from megatron_longact.models.convert.tiny_hf import load_hf_tensors
+    from megatron_longact.config import JobConfig, load_config
+    from megatron_longact.models.convert.tiny_hf import load_hf_tensors, transformers_sft_loss
 
     bf16 = precision == "bf16"
     data, kw = synthetic_data_dir, dict(hf_dir=hf_model, precision=precision)
@@ -197,7 +161,7 @@ def test_weights_flow_hf_sft_rl_hf(precision, hf_model, synthetic_data_dir, tmp_
         if must_move:
             assert any(not torch.equal(small[n], t) for n, t in expected.items()), run
 
-    reference = transformers_sft_loss(hf_model, sft)
+    reference = transformers_sft_loss(hf_model, load_config(JobConfig, None, sft))
     loss = first_loss(tmp_path / "sft")
     if bf16:
         assert loss == pytest.approx(reference, rel=BF16_LOSS_TOL)

@@ -1,8 +1,12 @@
 """The Slurm jobs for real: ``sbatch launch/slurm/longact_8b.sh`` on a running Slurm cluster.
 
-The job runs the real CLI (data -> SFT -> RL -> Hugging Face export) on the tiny CPU model
-with gloo, two processes through srun + torchrun, exactly as on a GPU cluster but for
-``LONGACT_DEVICE=cpu``. The second test stops the RL stage the way Slurm's time-limit warning
+The job runs the real CLI (data -> SFT -> RL -> Hugging Face export) with gloo, two processes
+through srun + torchrun, exactly as on a GPU cluster but for ``LONGACT_DEVICE=cpu``, and with
+``MODEL_PATH`` an HF folder saved by transformers (tiny, random non-trivial weights), as a
+cluster run has. The first test checks that the weights flowed HF -> SFT -> RL -> HF: SFT's
+first loss is the HF model's loss on that batch, the RL stage (lr=0 there) starts from and
+keeps the final SFT weights, so its first old log-probs are the SFT model's, and the exported
+folder loads in transformers with the megatron RL checkpoint's logits. The second test stops the RL stage the way Slurm's time-limit warning
 does (USR1 to the batch shell) and checks that the requeued job resumes where it stopped.
 
 Needs ``sbatch`` and an idle node: ``bash .ci/slurm_setup.sh`` makes a one-node cluster on this
@@ -21,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = "launch/slurm/longact_8b.sh"
@@ -82,7 +87,7 @@ pytestmark = [
 class Job:
     """One submitted batch job: its id, output directory and log."""
 
-    def __init__(self, tmp_path: Path, *, steps: int):
+    def __init__(self, tmp_path: Path, *, steps: int, model_path: Path, env_extra: dict):
         self.out = tmp_path / "out"
         self.log_pattern = tmp_path / "job-%j.out"
         # The job inherits this environment (sbatch --export=ALL); a Slurm or LongAct setting
@@ -98,7 +103,9 @@ class Job:
             OUTPUT_DIR=str(self.out),
             LONGACT_DATA_ARGS=DATA_ARGS,
             LONGACT_EXTRA_OVERRIDES=_overrides(steps=steps),
+            MODEL_PATH=str(model_path),
             PYTHON=sys.executable,
+            **env_extra,
         )
         # The 8B header asks for 8 nodes x 8 GPUs; the command line overrides it.
         submit = subprocess.run(
@@ -155,12 +162,20 @@ class Job:
         subprocess.run(["scancel", self.id], capture_output=True, timeout=30)
 
 
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory) -> Path:
+    """MODEL_PATH: an HF folder saved by transformers (config, safetensors shards, tokenizer)."""
+    from megatron_longact.models.convert.tiny_hf import save_tiny_hf_model
+
+    return save_tiny_hf_model(tmp_path_factory.mktemp("model") / "tiny-qwen3", seed=5)
+
+
 @pytest.fixture
-def submit(tmp_path):
+def submit(tmp_path, hf_model):
     jobs: list[Job] = []
 
-    def _submit(*, steps: int) -> Job:
-        jobs.append(Job(tmp_path, steps=steps))
+    def _submit(*, steps: int, **env_extra: str) -> Job:
+        jobs.append(Job(tmp_path, steps=steps, model_path=hf_model, env_extra=env_extra))
         return jobs[-1]
 
     yield _submit
@@ -207,14 +222,88 @@ def _assert_hf_export(hf_dir: Path) -> None:
     assert f"model.layers.{last}.self_attn.q_proj.weight" in shapes
 
 
-def test_sbatch_runs_all_stages(submit):
+def _rl_config_at_lr0(tmp_path: Path) -> Path:
+    """The CPU RL recipe at lr=0: the RL weights stay the weights RL started from."""
+    import yaml
+
+    recipe = yaml.safe_load((REPO / "examples" / "quickstart_rl_cpu.yaml").read_text())
+    recipe["optim"].update(lr=0.0, min_lr=0.0)
+    path = tmp_path / "rl_lr0.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def megatron_logits(*, hf_dir: str, ckpt: str, tokens: torch.Tensor) -> torch.Tensor:
+    """One process: the megatron model of ``hf_dir``'s config with ``ckpt``'s weights,
+    logits [b, s, V] on ``tokens`` (fp32)."""
+    from megatron_longact.checkpoint import load_checkpoint
+    from megatron_longact.config.schema import ModelConfig, ParallelConfig, TrainConfig
+    from megatron_longact.models.gpt import build_gpt_model, make_transformer_config
+    from megatron_longact.models.hf_config import parse_hf_config, read_hf_config
+    from megatron_longact.runtime.distributed import init_distributed
+
+    init_distributed(ParallelConfig(), seed=0)
+    arch = parse_hf_config(read_hf_config(hf_dir))
+    model_cfg = ModelConfig(hf_path=hf_dir)
+    tconfig = make_transformer_config(arch, model=model_cfg, parallel=ParallelConfig(),
+                                      train=TrainConfig(precision="fp32"))  # fmt: skip
+    gpt = build_gpt_model(arch, tconfig, model=model_cfg)
+    load_checkpoint(ckpt, model=[gpt], weights_only=True)
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    with torch.no_grad():
+        return gpt.eval()(input_ids=tokens, position_ids=positions, attention_mask=None)
+
+
+def _assert_weights_flowed(out: Path, hf_model: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from megatron_longact.config import JobConfig, load_config
+    from megatron_longact.models.convert.mcore_to_hf import export_checkpoint
+    from megatron_longact.models.convert.tiny_hf import load_hf_tensors, transformers_sft_loss
+    from megatron_longact.runtime.launch import run_local
+
+    # HF -> SFT: the first SFT loss is the HF model's on the same batch.
+    sft_ckpt = (
+        out / "sft" / "checkpoints" / (out / "sft" / "checkpoints" / "latest").read_text().strip()
+    )
+    sft_job = load_config(JobConfig, str(sft_ckpt / "config.yaml"), [])
+    assert sft_job.model.hf_path == str(hf_model)
+    first = json.loads((out / "sft" / "tensorboard" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["train/loss"] == pytest.approx(transformers_sft_loss(hf_model, sft_job), abs=1e-5)
+
+    # SFT -> RL: at lr=0 the RL weights are the weights RL started from; they equal the final
+    # SFT weights, so RL's first old log-probs were computed by the final SFT model.
+    sft_hf = tmp_path / "sft_hf"
+    export_checkpoint(load=sft_ckpt, out_dir=sft_hf, hf_dir=hf_model, show_progress=False)
+    sft_tensors, rl_tensors = load_hf_tensors(sft_hf), load_hf_tensors(out / "hf")
+    source = load_hf_tensors(hf_model)
+    assert sorted(rl_tensors) == sorted(sft_tensors)
+    for name, tensor in sft_tensors.items():
+        assert torch.equal(rl_tensors[name], tensor), f"{name}: RL did not start from SFT's"
+    assert any(not torch.equal(t, source[n]) for n, t in sft_tensors.items())  # SFT trained
+
+    # RL -> HF: transformers' logits of the exported folder are the megatron checkpoint's.
+    tokens = torch.randint(0, 600, (2, 24), generator=torch.Generator().manual_seed(0))
+    rl_ckpt = str(out / "rl" / "checkpoints")
+    expected = run_local(megatron_logits, 1, hf_dir=str(hf_model), ckpt=rl_ckpt, tokens=tokens)[0]
+    exported = AutoModelForCausalLM.from_pretrained(
+        out / "hf", dtype=torch.float32, attn_implementation="eager"
+    )
+    with torch.no_grad():
+        logits = exported(input_ids=tokens).logits
+    torch.testing.assert_close(logits, expected[..., : logits.shape[-1]], atol=1e-4, rtol=0)
+
+
+def test_sbatch_runs_all_stages(submit, hf_model, tmp_path):
     steps = 4
-    job = submit(steps=steps)
+    job = submit(steps=steps, RL_CONFIG=str(_rl_config_at_lr0(tmp_path)))
     info = job.wait_done()
     _assert_completed(job, info)
     log = job.log_text()
     assert "launcher torchrun" in log and "device cpu" in log
     assert "all stages done" in log
+    assert f"init: Hugging Face weights from {hf_model}" in log  # SFT
+    assert "init: loaded weights of checkpoint" in log  # RL, from SFT's
 
     out = job.out
     assert sorted(p.name for p in (out / "stages").iterdir()) == STAGES
@@ -222,6 +311,7 @@ def test_sbatch_runs_all_stages(submit):
         _assert_latest(out / stage / "checkpoints", steps)
         assert _metric_steps(out / stage / "tensorboard") == list(range(1, steps + 1))
     _assert_hf_export(out / "hf")
+    _assert_weights_flowed(out, hf_model, tmp_path)
 
 
 def test_usr1_stops_rl_and_the_requeued_job_resumes(submit):
@@ -263,6 +353,7 @@ def test_usr1_stops_rl_and_the_requeued_job_resumes(submit):
     assert "stopped after step" in stop_part, stop_part  # at a step boundary, checkpointed
     assert f"requeueing job {job.id}" in stop_part, stop_part
     assert f"job {job.id} restart 1," in log
+    assert "init: resumed checkpoint" in log  # the requeued RL stage, from its save_dir
     for stage in ("data", "sft"):
         assert log.count(f"stage {stage}: done") == 1
         assert f"stage {stage}: already done" in log

@@ -71,6 +71,42 @@ def load_hf_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def transformers_sft_loss(hf_dir: str | Path, job) -> float:
+    """transformers' fp32 loss on the first global batch that ``longact sft`` with ``job``
+    (a :class:`~megatron_longact.config.JobConfig`) trains on: every packed sample on its own
+    (block-causal attention and per-sample positions make packed samples independent), loss
+    tokens summed / their count, as megatron's per-token loss normalises."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_longact.runtime.batches import global_batch_indices
+    from megatron_longact.sft.data import load_sft_data
+
+    bins = load_sft_data(job.data).train_bins
+    order = global_batch_indices(
+        len(bins),
+        batch_size=job.data.global_batch_size,
+        consumed=0,
+        seed=job.train.seed,
+        shuffle=job.data.shuffle,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=torch.float32, attn_implementation="eager"
+    )
+    total, count = 0.0, 0.0
+    with torch.no_grad():
+        for packed in (bins[i] for i in order):
+            cu = packed.cu_seqlens.tolist()
+            for start, end in zip(cu[: packed.num_samples], cu[1 : packed.num_samples + 1]):
+                logits = model(input_ids=packed.tokens[None, start:end]).logits[0]
+                losses = torch.nn.functional.cross_entropy(
+                    logits, packed.labels[start:end], reduction="none"
+                )
+                mask = packed.loss_mask[start:end]
+                total += float((losses * mask).sum())
+                count += float(mask.sum())
+    return total / count
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder to write (created)")
