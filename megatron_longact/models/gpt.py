@@ -1,7 +1,8 @@
 """Build megatron-core's ``GPTModel`` from a Hugging Face config.
 
-Transformer Engine's layer spec when TE imports and CUDA is present (needed for context
-parallel and THD packed attention); megatron's local spec otherwise.
+Transformer Engine's layer spec when TE imports and CUDA is present (ring-attention context
+parallel, THD packing); megatron's local spec otherwise, with :mod:`models.cp_attention` as
+its core attention when context parallel is on (docs/context_parallel.md).
 """
 
 from __future__ import annotations
