@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from megatron_longact.checkpoint import preflight, save_if_due
+from megatron_longact.checkpoint import preflight
 from megatron_longact.config.schema import JobConfig, check_sequence_length
 from megatron_longact.models.gpt import use_transformer_engine
 from megatron_longact.runtime.batches import (
@@ -16,6 +16,7 @@ from megatron_longact.runtime.batches import (
 from megatron_longact.runtime.distributed import init_distributed
 from megatron_longact.runtime.forward import lm_forward_step
 from megatron_longact.runtime.metrics import MetricsWriter, Progress, tensorboard_dir
+from megatron_longact.runtime.save_point import save_point
 from megatron_longact.runtime.setup import load_start_weights, setup_train_state
 from megatron_longact.runtime.signals import StopRequest
 from megatron_longact.runtime.train_step import eval_step, train_step
@@ -111,17 +112,8 @@ def run_sft(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
             if step % job.train.log_interval == 0:
                 writer.log(metrics, step=step)
             bar.update(info=f"loss {result.loss:.4f} lr {result.lr:.2e}")
-            stopping = stop.agreed(step=step)
-            save_if_due(
-                state,
-                ckpt,
-                step=step,
-                last_step=job.train.train_steps,
-                stopping=stopping,
-                config_yaml=config_yaml,
-            )
-            if stopping:
-                logger.warning("stopped after step %d on request; resume by re-running", step)
+            if save_point(state, ckpt, stop, step=step, last_step=job.train.train_steps,
+                          config_yaml=config_yaml):  # fmt: skip
                 break
     writer.close()
     return metrics
