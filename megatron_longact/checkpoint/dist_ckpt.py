@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_longact.checkpoint.integrity import corrupt_error, verify_checkpoint, write_manifest
 
@@ -41,6 +42,9 @@ OPTIMIZER_SHARDING = "dp_reshardable"
 CHECKPOINT_NAME = re.compile(r"iter_\d{7}")
 # errno values of a write that ran out of room: disk full, file-size limit (ulimit -f), quota.
 NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+# What a failed read or write raises: torch DCP's CheckpointException (megatron re-raises the
+# ranks' errors in one) derives from BaseException, not Exception.
+IO_FAILURES = (Exception, CheckpointException)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,7 +219,7 @@ def save_checkpoint(
         if rank == 0 and config_yaml is not None:
             (tmp / "config.yaml").write_text(config_yaml)
         failure = None
-    except Exception as err:  # noqa: BLE001 - every rank must learn of any rank's failure
+    except IO_FAILURES as err:  # every rank must learn of any rank's failure
         failure = err
     _raise_if_any_failed(failure, tmp=tmp, root=root)
     dist.barrier()
@@ -236,16 +240,24 @@ def save_checkpoint(
 def _no_room(err: BaseException) -> bool:
     """Whether ``err`` (or an error it wraps) is a write that ran out of room."""
     seen = set()
-    while err is not None and id(err) not in seen:
+    pending = [err]
+    while pending:
+        err = pending.pop()
+        if err is None or id(err) in seen:
+            continue
         seen.add(id(err))
         if isinstance(err, OSError) and err.errno in NO_ROOM_ERRNOS:
             return True
-        text = str(err)
-        # torch.save's C++ writer reports a short write as "unexpected pos N vs M", and
-        # megatron's writer processes send back the message of the OSError they hit.
-        if "unexpected pos" in text or "No space left" in text or "File too large" in text:
-            return True
-        err = err.__cause__ or err.__context__
+        if isinstance(err, CheckpointException):  # {rank: (exception, traceback)}
+            failed = err.failures.values()
+            pending += [f[0] if isinstance(f, tuple) else f for f in failed]
+        else:
+            text = str(err)
+            # torch.save's C++ writer reports a short write as "unexpected pos N vs M", and
+            # megatron's writer processes send back the message of the OSError they hit.
+            if any(s in text for s in ("unexpected pos", "No space left", "File too large")):
+                return True
+        pending += [err.__cause__, err.__context__]
     return False
 
 
@@ -347,7 +359,7 @@ def load_checkpoint(
         raise corrupt_error(ckpt, problem)
     try:
         common = dist_checkpointing.load_common_state_dict(str(ckpt))
-    except Exception as err:  # noqa: BLE001 - megatron raises anything from a missing file on
+    except IO_FAILURES as err:  # megatron raises anything from a missing file on
         raise _unreadable(ckpt, "common.pt", err) from err
     if not isinstance(common, dict):
         raise _unreadable(ckpt, "common.pt", TypeError(type(common).__name__))
@@ -377,7 +389,7 @@ def load_checkpoint(
     _check_same_model(ckpt, template["model"])
     try:
         loaded = dist_checkpointing.load(template, str(ckpt))
-    except Exception as err:  # noqa: BLE001 - EOFError, pickle and reader errors alike
+    except IO_FAILURES as err:  # EOFError, pickle and reader errors alike
         raise _unreadable(ckpt, "its tensor shards", err) from err
     _load_model_state(model[0], loaded["model"])
     if with_optimizer:
