@@ -57,6 +57,10 @@ class StudyConfig:
     """RL seeds per arm (train.seed = 1, 2, ...)."""
     overrides: list[str] = field(default_factory=list)
     """Dotted overrides for all stages (e.g. model.preset=tiny-qwen3)."""
+    sft_overrides: list[str] = field(default_factory=list)
+    """Extra dotted overrides for the SFT stage only."""
+    rl_overrides: list[str] = field(default_factory=list)
+    """Extra dotted overrides for the RL stages only."""
     eval_overrides: list[str] = field(default_factory=list)
     """Extra dotted overrides for the eval stages (e.g. eval.max_new_tokens=64)."""
     launcher: str = ""
@@ -140,6 +144,7 @@ def run_study(config: StudyConfig) -> StudyResult:
     sft = out / "sft"
     if not (sft / DONE_FILE).is_file():
         _run(_longact(config, "sft", "--config", config.sft_config, *config.overrides,
+                      *config.sft_overrides,
                       f"checkpoint.save_dir={sft / 'checkpoints'}",
                       f"logging.tensorboard_dir={sft / 'tb'}"),  # fmt: skip
              log=sft / "sft.log")  # fmt: skip
@@ -153,6 +158,7 @@ def run_study(config: StudyConfig) -> StudyResult:
             run = out / "rl" / f"{arm}-s{seed}"
             if not (run / DONE_FILE).is_file():
                 _run(_longact(config, "rl", "--config", config.rl_config, *config.overrides,
+                              *config.rl_overrides,
                               *ARM_OVERRIDES[arm], f"train.seed={seed}",
                               f"checkpoint.load_dir={sft / 'checkpoints'}",
                               f"checkpoint.save_dir={run / 'checkpoints'}",
@@ -238,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", default=",".join(ARM_OVERRIDES))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--launcher", default="", help='e.g. "torchrun --nproc-per-node 8"')
+    parser.add_argument("--sft-override", action="append", default=[],
+                        help="dotted override for the SFT stage only (repeatable)")  # fmt: skip
+    parser.add_argument("--rl-override", action="append", default=[],
+                        help="dotted override for the RL stages only (repeatable)")  # fmt: skip
     parser.add_argument("--eval-override", action="append", default=[],
                         help="dotted override for the eval stages only (repeatable)")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every stage")
@@ -249,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     config = StudyConfig(
         sft_config=args.sft_config, rl_config=args.rl_config, eval_data=args.eval_data,
         out_dir=args.out, arms=[a.strip() for a in args.arms.split(",") if a.strip()],
-        seeds=args.seeds, overrides=args.overrides, eval_overrides=args.eval_override,
+        seeds=args.seeds, overrides=args.overrides, sft_overrides=args.sft_override,
+        rl_overrides=args.rl_override, eval_overrides=args.eval_override,
         launcher=args.launcher,
     )  # fmt: skip
     run_study(config)
