@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_longact.config.schema import OptimConfig
 from megatron_longact.runtime.launch import run_local
 
 pytestmark = pytest.mark.slow
@@ -98,9 +99,12 @@ def first_loss(run: Path) -> float:
     return first["train/loss"]
 
 
-def _max_excess(moved: torch.Tensor, base: torch.Tensor, *, bound: float, bf16: bool) -> float:
-    """Largest amount by which |moved - base| exceeds ``bound`` (+ bf16 rounding)."""
-    slack = bound + (base.float().abs() * BF16_EPS if bf16 else 0.0)
+def _max_excess(moved: torch.Tensor, base: torch.Tensor, *, lr: float, bf16: bool) -> float:
+    """Largest amount by which |moved - base| exceeds one AdamW step at ``lr``: the Adam
+    update (at most lr at step 1, |m / sqrt(v)| <= 1), decoupled weight decay lr * wd * |w|
+    and, in bf16, the rounding of the moved master to the model weight."""
+    relative = lr * OptimConfig().weight_decay + (BF16_EPS if bf16 else 0.0)
+    slack = 1.01 * lr + base.float().abs() * relative
     return float(((moved.float() - base.float()).abs() - slack).max())
 
 
@@ -150,12 +154,12 @@ def test_weights_flow_hf_sft_rl_hf(precision, hf_model, synthetic_data_dir, tmp_
             assert exported[name].dtype == tensor.dtype, (run, name)
             assert torch.equal(exported[name], tensor), f"{run}: {name} moved at lr=0"
 
-    # One Adam step moves an element by at most lr (|m / sqrt(v)| <= 1 at step 1). The random
+    # One AdamW step moves an element by at most lr (+ decay, rounding). The random
     # model's rollouts mostly tie on reward (zero advantages), so the RL step may not move
     # anything; the resharded SFT step has real gradients and must move weights.
     for run, must_move in (("rl_small", False), ("reshard_small", True)):
         small = export(tmp_path / run, hf_model)
-        excess = {n: _max_excess(small[n], t, bound=1.01 * SMALL_LR, bf16=bf16)
+        excess = {n: _max_excess(small[n], t, lr=SMALL_LR, bf16=bf16)
                   for n, t in expected.items()}  # fmt: skip
         assert max(excess.values()) <= 0, (run, sorted(excess.items(), key=lambda kv: -kv[1])[:3])
         if must_move:
