@@ -248,7 +248,9 @@ class RLConfig:
     max_seq_length: int = 32768
     """Prompt + response budget; contexts are truncated in the middle to fit."""
     stop_strings: list[str] = field(default_factory=lambda: ["</answer>"])
-    """Generation also ends at any of these strings (besides EOS); see ``rl.rollout``."""
+    """Generation also ends once the response text contains one of these (besides EOS and
+    end-of-turn tokens), with vLLM's semantics and the string kept (``rl.rollout.stops``); any
+    tokenization works with both engines. Checked against the tokenizer at RL start."""
     reward: str = "format_answer"
     """A name in ``rl.rewards.REWARD_FNS``; the paper's reward is format + answer."""
     engine: Literal["native", "vllm"] = "native"
@@ -313,6 +315,13 @@ class RLConfig:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
         if self.num_minibatches < 1:
             raise ValueError(f"rl.num_minibatches must be >= 1, got {self.num_minibatches}")
+        for text in self.stop_strings:
+            # vLLM refuses empty stop strings (sampling_params.py ~429); one would stop anywhere.
+            if not isinstance(text, str) or not text:
+                raise ValueError(
+                    f"rl.stop_strings: {text!r} is not a non-empty string; remove it "
+                    "(e.g. rl.stop_strings=[] for EOS only)"
+                )
         # Lazy: the registry is stdlib-only code, and config/ imports nothing heavy.
         from megatron_longact.rl.rewards import REWARD_FNS
 

@@ -25,6 +25,7 @@ from megatron_longact.rl.losses import policy_loss
 from megatron_longact.rl.metrics import experience_metrics
 from megatron_longact.rl.reference import build_reference_model
 from megatron_longact.rl.rollout.factory import build_engine, sampling_params
+from megatron_longact.rl.rollout.stops import resolve_stop_conditions
 from megatron_longact.rl.rollout.types import RolloutEngine
 from megatron_longact.runtime.batches import global_batch_indices
 from megatron_longact.runtime.distributed import init_distributed
@@ -72,6 +73,7 @@ def setup_rl(job: JobConfig) -> RLRun:
     dims = init_distributed(job.parallel, seed=job.train.seed)
     check_rl_batch(job, dp=dims.dp)
     tokenizer = load_tokenizer(job.data.tokenizer_path or TINY_TOKENIZER_DIR)
+    resolve_stop_conditions(tokenizer, job.rl.stop_strings)  # a bad stop string fails here
     records = load_rl_records(rl, job.data)
     state = setup_train_state(job, dims)
     longact = LongActController.from_train_state(job.longact, state)

@@ -97,3 +97,23 @@ def test_replica_share_covers_every_rollout_once(dp, cp):
     # At CP = 1 the split is the old one: whole prompt groups round-robin over DP.
     if cp == 1:
         assert shares[0] == [(i, k) for i in range(0, num_records, dp) for k in range(rollouts)]
+
+
+def test_bad_stop_strings_fail_at_config_load_and_rl_start():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    from megatron_longact.config import JobConfig, load_config
+
+    with pytest.raises(ValueError, match=r"rl.stop_strings: '' is not a non-empty string"):
+        load_config(JobConfig, None, ['rl.stop_strings=[""]'])
+    # A word-level vocabulary writes unknown words as [UNK]: the string can never be generated
+    # (and its token sequence would stop on any unknown word). setup_rl calls this first.
+    words = Tokenizer(WordLevel({"[UNK]": 0, "answer": 1, "done": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]")
+    assert resolve_stop_conditions(tok, ["done"]).token_ids[-1] == 2
+    with pytest.raises(ValueError, match="no response can contain it"):
+        resolve_stop_conditions(tok, ["</answer>"])

@@ -47,7 +47,9 @@ class StopConditions:
 def resolve_stop_conditions(tokenizer, stop_strings: Sequence[str]) -> StopConditions:
     """The stop tokens and strings of ``stop_strings`` (``rl.stop_strings``) for ``tokenizer``.
 
-    Raises ValueError naming a stop string that is empty or encodes to no tokens.
+    Raises ValueError naming a stop string that is empty, encodes to no tokens, or does not
+    survive the tokenizer's encode/decode (``run_rl`` calls this at start, before any model is
+    built, so a bad string fails there and not at step 1).
     """
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     for token in END_OF_TURN_TOKENS:
@@ -61,6 +63,14 @@ def resolve_stop_conditions(tokenizer, stop_strings: Sequence[str]) -> StopCondi
             raise ValueError(
                 f"rl.stop_strings: {text!r} encodes to no tokens; remove it or give a "
                 "non-empty string"
+            )
+        decoded = tokenizer.decode(encoded, skip_special_tokens=False)
+        if text not in decoded:
+            # e.g. characters the vocabulary maps to <unk>: the stop could never be generated,
+            # and its token sequence would stop on unrelated text.
+            raise ValueError(
+                f"rl.stop_strings: {text!r} decodes back as {decoded!r} with this tokenizer, "
+                "so no response can contain it; use a string the tokenizer can write"
             )
         if len(encoded) == 1:
             ids.add(encoded[0])
