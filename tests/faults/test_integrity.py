@@ -153,3 +153,17 @@ def test_manifest_lists_every_file_with_its_size(tmp_path):
     write_manifest(ckpt)
     files = json.loads((ckpt / MANIFEST_FILE).read_text())["files"]
     assert files == {"a.bin": {"size": 123, "crc32": file_checksum(ckpt / "a.bin")["crc32"]}}
+
+
+@pytest.mark.slow
+def test_export_of_a_corrupt_checkpoint_is_refused(baseline, tmp_path, capsys):
+    from megatron_longact.cli import main as longact_main
+
+    ckpt = tmp_path / "ckpt" / "iter_0000006"
+    shutil.copytree(baseline.ckpt / "iter_0000006", ckpt)
+    _flip(ckpt / "__0_1.distcp")
+    out = tmp_path / "hf"
+    argv = ["convert", "--direction", "mcore2hf", "--load", str(ckpt), "--out", str(out)]
+    assert longact_main(argv) == 2
+    assert "__0_1.distcp fails its checksum" in capsys.readouterr().err
+    assert not out.exists()
