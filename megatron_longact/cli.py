@@ -163,7 +163,7 @@ def _dispatch(argv: list[str] | None) -> int:
 
         return plan_main(rest)
     if command == "convert":
-        from megatron_longact.models.convert.cli import main as convert_main
+        from megatron_longact.convert.cli import main as convert_main
 
         return convert_main(rest)
     if command == "data":

@@ -7,7 +7,7 @@ Same as ``longact convert --direction hf2mcore``; see docs/convert.md.
 
 import sys
 
-from megatron_longact.models.convert.cli import main
+from megatron_longact.convert.cli import main
 
 # The guard matters: local ranks are spawned and re-import this file.
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Same as ``longact convert --direction mcore2hf``; see docs/convert.md.
 
 import sys
 
-from megatron_longact.models.convert.cli import main
+from megatron_longact.convert.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["--direction", "mcore2hf", *sys.argv[1:]]))

@@ -8,14 +8,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from megatron_longact.models.convert.hf_files import (
+from megatron_longact.convert.hf_files import (
     INDEX_FILE,
     SINGLE_FILE,
     HFWeights,
     ShardWriter,
     parse_size,
 )
-from megatron_longact.models.convert.mapping import (
+from megatron_longact.convert.mapping import (
     HF_LM_HEAD,
     check_hf_tensors,
     expected_hf_shapes,

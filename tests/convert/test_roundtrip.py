@@ -14,8 +14,8 @@ import convert_worlds as worlds
 import pytest
 import torch
 
-from megatron_longact.models.convert.cli import main as convert_main
-from megatron_longact.models.convert.mcore_to_hf import export_checkpoint
+from megatron_longact.convert.cli import main as convert_main
+from megatron_longact.convert.mcore_to_hf import export_checkpoint
 
 
 def _assert_bitwise(original: Path, exported: Path) -> None:

@@ -121,7 +121,7 @@ def _world(root: str) -> dict:
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory):
     """{layout: [rank results]} and {layout: HF export of the saved initial weights}."""
-    from megatron_longact.models.convert.mcore_to_hf import export_checkpoint
+    from megatron_longact.convert.mcore_to_hf import export_checkpoint
 
     root = tmp_path_factory.mktemp("refit")
     results = run_local(_world, 2, str(root))

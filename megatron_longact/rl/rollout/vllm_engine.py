@@ -18,7 +18,7 @@ Design (the pattern of verl's megatron hybrid engine and TRL's colocate mode):
   keeps the previous weights, which is what makes partial refits valid; it costs one TP shard
   of the model in host memory per rank.
 * Refit: :func:`iter_hf_tensors_from_model` produces Hugging Face-layout tensors from the live
-  megatron chunk (TP all-gather, QKV / gate-up split through ``models/convert``'s mapping, PP
+  megatron chunk (TP all-gather, QKV / gate-up split through ``convert``'s mapping, PP
   broadcast), :class:`ChangeTracker` drops tensors whose fingerprint did not change since the
   last refit, and the rest go to ``model.load_weights`` on the in-process vLLM worker through
   ``llm.collective_rpc``, one tensor at a time (peak extra memory: one full tensor).
@@ -68,7 +68,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_longact.models.convert.mapping import (
+from megatron_longact.convert.mapping import (
     HF_EMBEDDING,
     HF_FINAL_NORM,
     HF_LM_HEAD,
@@ -79,7 +79,7 @@ from megatron_longact.models.convert.mapping import (
     hf_layer_name,
     hf_layer_shapes,
 )
-from megatron_longact.models.convert.mcore_to_hf import layer_to_hf
+from megatron_longact.convert.mcore_to_hf import layer_to_hf
 from megatron_longact.models.hf_config import HFArchitecture
 from megatron_longact.rl.rollout.types import Rollout, SamplingParams
 

@@ -5,4 +5,7 @@
 * :mod:`hf_to_mcore`: import at any TP/PP, every rank reading only its slices.
 * :mod:`mcore_to_hf`: export in one process, layer by layer.
 * :mod:`cli`: ``longact convert``.
+
+A top-level package, not under ``models/``: it imports the runtime (``runtime.launch``,
+``runtime.distributed``) and ``models/``, and ``models/`` imports neither, so imports run downward.
 """

@@ -27,13 +27,13 @@ from typing import Any
 import torch
 import yaml
 
-from megatron_longact.models.convert.hf_files import (
+from megatron_longact.convert.hf_files import (
     ShardWriter,
     copy_tokenizer_files,
     has_tokenizer,
     parse_size,
 )
-from megatron_longact.models.convert.mapping import (
+from megatron_longact.convert.mapping import (
     GATE_UP,
     HF_EMBEDDING,
     HF_FINAL_NORM,
@@ -52,7 +52,7 @@ from megatron_longact.models.convert.mapping import (
     split_gate_up,
     strip_checkpoint_prefix,
 )
-from megatron_longact.models.convert.progress import progress_bar
+from megatron_longact.convert.progress import progress_bar
 from megatron_longact.models.hf_config import (
     HFArchitecture,
     parse_hf_config,
@@ -252,7 +252,7 @@ def layer_to_hf(
         else:
             raise ValueError(
                 f"checkpoint tensor decoder.layers.{suffix} has no Hugging Face name in "
-                "models/convert/mapping.py"
+                "convert/mapping.py"
             )
         out.update(parts)
     expected = hf_layer_shapes(arch)

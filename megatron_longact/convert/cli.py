@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from megatron_longact.models.convert.mcore_to_hf import DEFAULT_MAX_SHARD_SIZE
+from megatron_longact.convert.mcore_to_hf import DEFAULT_MAX_SHARD_SIZE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _hf_to_mcore(args: argparse.Namespace) -> None:
-    from megatron_longact.models.convert.hf_to_mcore import (
+    from megatron_longact.convert.hf_to_mcore import (
         check_out_dir,
         import_hf_checkpoint,
         inspect_hf_dir,
@@ -97,7 +97,7 @@ def _hf_to_mcore(args: argparse.Namespace) -> None:
 
 
 def _mcore_to_hf(args: argparse.Namespace) -> None:
-    from megatron_longact.models.convert.mcore_to_hf import export_checkpoint
+    from megatron_longact.convert.mcore_to_hf import export_checkpoint
 
     if args.load is None:
         raise SystemExit("longact convert: --direction mcore2hf needs --load")

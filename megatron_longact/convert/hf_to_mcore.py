@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 import torch
 
-from megatron_longact.models.convert.hf_files import HFWeights, has_tokenizer
-from megatron_longact.models.convert.mapping import (
+from megatron_longact.convert.hf_files import HFWeights, has_tokenizer
+from megatron_longact.convert.mapping import (
     GATE_UP,
     HF_EMBEDDING,
     HF_FINAL_NORM,
@@ -37,7 +37,7 @@ from megatron_longact.models.convert.mapping import (
     padded_vocab_size,
     tp_block,
 )
-from megatron_longact.models.convert.progress import progress_bar
+from megatron_longact.convert.progress import progress_bar
 from megatron_longact.models.hf_config import HFArchitecture, parse_hf_config, read_hf_config
 from megatron_longact.models.qkv_layout import QKVLayout
 
@@ -147,7 +147,7 @@ def _layer_tensor(
         return torch.cat([gate, up])
     raise ValueError(
         f"megatron parameter decoder.layers.*.{suffix} has no Hugging Face source in "
-        "models/convert/mapping.py; the layer spec has a parameter this converter does not know"
+        "convert/mapping.py; the layer spec has a parameter this converter does not know"
     )
 
 
@@ -183,8 +183,7 @@ def load_hf_into_chunk(
             hf_name, tensor = HF_FINAL_NORM, weights.read(HF_FINAL_NORM)
         else:
             raise ValueError(
-                f"megatron parameter {param_name} has no Hugging Face source in "
-                "models/convert/mapping.py"
+                f"megatron parameter {param_name} has no Hugging Face source in convert/mapping.py"
             )
         _copy(param, tensor, name=param_name, source=hf_name, weights=weights, tp=tp)
     layout = QKVLayout.from_hf(arch)
