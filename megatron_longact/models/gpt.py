@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from megatron_longact.config.schema import ModelConfig, ParallelConfig, TrainConfig
+from megatron_longact.device import current_device, on_cuda
 from megatron_longact.models.hf_config import (
     HFArchitecture,
     gpt_model_kwargs,
@@ -31,24 +32,49 @@ def load_architecture(model: ModelConfig) -> HFArchitecture:
 def resolve_dtype(precision: str) -> torch.dtype:
     """``auto`` -> bf16 with CUDA, fp32 without (CPU kernels for bf16 training are slow)."""
     if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return torch.bfloat16 if on_cuda() else torch.float32
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
 
 def use_transformer_engine(model: ModelConfig) -> bool:
-    """Whether to build with TE modules (errors if ``te`` is asked for and unavailable)."""
-    try:
-        import transformer_engine  # noqa: F401
+    """Whether to build with TE modules (errors if ``te`` is asked for and unavailable).
 
-        te_ok = torch.cuda.is_available()
-    except ImportError:
-        te_ok = False
+    TE is imported only where it could be used: on CUDA and unless ``local`` is configured.
+    """
+    te_ok = False
+    if on_cuda() and model.attention_backend != "local":
+        try:
+            import transformer_engine  # noqa: F401
+
+            te_ok = True
+        except ImportError:
+            pass
     if model.attention_backend == "te" and not te_ok:
         raise ValueError(
             "model.attention_backend=te needs CUDA and transformer-engine "
             "(pip install -e '.[gpu]'); use auto or local"
         )
     return te_ok and model.attention_backend != "local"
+
+
+def _device_settings(*, use_te: bool) -> dict[str, bool]:
+    """TransformerConfig settings that depend on the device and on TE (megatron-core 0.16.1).
+
+    CPU: everything unfused (megatron's unfused paths are exact there), weights initialised on
+    the CPU, no batched p2p (it calls ``torch.cuda.synchronize``; plain isend/irecv works on
+    gloo). CUDA: GPU initialisation, megatron's own jit bias-dropout fusion, pipeline outputs
+    freed after send; with TE also its fused RoPE (``transformer_config.py`` ~1530-1551 needs
+    TE >= 1.4), its fused weight-gradient accumulation into ``main_grad`` (megatron's local
+    linears need apex for it) and masked-softmax fusion (unused by TE's attention).
+    """
+    if not on_cuda():
+        return dict(use_cpu_initialization=True, masked_softmax_fusion=False,
+                    bias_dropout_fusion=False, apply_rope_fusion=False,
+                    gradient_accumulation_fusion=False, deallocate_pipeline_outputs=False,
+                    batch_p2p_comm=False)  # fmt: skip
+    return dict(use_cpu_initialization=False, masked_softmax_fusion=use_te,
+                bias_dropout_fusion=True, apply_rope_fusion=use_te,
+                gradient_accumulation_fusion=use_te, deallocate_pipeline_outputs=True)  # fmt: skip
 
 
 def make_transformer_config(
@@ -88,19 +114,11 @@ def make_transformer_config(
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,
         init_method_std=model.init_method_std,
-        use_cpu_initialization=True,
         calculate_per_token_loss=True,
-        # Fused kernels exist only on GPU; on CPU megatron's unfused paths are exact.
-        masked_softmax_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
+        # Apex's persistent layer norm is never installed here (NVIDIA apex is optional).
         persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        deallocate_pipeline_outputs=False,
+        **_device_settings(use_te=use_transformer_engine(model)),
     )
-    if not torch.cuda.is_available():
-        # Batched p2p calls torch.cuda.synchronize; plain isend/irecv works on gloo.
-        kwargs["batch_p2p_comm"] = False
     if train.recompute == "full":
         kwargs.update(
             recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
@@ -147,9 +165,7 @@ def build_gpt_model(
     )
     if transformer_config.params_dtype != torch.float32:
         gpt = gpt.to(transformer_config.params_dtype)
-    if torch.cuda.is_available():
-        gpt = gpt.cuda(torch.cuda.current_device())
-    return gpt
+    return gpt.to(current_device())
 
 
 def unwrap_gpt(module: torch.nn.Module) -> torch.nn.Module:

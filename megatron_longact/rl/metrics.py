@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_longact.config.schema import RLConfig
+from megatron_longact.device import current_device
 from megatron_longact.rl.experience import StepExperience
 
 
@@ -24,8 +25,7 @@ def logprob_mismatch(micro_batches: list[dict[str, torch.Tensor]]) -> float:
             mask = batch["response_mask"]
             diff = (batch["engine_logp"] - batch["old_logp"]).abs() * mask
             total += torch.tensor([diff.sum().item(), mask.sum().item()], dtype=torch.float64)
-    if torch.cuda.is_available():
-        total = total.cuda()
+    total = total.to(current_device())
     dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
     return (total[0] / total[1].clamp(min=1)).item()
 

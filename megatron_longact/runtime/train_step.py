@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_longact.device import current_device
 from megatron_longact.runtime.setup import TrainState
 
 
@@ -58,8 +59,7 @@ def reduce_reports(reports: list[dict], *, key: str = "loss") -> tuple[float, in
     for report in reports:
         if key in report:
             total += report[key].detach().double().cpu()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    total = total.to(device)
+    total = total.to(current_device())
     dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(
