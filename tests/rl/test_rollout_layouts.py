@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from megatron_longact.runtime.launch import run_local
@@ -106,6 +107,7 @@ def _layout_rollouts(overrides: list[str], hf_dir: str, rl_path: str, sequence_p
     }
 
 
+@pytest.mark.slow  # three 2-process worlds: ~60 s idle, ~3 min on a loaded 2-core machine
 def test_greedy_rollouts_identical_at_tp1_tp2_sp_and_cp2(synthetic_data_dir, tmp_path):
     hf_dir = str(_hf_folder(tmp_path / "hf"))
     rl_path = str(synthetic_data_dir / "rl_train.jsonl")
