@@ -138,16 +138,13 @@ def build_dataclass(cls: type[T], values: dict, *, where: str = "") -> T:
         raise ConfigError(f"{where}: {err}" if where else str(err)) from err
 
 
-def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
-    """Reads YAML ``path`` (optional), applies dotted ``overrides``, returns ``cls``.
-
-    Errors name the file as well as the field, so a typo in a 200-line recipe is found at once.
+def load_tree(path: str | Path | None, overrides: list[str] | None = None) -> dict:
+    """The nested dict :func:`load_config` builds from: YAML ``path`` (optional) plus dotted
+    ``overrides``, before defaults and types (the planner asks it which sections a recipe sets).
     """
     tree: dict = {}
-    source = "<defaults>"
     if path is not None:
         path = Path(path)
-        source = str(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         try:
@@ -156,7 +153,16 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    apply_overrides(tree, list(overrides or []))
+    return apply_overrides(tree, list(overrides or []))
+
+
+def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
+    """Reads YAML ``path`` (optional), applies dotted ``overrides``, returns ``cls``.
+
+    Errors name the file as well as the field, so a typo in a 200-line recipe is found at once.
+    """
+    tree = load_tree(path, overrides)
+    source = "<defaults>" if path is None else str(Path(path))
     try:
         return build_dataclass(cls, tree)
     except ConfigError as err:

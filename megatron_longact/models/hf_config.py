@@ -1,7 +1,11 @@
 """Map a Hugging Face ``config.json`` (Qwen3, Qwen2, Llama) onto megatron-core's config.
 
-Pure data: returns plain dicts of ``TransformerConfig`` and ``GPTModel`` keyword arguments so
-the converter, the planner and the model builder agree on one mapping.
+Pure data, importable without torch or megatron (``transformer_config_kwargs`` imports torch
+when called): :func:`read_hf_config` and :func:`parse_hf_config` are the one reader and the one
+validation of a ``config.json`` for the model builder (``models/gpt.py``), the converter
+(``convert/``) and the planner (``plan/model_spec.py``), so all three accept the same models
+and read the same shapes; the builder turns :class:`HFArchitecture` into plain dicts of
+``TransformerConfig`` and ``GPTModel`` keyword arguments here.
 """
 
 from __future__ import annotations
@@ -59,20 +63,35 @@ def resolve_model_dir(*, hf_path: str | None, preset: str) -> Path:
 
 
 def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
-    """Loads ``<model_dir>/config.json`` as a dict (error names the file on bad JSON)."""
-    path = Path(model_dir) / "config.json"
+    """Loads ``<model_dir>/config.json`` (or ``model_dir`` itself when it is a file) as a dict.
+
+    Raises:
+        FileNotFoundError: no such file, naming it.
+        ValueError: naming the file, when it is not valid JSON or not a JSON object.
+    """
+    path = Path(model_dir)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no Hugging Face config at {path}; pass the model folder or its config.json"
+        )
     try:
-        return json.loads(path.read_text())
+        hf = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: expected a JSON object at the top level")
+    return hf
 
 
 def parse_hf_config(hf: dict[str, Any], *, source: str = "config.json") -> HFArchitecture:
     """Validates an HF config dict and extracts :class:`HFArchitecture`.
 
     Raises:
-        ValueError: naming ``source`` and the field, for model types or features this mapping
-            cannot represent (MoE, sliding window, non-llama3 rope scaling, non-SiLU MLPs).
+        ValueError: naming ``source`` and the field, for a missing or non-positive size, or
+            model types or features this mapping cannot represent (MoE, sliding window,
+            non-llama3 rope scaling, non-SiLU MLPs).
     """
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -81,17 +100,30 @@ def parse_hf_config(hf: dict[str, Any], *, source: str = "config.json") -> HFArc
             f"{list(SUPPORTED_MODEL_TYPES)}"
         )
 
-    def need(key: str) -> Any:
+    def size(key: str) -> int:
+        value = hf[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{source}: field '{key}' must be a positive integer, got {value!r}")
+        return value
+
+    def need(key: str) -> int:
         if key not in hf:
             raise ValueError(f"{source}: missing field '{key}' required for {model_type}")
-        return hf[key]
+        return size(key)
+
+    def optional(key: str, default: int) -> int:
+        # transformers treats an absent key and null alike.
+        return size(key) if hf.get(key) is not None else default
 
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r}; only silu (SwiGLU) maps")
     if hf.get("use_sliding_window"):
         raise ValueError(f"{source}: use_sliding_window=true cannot be mapped; set it false")
     if hf.get("num_experts") or hf.get("num_local_experts"):
-        raise ValueError(f"{source}: MoE configs cannot be mapped by this converter")
+        raise ValueError(
+            f"{source}: mixture-of-experts (MoE) configs cannot be mapped; only dense models "
+            "(one MLP per layer)"
+        )
     scaling = hf.get("rope_scaling")
     params = hf.get("rope_parameters") or {}
     if not scaling and params.get("rope_type", "default") != "default":
@@ -110,8 +142,8 @@ def parse_hf_config(hf: dict[str, Any], *, source: str = "config.json") -> HFArc
         ffn_hidden_size=need("intermediate_size"),
         num_layers=need("num_hidden_layers"),
         num_attention_heads=heads,
-        num_query_groups=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hidden // heads,
+        num_query_groups=optional("num_key_value_heads", heads),
+        head_dim=optional("head_dim", hidden // heads),
         vocab_size=need("vocab_size"),
         max_position_embeddings=need("max_position_embeddings"),
         rotary_base=_rope_theta(hf),

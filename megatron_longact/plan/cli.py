@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from megatron_longact.plan.from_config import ConfigInputs, load_config, read_plan_inputs
+from megatron_longact.plan.from_config import ConfigInputs, load_plan_config, read_plan_inputs
 from megatron_longact.plan.layout import Layout, LayoutError
 from megatron_longact.plan.memory import (
     DEFAULT_GPU_MEM_GIB,
@@ -187,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     errors = Console(stderr=True)
     try:
         if args.config is not None:
-            config = load_config(args.config, args.overrides)
-            inputs = read_plan_inputs(config, source=str(args.config))
+            inputs = read_plan_inputs(load_plan_config(args.config, args.overrides))
         elif args.overrides:
             raise ValueError("dotted overrides need --config")
         else:

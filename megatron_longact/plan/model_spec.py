@@ -1,15 +1,17 @@
 """Shape of a dense Qwen3-style decoder and its parameter count, as plain arithmetic.
 
 The planner never builds a model: everything it needs is in :class:`ModelSpec`. The presets
-are the official Hugging Face ``config.json`` values of the Qwen3 base models; any other dense
-Qwen3/Llama-style model can be read from its own ``config.json`` with :func:`load_hf_config`.
+are the official Hugging Face ``config.json`` values of the Qwen3 base models; any other model
+training can build (Qwen3, Qwen2, Llama) is read from its own ``config.json`` with
+:func:`load_hf_config`, through ``models/hf_config.py``.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from megatron_longact.models.hf_config import parse_hf_config, read_hf_config
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,56 +104,30 @@ def get_preset(name: str) -> ModelSpec:
 
 
 def load_hf_config(path: str | Path) -> ModelSpec:
-    """Read a dense decoder's shape from a Hugging Face ``config.json`` (or its directory).
+    """Read a model's shape from a Hugging Face ``config.json`` (or its directory).
 
-    ``num_key_value_heads`` defaults to the head count and ``head_dim`` to
-    ``hidden_size // num_attention_heads`` as in transformers; ``tie_word_embeddings`` defaults
-    to False as in ``Qwen3Config``. Mixture-of-experts configs are rejected.
+    Read and validated by ``models/hf_config.py``, as the model builder and the converter do,
+    so the planner accepts exactly the models training can build (Qwen3, Qwen2, Llama; dense):
+    ``num_key_value_heads`` defaults to the head count, ``head_dim`` to
+    ``hidden_size // num_attention_heads`` and ``tie_word_embeddings`` to False, as in
+    transformers.
     """
     config_path = Path(path)
     if config_path.is_dir():
         config_path = config_path / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(
-            f"no Hugging Face config at {config_path}; pass the model directory or its config.json"
-        )
-    try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path}: not valid JSON ({err})") from err
-    if not isinstance(raw, dict):
-        raise ValueError(f"{config_path}: expected a JSON object at the top level")
-    if raw.get("num_experts") or raw.get("num_local_experts"):
-        raise ValueError(
-            f"{config_path}: mixture-of-experts models are not modelled by the planner "
-            "(it assumes one dense MLP per layer)"
-        )
-
-    def required(key: str) -> int:
-        if key not in raw:
-            raise ValueError(f"{config_path}: missing field {key!r} needed by the planner")
-        value = raw[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(
-                f"{config_path}: field {key!r} must be a positive integer, got {value!r}"
-            )
-        return value
-
-    hidden = required("hidden_size")
-    heads = required("num_attention_heads")
-    kv_heads = required("num_key_value_heads") if "num_key_value_heads" in raw else heads
-    head_dim = required("head_dim") if raw.get("head_dim") is not None else hidden // heads
+    raw = read_hf_config(config_path)
+    arch = parse_hf_config(raw, source=str(config_path))
     return ModelSpec(
         name=str(raw.get("_name_or_path") or config_path.parent.name or "hf-model"),
-        hidden_size=hidden,
-        num_layers=required("num_hidden_layers"),
-        num_attention_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        ffn_hidden_size=required("intermediate_size"),
-        vocab_size=required("vocab_size"),
-        tied_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        qk_norm=str(raw.get("model_type", "qwen3")).startswith("qwen3"),
+        hidden_size=arch.hidden_size,
+        num_layers=arch.num_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_kv_heads=arch.num_query_groups,
+        head_dim=arch.head_dim,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        vocab_size=arch.vocab_size,
+        tied_embeddings=arch.tie_word_embeddings,
+        qk_norm=arch.qk_layernorm,
     )
 
 

@@ -64,6 +64,7 @@ def test_reads_parallel_data_and_rl_sections_with_overrides(tmp_path, capsys):
                 "head_dim": 128,
                 "intermediate_size": 12288,
                 "vocab_size": 151936,
+                "max_position_embeddings": 32768,
                 "tie_word_embeddings": False,
             }
         )
@@ -123,7 +124,7 @@ def test_missing_model_and_bad_override_are_explained(tmp_path, capsys):
     assert main(["--config", str(path)]) == 1
     assert "pass --model" in capsys.readouterr().err
     assert main(["--config", str(path), "--model", "qwen3-8b", "parallel.tp"]) == 1
-    assert "section.key=value" in capsys.readouterr().err
+    assert "section.field=value" in capsys.readouterr().err
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 1
     assert "not found" in capsys.readouterr().err
 

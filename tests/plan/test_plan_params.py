@@ -97,6 +97,7 @@ def test_load_hf_config_defaults_kv_heads_and_head_dim(tmp_path):
         "num_attention_heads": 4,
         "intermediate_size": 128,
         "vocab_size": 100,
+        "max_position_embeddings": 4096,
     }
     (tmp_path / "config.json").write_text(json.dumps(raw))
     spec = load_hf_config(tmp_path)

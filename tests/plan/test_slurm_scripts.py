@@ -31,6 +31,7 @@ QWEN3_8B_CONFIG = {
     "head_dim": 128,
     "intermediate_size": 12288,
     "vocab_size": 151936,
+    "max_position_embeddings": 32768,
     "tie_word_embeddings": False,
 }
 
