@@ -54,7 +54,7 @@ class StudyConfig:
     arms: list[str] = field(default_factory=lambda: list(ARM_OVERRIDES))
     """Arms to compare (keys of :data:`ARM_OVERRIDES`)."""
     seeds: int = 3
-    """RL seeds per arm (train.seed = 1, 2, ...)."""
+    """RL seeds per arm: 1, 2, ... (see :func:`seed_overrides`)."""
     overrides: list[str] = field(default_factory=list)
     """Dotted overrides for all stages (e.g. model.preset=tiny-qwen3)."""
     sft_overrides: list[str] = field(default_factory=list)
@@ -65,6 +65,13 @@ class StudyConfig:
     """Extra dotted overrides for the eval stages (e.g. eval.max_new_tokens=64)."""
     launcher: str = ""
     """Command prefix for every stage (empty: run ``longact`` in one process)."""
+
+
+def seed_overrides(seed: int) -> list[str]:
+    """One seed for everything random in an RL run: init/dropout (train.seed), prompt order and
+    rollout sampling (rl.seed), the random arm's draw (longact.seed). train.seed alone leaves
+    the rollouts identical across seeds."""
+    return [f"train.seed={seed}", f"rl.seed={seed}", f"longact.seed={seed}"]
 
 
 def _run(command: list[str], *, log: Path) -> None:
@@ -159,7 +166,7 @@ def run_study(config: StudyConfig) -> StudyResult:
             if not (run / DONE_FILE).is_file():
                 _run(_longact(config, "rl", "--config", config.rl_config, *config.overrides,
                               *config.rl_overrides,
-                              *ARM_OVERRIDES[arm], f"train.seed={seed}",
+                              *ARM_OVERRIDES[arm], *seed_overrides(seed),
                               f"checkpoint.load_dir={sft / 'checkpoints'}",
                               f"checkpoint.save_dir={run / 'checkpoints'}",
                               f"logging.tensorboard_dir={run / 'tb'}"),  # fmt: skip
