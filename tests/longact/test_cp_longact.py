@@ -190,6 +190,7 @@ def test_longact_saliency_profile_under_cp_and_thd():
             _close(res[kind], ref[kind])
 
 
+@pytest.mark.slow
 def test_longact_saliency_cli_under_cp(chat_file, tmp_path):
     ref = run_local(cli_world, 1, [], chat_file, str(tmp_path / "cp1.safetensors"))[0]
     assert ref[1] == 5  # every sample, the ragged tail of the micro-batches of 2 included
