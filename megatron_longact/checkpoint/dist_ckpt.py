@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_longact.checkpoint.integrity import corrupt_error, verify_checkpoint, write_manifest
+from megatron_longact.device import current_device, on_cuda
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def _rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
-    if torch.cuda.is_available():
+    if on_cuda():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
@@ -128,7 +129,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
     torch.set_rng_state(state["torch"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and on_cuda():
         torch.cuda.set_rng_state(state["cuda"])
 
 
@@ -265,8 +266,7 @@ def _raise_if_any_failed(failure: BaseException | None, *, tmp: Path, root: Path
     """After every rank's writes: when any failed, all ranks remove the half-written folder
     and raise (a one-line OSError naming ENOSPC for a full disk). Collective."""
     flag = torch.tensor([0 if failure is None else 2 if _no_room(failure) else 1])
-    if torch.cuda.is_available():
-        flag = flag.cuda()
+    flag = flag.to(current_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     code = int(flag.item())
     if code == 0:

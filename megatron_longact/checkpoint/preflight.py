@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_longact.device import current_device
+
 # Bytes a checkpoint stores per parameter beyond the weights themselves: the fp32 master copy
 # (bf16 runs) and Adam's two fp32 moments, which the distributed optimizer saves.
 ADAM_MOMENT_BYTES = 8
@@ -57,8 +59,7 @@ def checkpoint_bytes(model: list, *, with_optimizer: bool) -> int:
                 size += ADAM_MOMENT_BYTES + (FP32_MASTER_BYTES if size < 4 else 0)
             total += param.numel() * size
     count = torch.tensor([total], dtype=torch.float64)
-    if torch.cuda.is_available():
-        count = count.cuda()
+    count = count.to(current_device())
     if dist.is_initialized():
         dist.all_reduce(count)
     return int(count.item())

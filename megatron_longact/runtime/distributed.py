@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_longact.config.schema import ParallelConfig
+from megatron_longact.device import on_cuda
 from megatron_longact.runtime import cpu_compat
 
 
@@ -70,7 +71,7 @@ def init_distributed(parallel: ParallelConfig, *, seed: int) -> ParallelDims:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    on_gpu = torch.cuda.is_available()
+    on_gpu = on_cuda()
     cpu_compat.enable()
     if not dist.is_initialized():
         os.environ.setdefault("RANK", "0")

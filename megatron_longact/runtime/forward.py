@@ -13,13 +13,14 @@ from functools import partial
 
 import torch
 
+from megatron_longact.device import on_cuda
 from megatron_longact.runtime.context_parallel import slice_dense_batch, slice_thd_batch
 from megatron_longact.runtime.train_step import masked_sum_loss
 
 
 def device_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Moves a batch to this rank's device (CUDA when present)."""
-    if not torch.cuda.is_available():
+    if not on_cuda():
         return batch
     return {k: v.cuda(non_blocking=True) for k, v in batch.items()}
 

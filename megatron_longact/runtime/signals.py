@@ -15,6 +15,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from megatron_longact.device import current_device
 from megatron_longact.runtime.lifetime import STOP_SIGNALS, start_checkpoint_writer_queue
 
 logger = logging.getLogger(__name__)
@@ -67,8 +68,7 @@ class StopRequest:
         is then recorded for :func:`stopped_step`. All ranks must call it."""
         global _stopped_step
         flag = torch.tensor([1.0 if self.requested else 0.0])
-        if torch.cuda.is_available():
-            flag = flag.cuda()
+        flag = flag.to(current_device())
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         stopping = bool(flag.item())
