@@ -278,9 +278,14 @@ def stage_rollout_throughput(work: Path) -> dict:
         (REPO / "megatron_longact/assets/models/tiny-qwen3/config.json").read_text()
     )
     hf = _write_hf_folder(work / "hf_tiny", config, seed=0, save_weights=True)
-    out = _script("rollout_throughput.py", ["--hf-path", str(hf)])
-    ratio = float(re.search(r"ratio\D*([0-9.]+)", out).group(1))
-    return {"figures": {"native_over_generate": ratio, "output": out[-2000:]}, "checks": {}}
+    out = _script("rollout_throughput.py", ["--hf-dir", str(hf), "--batch", "16",
+                                            "--new-tokens", "128"])  # fmt: skip
+    ratio = float(re.search(r"ratio native/transformers ([0-9.]+)x", out).group(1))
+    same = "greedy outputs identical: True" in out
+    return {
+        "figures": {"native_over_generate": ratio, "output": out[-2000:]},
+        "checks": {"greedy_outputs_identical": same},
+    }
 
 
 def stage_dapo_longact(work: Path) -> dict:
