@@ -1,7 +1,7 @@
 """Session fixtures: the spawned gloo worlds of the LongAct tests, each run once.
 
-Every world (longact_worlds.py) batches many checks (a spawn costs ~10 s); the tests assert
-on their results.
+Every world (longact_worlds.py) batches many checks (a spawn costs ~10 s) and returns one
+frozen dataclass per rank; the tests assert on their fields.
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ def arch_dirs(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def single(arch_dirs, tmp_path_factory) -> dict:
+def single(arch_dirs, tmp_path_factory) -> worlds.SingleWorld:
     return run_local(worlds.world_single, 1, arch_dirs, str(tmp_path_factory.mktemp("single")))[0]
 
 
 @pytest.fixture(scope="session")
-def dp2(arch_dirs) -> list[dict]:
+def dp2(arch_dirs) -> list[worlds.DP2World]:
     return run_local(worlds.world_dp2, 2, arch_dirs)
 
 
 @pytest.fixture(scope="session")
-def tp2_dp2(arch_dirs) -> list[dict]:
+def tp2_dp2(arch_dirs) -> list[worlds.TP2DP2World]:
     return run_local(worlds.world_tp2_dp2, 4, arch_dirs)

@@ -1,5 +1,9 @@
 """Shared pieces of the LongAct tests: tiny models, batches, the by-definition saliency
-reference and a test-side input capture. Plain functions; importable by spawned children."""
+reference and a test-side input capture. Plain functions; importable by spawned children.
+
+Layers: conftest.py (fixtures) -> longact_worlds.py (one entry point per spawned world) ->
+longact_saliency_cases.py / longact_training_cases.py (one case each, typed results) -> here.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,9 @@ from pathlib import Path
 import torch
 
 from megatron_longact.config import JobConfig, load_config
+
+PerLayer = dict[int, dict[str, torch.Tensor]]
+"""{layer number: {projection "q"/"k"/"v": tensor}}: saliency [heads, D] or masks bool [heads, D]."""
 
 SEQ = 32
 GLOBAL_ROWS = 4

@@ -1,14 +1,28 @@
-"""The functions that run inside the spawned gloo worlds of the LongAct tests (module level so
-that spawned children can import them): layout and saliency cases, the CP reduction, and the
-world entry points the fixtures in conftest.py start. Results are CPU tensors / floats.
-"""
+"""The entry points of the spawned gloo worlds the fixtures in conftest.py start, one per world
+(module level so that spawned children can import them). Each batches many cases (a spawn costs
+~10 s) and returns one frozen dataclass per rank; the cases live in longact_saliency_cases.py
+and longact_training_cases.py."""
 
 from __future__ import annotations
 
-from functools import partial
+from dataclasses import dataclass
 
-import torch
-from longact_cases import (
+from longact_helpers import make_job, reinit
+from longact_saliency_cases import (
+    CPReduction,
+    LayoutErrors,
+    SaliencyRun,
+    cp_reduction_case,
+    layout_errors,
+    saliency_case,
+)
+from longact_training_cases import (
+    DenseRun,
+    EveryNRun,
+    FreezeRun,
+    GradModeRun,
+    RandomRun,
+    StaticRun,
     dense_equivalence_case,
     every_n_case,
     freeze_case,
@@ -17,253 +31,159 @@ from longact_cases import (
     static_case,
     world_freeze,
 )
-from longact_helpers import (
-    SEED,
-    InputCapture,
-    build,
-    full_qkv,
-    global_rows,
-    make_job,
-    reference_saliency,
-    reinit,
-    train_steps,
-)
-
-from megatron_longact.config import JobConfig
 
 
-@torch.no_grad()
-def layout_errors(job: JobConfig) -> dict[str, float]:
-    """Max |formula - megatron| for q, k, v of layer 0 on this TP rank, plus the local rows.
+@dataclass(frozen=True)
+class SaliencyWorld:
+    """Layout checks and measured saliency of one rank."""
 
-    q/k pass through the layer's own q/k layernorm, as megatron's split does.
-    """
-    from megatron.core import parallel_state
-
-    from megatron_longact.models.gpt import (
-        build_gpt_model,
-        load_architecture,
-        make_transformer_config,
-    )
-    from megatron_longact.models.qkv_layout import QKVLayout
-    from megatron_longact.runtime.params import gather_tensor_parallel
-
-    arch = load_architecture(job.model)
-    tconfig = make_transformer_config(arch, model=job.model, parallel=job.parallel, train=job.train)
-    torch.manual_seed(SEED)
-    gpt = build_gpt_model(arch, tconfig, model=job.model)
-    attention = gpt.decoder.layers[0].self_attention
-    layout = QKVLayout.from_transformer_config(tconfig)
-    x = torch.randn(5, 2, arch.hidden_size, generator=torch.Generator().manual_seed(0))
-    query, key, value = attention.get_query_key_value_tensors(x)
-    weight = gather_tensor_parallel(attention.linear_qkv.weight)
-    full = x @ weight.t()
-    if attention.linear_qkv.bias is not None:
-        full = full + gather_tensor_parallel(attention.linear_qkv.bias)
-    tp, rank = layout.tp_size, parallel_state.get_tensor_model_parallel_rank()
-    ref = {p: full[..., layout.rows(p)] for p in ("q", "k", "v")}  # [s, b, heads, D]
-    if attention.q_layernorm is not None:
-        ref["q"] = attention.q_layernorm(ref["q"])
-        ref["k"] = attention.k_layernorm(ref["k"])
-    heads = layout.num_heads // tp
-    q_local = ref["q"][:, :, rank * heads : (rank + 1) * heads]
-    if layout.num_groups >= tp:
-        groups = layout.num_groups // tp
-        kv = slice(rank * groups, (rank + 1) * groups)
-    else:  # ranks share a group
-        group = rank // (tp // layout.num_groups)
-        kv = slice(group, group + 1)
-    local_out, _ = attention.linear_qkv(x)
-    return {
-        "q": float((query - q_local).abs().max()),
-        "k": float((key - ref["k"][:, :, kv]).abs().max()),
-        "v": float((value - ref["v"][:, :, kv]).abs().max()),
-        "local_rows": float((local_out - full[..., layout.local_rows(rank)]).abs().max()),
-        "q_shape": tuple(query.shape),
-    }
+    dims: tuple[int, int]
+    """(TP, DP) of the world."""
+    tp_rank: int
+    """This rank's tensor-parallel rank."""
+    layout: dict[str, LayoutErrors]
+    """Per architecture name (conftest ``arch_dirs``): formula against megatron's split."""
+    padded: SaliencyRun
+    """One step on padded single samples."""
+    packed: SaliencyRun
+    """One step on packed bins."""
+    recompute: SaliencyRun | None
+    """One padded step with ``train.recompute=full``; single process only, else None."""
 
 
-def saliency_case(job: JobConfig, dims, *, packed: bool, mbs: int, reference: bool) -> dict:
-    """One LongAct step; returns the measured M (and the by-definition reference when the
-    world is a single process)."""
-    from megatron_longact.longact import LongActController
-
-    state = build(job, dims)
-    controller = LongActController.from_train_state(job.longact, state)
-    weights = full_qkv(state)
-    capture = InputCapture(state)
-    train_steps(state, controller, steps=1, packed=packed, mbs=mbs)
-    out = {
-        "measured": controller.saliency,
-        "fires": dict(capture.fires),
-        "masks": controller.selection,
-        "metrics": controller.metrics(),
-        "all_stages": controller.saliency_all_stages(),
-    }
-    if reference:
-        rows = global_rows(0, state.arch.vocab_size, packed=packed)
-        ref = reference_saliency(rows, capture.rows(), weights)
-        out["reference"] = {n: controller.layout.per_head(r.float()) for n, r in ref.items()}
-    capture.close()
-    controller.close()
-    return out
-
-
-def world_saliency(arch_dirs: dict[str, str], *, overrides: list[str], mbs: int) -> dict:
+def world_saliency(arch_dirs: dict[str, str], *, overrides: list[str], mbs: int) -> SaliencyWorld:
     """Layout checks for every arch, then padded and packed saliency (and, single-process,
     the reference and a full-recompute run)."""
     job = make_job(overrides)
     dims = reinit(job)
     single = dims.world_size == 1
-    result = {"dims": (dims.tp, dims.dp), "tp_rank": dims.tp_rank, "layout": {}}
-    for name, folder in arch_dirs.items():
-        result["layout"][name] = layout_errors(make_job([*overrides, f"model.hf_path={folder}"]))
-    for kind, packed in (("padded", False), ("packed", True)):
-        result[kind] = saliency_case(job, dims, packed=packed, mbs=mbs, reference=single)
+    layout = {
+        name: layout_errors(make_job([*overrides, f"model.hf_path={folder}"]))
+        for name, folder in arch_dirs.items()
+    }
+    padded = saliency_case(job, dims, packed=False, mbs=mbs, reference=single)
+    packed = saliency_case(job, dims, packed=True, mbs=mbs, reference=single)
+    recompute = None
     if single:
-        result["recompute"] = saliency_case(
+        recompute = saliency_case(
             make_job([*overrides, "train.recompute=full"]),
             dims,
             packed=False,
             mbs=mbs,
             reference=False,
         )
-    return result
-
-
-# ---- context parallel ---------------------------------------------------------------------
-
-CP_ROWS = 12  # R of the hand-made activations
-CP_LAYERS = (3, 5)
-CP_PADDED_MASKS = [[16, 5, 0], [3, 16, 11]]  # real tokens per row, two micro-batches, S = 16
-CP_THD_SEGMENTS = [(8, 2), (12, 12), (4, 0)]  # (padded length, real tokens) of one packed row
-
-
-def _cp_chunks(x: torch.Tensor, *, cp: int, rank: int) -> torch.Tensor:
-    """megatron's load-balanced CP split of dim 0: chunks ``rank`` and ``2cp - 1 - rank``."""
-    chunks = x.chunk(2 * cp, dim=0)
-    return torch.cat([chunks[rank], chunks[2 * cp - 1 - rank]])
-
-
-def cp_reduction_case() -> dict:
-    """Feeds hand-made CP chunks (megatron's layout) through the accumulator; returns its M,
-    the count and the by-definition reference from the unsplit activations."""
-    from megatron.core import parallel_state
-    from megatron.core.utils import get_batch_on_this_cp_rank
-
-    from megatron_longact.longact.meter import local_layout
-    from megatron_longact.longact.saliency import SaliencyAccumulator, describe_micro_batch
-
-    dense, thd = partial(local_layout, thd=False), partial(local_layout, thd=True)
-
-    cp = parallel_state.get_context_parallel_world_size()
-    rank = parallel_state.get_context_parallel_rank()
-    acc = SaliencyAccumulator(
-        list(CP_LAYERS),
-        num_local_rows=CP_ROWS,
-        cp_group=parallel_state.get_context_parallel_group(),
+    return SaliencyWorld(
+        dims=(dims.tp, dims.dp),
+        tp_rank=dims.tp_rank,
+        layout=layout,
+        padded=padded,
+        packed=packed,
+        recompute=recompute,
     )
-    gen = torch.Generator().manual_seed(7)
-    roots = {n: [] for n in CP_LAYERS}
-
-    def reference(acts, mask, segments):
-        for n in CP_LAYERS:
-            flat, start = acts[n], 0
-            for length in segments:
-                real = mask[start : start + length].bool()
-                if real.any():
-                    roots[n].append(
-                        flat[start : start + length][real].double().pow(2).sum(0).sqrt()
-                    )
-                start += length
-
-    for lengths in CP_PADDED_MASKS:  # bshd: b = 3, S = 16
-        token_mask = (torch.arange(16)[None, :] < torch.tensor(lengths)[:, None]).float()
-        acts = {n: torch.randn(3, 16, CP_ROWS, generator=gen) for n in CP_LAYERS}
-        for b in range(3):
-            reference({n: a[b] for n, a in acts.items()}, token_mask[b], [16])
-        local = get_batch_on_this_cp_rank(
-            {"token_mask": token_mask.clone(), **{f"act{n}": a.clone() for n, a in acts.items()}}
-        )
-        # The whole micro-batch, as the data iterator yields it; the meter's cut must match.
-        acc.begin_micro_batch(describe_micro_batch({"token_mask": token_mask}, localize=dense))
-        for n in CP_LAYERS:
-            acc.add(n, local[f"act{n}"].transpose(0, 1))  # -> [s, b, R]
-
-    # THD: one packed row, every segment padded to a multiple of 2 * cp, split per segment.
-    lengths = [length for length, _ in CP_THD_SEGMENTS]
-    token_mask = torch.cat(
-        [(torch.arange(length) < real).float() for length, real in CP_THD_SEGMENTS]
-    )
-    acts = {n: torch.randn(sum(lengths), CP_ROWS, generator=gen) for n in CP_LAYERS}
-    reference(acts, token_mask, lengths)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-
-    def split(x):
-        return torch.cat([_cp_chunks(part, cp=cp, rank=rank) for part in x.split(lengths)])
-
-    acc.begin_micro_batch(
-        describe_micro_batch({"token_mask": token_mask[None, :], "cu_seqlens": cu}, localize=thd)
-    )
-    for n in CP_LAYERS:
-        acc.add(n, split(acts[n])[:, None, :])  # [t, 1, R]
-    measured, num_samples = acc.reduce()
-    return {
-        "measured": measured,
-        "num_samples": num_samples,
-        "reference": {n: torch.stack(r).mean(0).float() for n, r in roots.items()},
-        "reference_samples": len(roots[CP_LAYERS[0]]),
-    }
 
 
-def world_dp2(arch_dirs: dict[str, str]) -> dict:
-    """2 ranks, DP=2: saliency and freeze (micro-batches of 1), then CP=2 reduction."""
-    result = world_saliency({}, overrides=[], mbs=1)
-    result["freeze"] = world_freeze([f"model.hf_path={arch_dirs['partial']}"], mbs=1)
-    reinit(make_job(["parallel.context_parallel_size=2"]))
-    result["cp"] = cp_reduction_case()
-    job = make_job(["parallel.pipeline_model_parallel_size=2"])
-    dims = reinit(job)
-    # Each stage checks its own layer against the definition (its own weights and inputs).
-    result["pipeline"] = saliency_case(job, dims, packed=True, mbs=2, reference=True)
-    result["pipeline"]["pp_rank"] = dims.pp_rank
-    return result
+@dataclass(frozen=True)
+class SingleWorld:
+    """One process: the references every parallel world is compared against."""
+
+    saliency: SaliencyWorld
+    """Layout (all archs but ``partial``), padded / packed / recompute saliency with references."""
+    grad: GradModeRun
+    """Grad mode on the MHA-with-bias arch."""
+    freeze: FreezeRun
+    """Freeze mode, distributed optimizer, on the ``partial`` arch (hidden 40)."""
+    freeze_fp32_optimizer: FreezeRun
+    """Freeze mode with megatron's plain (non-distributed) fp32 optimizer, two steps."""
+    dense: DenseRun
+    """Dense training without a controller."""
+    none: DenseRun
+    """``longact.strategy=none``."""
+    ratio_one: DenseRun
+    """``longact.ratio=1.0``."""
+    static: StaticRun
+    """schedule=static from a profiled file."""
+    every_n: EveryNRun
+    """every_n_steps=2 with EMA, histograms and a state_dict round trip."""
+    random: RandomRun
+    """strategy=random with V targeted."""
 
 
-def world_tp2_dp2(arch_dirs: dict[str, str]) -> dict:
-    """4 ranks, TP=2 x DP=2: layout, saliency, and freeze with the distributed optimizer and
-    overlap_grad_reduce."""
-    layouts = {k: v for k, v in arch_dirs.items() if k != "partial"}
-    overrides = ["parallel.tensor_model_parallel_size=2"]
-    result = world_saliency(layouts, overrides=overrides, mbs=1)
-    result["freeze"] = world_freeze(
-        [*overrides, f"model.hf_path={arch_dirs['partial']}", "parallel.overlap_grad_reduce=true"],
-        mbs=1,
-    )
-    return result
-
-
-def world_single(arch_dirs: dict[str, str], folder: str) -> dict:
+def world_single(arch_dirs: dict[str, str], folder: str) -> SingleWorld:
     """One process: the references (layout, saliency by definition, freeze), grad mode, the
     fp32-optimizer freeze, dense equivalence, static schedule, every_n_steps + EMA."""
     layouts = {k: v for k, v in arch_dirs.items() if k != "partial"}
-    result = world_saliency(layouts, overrides=[], mbs=2)
+    saliency = world_saliency(layouts, overrides=[], mbs=2)
     dims = reinit(make_job([]))
-    return result | {
-        "grad": grad_mode_case(make_job([f"model.hf_path={arch_dirs['mha_bias']}"]), dims),
-        "freeze": freeze_case(
+    return SingleWorld(
+        saliency=saliency,
+        grad=grad_mode_case(make_job([f"model.hf_path={arch_dirs['mha_bias']}"]), dims),
+        freeze=freeze_case(
             make_job(["longact.mode=freeze", f"model.hf_path={arch_dirs['partial']}"]), dims, mbs=2
         ),
-        "freeze_fp32_optimizer": freeze_case(
+        freeze_fp32_optimizer=freeze_case(
             make_job(["longact.mode=freeze", "parallel.use_distributed_optimizer=false"]),
             dims,
             mbs=2,
             steps=2,
         ),
-        "dense": dense_equivalence_case([], dims, use_controller=False),
-        "none": dense_equivalence_case(["longact.strategy=none"], dims, use_controller=True),
-        "ratio_one": dense_equivalence_case(["longact.ratio=1.0"], dims, use_controller=True),
-        "static": static_case(folder, dims),
-        "every_n": every_n_case(folder, dims),
-        "random": random_case(dims),
-    }
+        dense=dense_equivalence_case([], dims, use_controller=False),
+        none=dense_equivalence_case(["longact.strategy=none"], dims, use_controller=True),
+        ratio_one=dense_equivalence_case(["longact.ratio=1.0"], dims, use_controller=True),
+        static=static_case(folder, dims),
+        every_n=every_n_case(folder, dims),
+        random=random_case(dims),
+    )
+
+
+@dataclass(frozen=True)
+class DP2World:
+    """One of 2 ranks: DP=2 saliency and freeze, the CP=2 reduction, and PP=2 saliency."""
+
+    saliency: SaliencyWorld
+    """DP=2 padded / packed saliency (micro-batches of 1), no layout checks."""
+    freeze: FreezeRun
+    """Freeze mode on the ``partial`` arch: its qkv rows straddle the DP shards."""
+    cp: CPReduction
+    """The CP=2 reduction of hand-made chunks."""
+    pipeline: SaliencyRun
+    """PP=2 packed step; each stage's reference covers its own layer."""
+    pp_rank: int
+    """This rank's pipeline stage in the PP=2 case (micro-qwen3: one layer per stage)."""
+
+
+def world_dp2(arch_dirs: dict[str, str]) -> DP2World:
+    """2 ranks, DP=2: saliency and freeze (micro-batches of 1), then CP=2 reduction."""
+    saliency = world_saliency({}, overrides=[], mbs=1)
+    freeze = world_freeze([f"model.hf_path={arch_dirs['partial']}"], mbs=1)
+    reinit(make_job(["parallel.context_parallel_size=2"]))
+    cp = cp_reduction_case()
+    job = make_job(["parallel.pipeline_model_parallel_size=2"])
+    dims = reinit(job)
+    # Each stage checks its own layer against the definition (its own weights and inputs).
+    pipeline = saliency_case(job, dims, packed=True, mbs=2, reference=True)
+    return DP2World(
+        saliency=saliency, freeze=freeze, cp=cp, pipeline=pipeline, pp_rank=dims.pp_rank
+    )
+
+
+@dataclass(frozen=True)
+class TP2DP2World:
+    """One of 4 ranks, TP=2 x DP=2."""
+
+    saliency: SaliencyWorld
+    """Layout (all archs but ``partial``) and padded / packed saliency (micro-batches of 1)."""
+    freeze: FreezeRun
+    """Freeze mode with the distributed optimizer and overlap_grad_reduce."""
+
+
+def world_tp2_dp2(arch_dirs: dict[str, str]) -> TP2DP2World:
+    """4 ranks, TP=2 x DP=2: layout, saliency, and freeze with the distributed optimizer and
+    overlap_grad_reduce."""
+    layouts = {k: v for k, v in arch_dirs.items() if k != "partial"}
+    overrides = ["parallel.tensor_model_parallel_size=2"]
+    saliency = world_saliency(layouts, overrides=overrides, mbs=1)
+    freeze = world_freeze(
+        [*overrides, f"model.hf_path={arch_dirs['partial']}", "parallel.overlap_grad_reduce=true"],
+        mbs=1,
+    )
+    return TP2DP2World(saliency=saliency, freeze=freeze)

@@ -44,16 +44,16 @@ def test_layout_rejects_bad_shapes():
 
 def test_formula_matches_megatron_split_tp1(single):
     for arch in ARCHS:
-        errors = single["layout"][arch]
-        assert errors["q"] == errors["k"] == errors["v"] == errors["local_rows"] == 0.0, arch
+        errors = single.saliency.layout[arch]
+        assert errors.q == errors.k == errors.v == errors.local_rows == 0.0, arch
 
 
 def test_formula_matches_megatron_split_tp2(tp2_dp2):
     for rank_result in tp2_dp2:
         for arch in ARCHS:
-            errors = rank_result["layout"][arch]
-            assert errors["q"] == errors["k"] == errors["v"] == errors["local_rows"] == 0.0
-            assert errors["q_shape"][2] == 2  # each TP rank computes 2 of the 4 query heads
+            errors = rank_result.saliency.layout[arch]
+            assert errors.q == errors.k == errors.v == errors.local_rows == 0.0
+            assert errors.q_shape[2] == 2  # each TP rank computes 2 of the 4 query heads
 
 
 @pytest.mark.parametrize("heads,groups,dim", [(8, 2, 4), (8, 8, 4), (4, 1, 16), (9, 3, 8)])

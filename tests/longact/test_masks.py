@@ -11,7 +11,7 @@ from megatron_longact.longact.masks import jaccard, local_row_mask, row_mask
 from megatron_longact.longact.selection import random_generator, select_dims
 from megatron_longact.models.qkv_layout import QKVLayout
 
-WEIGHT_DECAY = 0.1  # longact_worlds.BASE
+WEIGHT_DECAY = 0.1  # longact_helpers.BASE
 
 
 def test_row_masks_follow_the_layout():
@@ -47,37 +47,37 @@ def _trained(layout, selection):
 
 
 def test_grad_mode_zeroes_masked_main_grad_before_the_optimizer(single):
-    grad = single["grad"]
-    assert grad["has_bias"]  # the bias rows are masked too
-    assert grad["frozen_max"] == [0.0, 0.0]  # exactly zero when the optimizer runs
-    assert min(grad["trained_min"]) > 0  # every trainable row has a gradient
+    grad = single.grad
+    assert grad.has_bias  # the bias rows are masked too
+    assert grad.frozen_max == [0.0, 0.0]  # exactly zero when the optimizer runs
+    assert min(grad.trained_min) > 0  # every trainable row has a gradient
     # megatron clips on the masked gradients: its norm is theirs, not the dense one.
-    for clipped, masked, dense in zip(grad["grad_norm"], grad["masked_norm"], grad["dense_norm"]):
+    for clipped, masked, dense in zip(grad.grad_norm, grad.masked_norm, grad.dense_norm):
         assert clipped == pytest.approx(masked, rel=1e-5)
         assert abs(masked - dense) > 1e-3 * dense
-    assert grad["metrics"]["longact/q_trainable_frac"] == 0.25  # floor(0.3 * 8) / 8
-    assert "longact/layer01/k_jaccard" in grad["metrics"]
+    assert grad.metrics["longact/q_trainable_frac"] == 0.25  # floor(0.3 * 8) / 8
+    assert "longact/layer01/k_jaccard" in grad.metrics
 
 
 def test_grad_mode_lets_weight_decay_move_masked_rows(single):
     # First step, zero gradient and zero Adam momentum: AdamW's update is pure decay.
-    grad = single["grad"]
-    for layer, rows in grad["first_frozen"].items():
-        before = grad["weight_before"][layer][rows]
-        after = grad["weight_after"][layer][rows]
+    grad = single.grad
+    for layer, rows in grad.first_frozen.items():
+        before = grad.weight_before[layer][rows]
+        after = grad.weight_after[layer][rows]
         assert not torch.equal(before, after)
         torch.testing.assert_close(
-            after, before * (1 - grad["lr"] * WEIGHT_DECAY), atol=1e-9, rtol=1e-6
+            after, before * (1 - grad.lr * WEIGHT_DECAY), atol=1e-9, rtol=1e-6
         )
 
 
 @pytest.mark.parametrize("run", ["freeze", "freeze_fp32_optimizer"])
 def test_freeze_keeps_masked_rows_bitwise(single, run):
-    result = single[run]
-    layout = result["layout"]
-    for step in result["history"]:
-        for layer, selection in step["masks"].items():
-            before, after = step["before"][layer], step["after"][layer]
+    result = getattr(single, run)
+    layout = result.layout
+    for step in result.history:
+        for layer, selection in step.masks.items():
+            before, after = step.before[layer], step.after[layer]
             frozen, trained = _frozen(layout, selection), _trained(layout, selection)
             assert torch.equal(after[frozen], before[frozen])
             assert (after[trained] != before[trained]).any(dim=1).all()
@@ -86,12 +86,12 @@ def test_freeze_keeps_masked_rows_bitwise(single, run):
 
 
 def test_freeze_keeps_adam_state_of_never_selected_rows_zero(single):
-    result = single["freeze"]
-    layout = result["layout"]
-    for layer, states in result["adam"].items():
+    result = single.freeze
+    layout = result.layout
+    for layer, states in result.adam.items():
         ever = torch.zeros(layout.num_rows, dtype=torch.bool)
-        for step in result["history"]:
-            ever[_trained(layout, step["masks"][layer])] = True
+        for step in result.history:
+            ever[_trained(layout, step.masks[layer])] = True
         ever[layout.rows("v").flatten()] = True
         assert (~ever).any()
         for state in states.values():
@@ -101,70 +101,68 @@ def test_freeze_keeps_adam_state_of_never_selected_rows_zero(single):
 
 @pytest.mark.parametrize("world", ["dp2", "tp2_dp2"])
 def test_freeze_parallel_equals_single_process(request, single, world):
-    reference = single["freeze"]
+    reference = single.freeze
     results = request.getfixturevalue(world)
     if world == "dp2":
-        assert all(r["freeze"]["partial_rows"] for r in results)  # rows split across DP shards
+        assert all(r.freeze.partial_rows for r in results)  # rows split across DP shards
     for rank_result in results:
-        run = rank_result["freeze"]
-        for step, ref_step in zip(run["history"], reference["history"]):
-            for layer, selection in ref_step["masks"].items():
+        run = rank_result.freeze
+        for step, ref_step in zip(run.history, reference.history):
+            for layer, selection in ref_step.masks.items():
                 for projection, mask in selection.items():
-                    assert torch.equal(step["masks"][layer][projection], mask)
-                frozen = _frozen(reference["layout"], selection)
-                assert torch.equal(step["after"][layer][frozen], step["before"][layer][frozen])
-        for name, value in reference["params"].items():
-            torch.testing.assert_close(run["params"][name], value, atol=2e-5, rtol=1e-4)
+                    assert torch.equal(step.masks[layer][projection], mask)
+                frozen = _frozen(reference.layout, selection)
+                assert torch.equal(step.after[layer][frozen], step.before[layer][frozen])
+        for name, value in reference.params.items():
+            torch.testing.assert_close(run.params[name], value, atol=2e-5, rtol=1e-4)
 
 
 def test_strategy_none_and_full_ratio_reproduce_dense_bit_for_bit(single):
-    dense = single["dense"]
+    dense = single.dense
     for run in ("none", "ratio_one"):
-        assert single[run]["losses"] == dense["losses"]
-        for name, value in dense["params"].items():
-            assert torch.equal(single[run]["params"][name], value), (run, name)
-    assert single["none"]["metrics"] == {}
-    assert single["ratio_one"]["metrics"]["longact/q_trainable_frac"] == 1.0
+        assert getattr(single, run).losses == dense.losses
+        for name, value in dense.params.items():
+            assert torch.equal(getattr(single, run).params[name], value), (run, name)
+    assert single.none.metrics == {}
+    assert single.ratio_one.metrics["longact/q_trainable_frac"] == 1.0
 
 
 def test_static_schedule_uses_the_profiled_file(single):
-    static = single["static"]
-    assert static["num_samples"] == 4
-    reference = single["padded"]["reference"]  # same initial weights, same batch
-    for layer, per_projection in static["loaded"].items():
+    static = single.static
+    assert static.num_samples == 4
+    reference = single.saliency.padded.reference  # same initial weights, same batch
+    for layer, per_projection in static.loaded.items():
         for projection, values in per_projection.items():
-            torch.testing.assert_close(values, static["profile"][layer][projection])
+            torch.testing.assert_close(values, static.profile[layer][projection])
             torch.testing.assert_close(values, reference[layer][projection], atol=2e-6, rtol=1e-5)
-    for masks in static["masks"]:
+    for masks in static.masks:
         for layer, selection in masks.items():
             for projection, mask in selection.items():
-                expected = select_dims(static["loaded"][layer][projection], ratio=0.3)
+                expected = select_dims(static.loaded[layer][projection], ratio=0.3)
                 assert torch.equal(mask, expected)
-    assert static["observed_is_plain"] == [True, True]  # nothing measured during training
-    assert static["metrics"]["longact/q_jaccard"] == 1.0
+    assert static.observed_is_plain == [True, True]  # nothing measured during training
+    assert static.metrics["longact/q_jaccard"] == 1.0
 
 
 def test_every_n_steps_with_ema_and_state_dict_round_trip(single):
-    run = single["every_n"]
-    steps = run["steps"]
+    run = single.every_n
+    steps = run.steps
     for layer in (0, 1):
         for projection in ("q", "k"):
-            assert torch.equal(
-                steps[1]["masks"][layer][projection], steps[0]["masks"][layer][projection]
-            )
+            assert torch.equal(steps[1].masks[layer][projection], steps[0].masks[layer][projection])
             ema = (
-                0.5 * steps[0]["saliency"][layer][projection]
-                + 0.5 * steps[2]["saliency"][layer][projection]
+                0.5 * steps[0].saliency[layer][projection]
+                + 0.5 * steps[2].saliency[layer][projection]
             )
-            torch.testing.assert_close(steps[2]["ema"][layer][projection], ema)
-            assert torch.equal(steps[2]["masks"][layer][projection], select_dims(ema, ratio=0.3))
+            torch.testing.assert_close(steps[2].ema[layer][projection], ema)
+            assert torch.equal(steps[2].masks[layer][projection], select_dims(ema, ratio=0.3))
             assert torch.equal(
-                run["after_resume"][layer][projection], steps[2]["masks"][layer][projection]
+                run.after_resume[layer][projection], steps[2].masks[layer][projection]
             )
-    assert steps[1]["metrics"]["longact/q_jaccard"] == 1.0
-    assert not torch.equal(steps[2]["saliency"][0]["q"], steps[0]["saliency"][0]["q"])
-    assert run["fresh_step"] == 0
-    saved, reloaded = run["saved"], run["reloaded"]
+    assert steps[1].metrics["longact/q_jaccard"] == 1.0
+    assert not torch.equal(steps[2].saliency[0]["q"], steps[0].saliency[0]["q"])
+    assert run.fresh_step == 0
+    saved, reloaded = run.saved, run.reloaded
     assert saved["step"] == reloaded["step"] == 3
     for key in ("saliency", "ema", "masks"):
         for layer, per_projection in saved[key].items():
@@ -173,9 +171,9 @@ def test_every_n_steps_with_ema_and_state_dict_round_trip(single):
 
 
 def test_random_strategy_draws_seeded_masks_per_step_without_measuring(single):
-    run = single["random"]
-    assert run["observed_is_plain"] == [True, True]
-    for step, masks in enumerate(run["masks"]):
+    run = single.random
+    assert run.observed_is_plain == [True, True]
+    for step, masks in enumerate(run.masks):
         assert sorted(masks[0]) == ["k", "q", "v"]
         for layer, selection in masks.items():
             for projection, mask in selection.items():
@@ -184,13 +182,13 @@ def test_random_strategy_draws_seeded_masks_per_step_without_measuring(single):
                     torch.zeros(mask.shape), ratio=0.3, strategy="random", generator=generator
                 )
                 assert torch.equal(mask, expected)
-    assert not torch.equal(run["masks"][0][0]["q"], run["masks"][1][0]["q"])
+    assert not torch.equal(run.masks[0][0]["q"], run.masks[1][0]["q"])
 
 
 def test_saliency_histograms_reach_tensorboard(single):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(single["every_n"]["tb_dir"], size_guidance={"histograms": 0})
+    events = EventAccumulator(single.every_n.tb_dir, size_guidance={"histograms": 0})
     events.Reload()
     tags = events.Tags()["histograms"]
     assert {f"longact/saliency/layer{n:02d}/{p}" for n in (0, 1) for p in "qkv"} <= set(tags)

@@ -108,56 +108,59 @@ def _assert_matches_reference(measured, reference, *, atol=ATOL):
 @pytest.mark.parametrize("kind", ["padded", "packed"])
 def test_single_process_equals_definition(single, kind):
     # Two micro-batches of two rows: also checks accumulation over micro-batches.
-    case = single[kind]
-    _assert_matches_reference(case["measured"], case["reference"])
-    assert case["fires"] == {0: 2, 1: 2}
-    assert all(v.abs().max() > 0.1 for per in case["measured"].values() for v in per.values())
+    case = getattr(single.saliency, kind)
+    _assert_matches_reference(case.measured, case.reference)
+    assert case.fires == {0: 2, 1: 2}
+    assert all(v.abs().max() > 0.1 for per in case.measured.values() for v in per.values())
 
 
 def test_full_recompute_counts_each_micro_batch_once(single):
-    case = single["recompute"]
-    assert case["fires"] == {0: 4, 1: 4}  # the hook really ran twice per micro-batch
-    _assert_matches_reference(case["measured"], single["padded"]["reference"])
+    case = single.saliency.recompute
+    assert case.fires == {0: 4, 1: 4}  # the hook really ran twice per micro-batch
+    _assert_matches_reference(case.measured, single.saliency.padded.reference)
 
 
 @pytest.mark.parametrize("kind", ["padded", "packed"])
 def test_data_parallel_2_equals_definition(single, dp2, kind):
+    reference = getattr(single.saliency, kind).reference
     for rank_result in dp2:
-        assert rank_result["dims"] == (1, 2)
-        _assert_matches_reference(rank_result[kind]["measured"], single[kind]["reference"])
+        assert rank_result.saliency.dims == (1, 2)
+        _assert_matches_reference(getattr(rank_result.saliency, kind).measured, reference)
 
 
 @pytest.mark.parametrize("kind", ["padded", "packed"])
 def test_tensor_2_data_2_equals_definition_on_every_rank(single, tp2_dp2, kind):
+    expected = getattr(single.saliency, kind)
     for rank_result in tp2_dp2:
-        assert rank_result["dims"] == (2, 2)
-        _assert_matches_reference(rank_result[kind]["measured"], single[kind]["reference"])
-        for layer, per_projection in single[kind]["masks"].items():
+        assert rank_result.saliency.dims == (2, 2)
+        case = getattr(rank_result.saliency, kind)
+        _assert_matches_reference(case.measured, expected.reference)
+        for layer, per_projection in expected.masks.items():
             for projection, mask in per_projection.items():
-                assert torch.equal(rank_result[kind]["masks"][layer][projection], mask)
+                assert torch.equal(case.masks[layer][projection], mask)
 
 
 def test_context_parallel_reduces_sums_of_squares_before_sqrt(dp2):
     for rank_result in dp2:
-        cp = rank_result["cp"]
+        cp = rank_result.cp
         # 2 + 3 padded rows with real tokens, 2 packed segments (one only on CP rank 0).
-        assert cp["num_samples"] == cp["reference_samples"] == 7
-        for layer, values in cp["reference"].items():
-            torch.testing.assert_close(cp["measured"][layer], values, atol=ATOL, rtol=1e-5)
+        assert cp.num_samples == cp.reference_samples == 7
+        for layer, values in cp.reference.items():
+            torch.testing.assert_close(cp.measured[layer], values, atol=ATOL, rtol=1e-5)
 
 
 def test_pipeline_stages_measure_their_own_layers(dp2):
     for rank_result in dp2:
-        case = rank_result["pipeline"]
-        layer = rank_result["pipeline"]["pp_rank"]  # micro-qwen3: one layer per stage
-        assert sorted(case["measured"]) == sorted(case["reference"]) == [layer]
-        for projection, values in case["reference"][layer].items():
+        case = rank_result.pipeline
+        layer = rank_result.pp_rank  # micro-qwen3: one layer per stage
+        assert sorted(case.measured) == sorted(case.reference) == [layer]
+        for projection, values in case.reference[layer].items():
             torch.testing.assert_close(
-                case["measured"][layer][projection], values, atol=ATOL, rtol=1e-5
+                case.measured[layer][projection], values, atol=ATOL, rtol=1e-5
             )
-        assert sorted(case["all_stages"]) == [0, 1]  # gathered over the pipeline group
-        metrics = case["metrics"]  # identical on both stages, both layers present
+        assert sorted(case.all_stages) == [0, 1]  # gathered over the pipeline group
+        metrics = case.metrics  # identical on both stages, both layers present
         assert {"longact/layer00/q_trainable_frac", "longact/layer01/k_trainable_frac"} <= set(
             metrics
         )
-    assert dp2[0]["pipeline"]["metrics"].keys() == dp2[1]["pipeline"]["metrics"].keys()
+    assert dp2[0].pipeline.metrics.keys() == dp2[1].pipeline.metrics.keys()
