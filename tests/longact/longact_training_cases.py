@@ -19,7 +19,6 @@ from longact_helpers import (
     make_job,
     micro_batches,
     qkv_modules,
-    reinit,
     train_steps,
 )
 
@@ -299,12 +298,6 @@ def freeze_case(job: JobConfig, dims, *, mbs: int, steps: int = 3) -> FreezeRun:
     )
     controller.close()
     return out
-
-
-def world_freeze(overrides: list[str], mbs: int) -> FreezeRun:
-    """Freeze mode in this world, its parallel state set up for ``overrides``."""
-    job = make_job(["longact.mode=freeze", *overrides])
-    return freeze_case(job, reinit(job), mbs=mbs)
 
 
 def dense_equivalence_case(overrides: list[str], dims, *, use_controller: bool) -> DenseRun:

@@ -29,8 +29,13 @@ from longact_training_cases import (
     grad_mode_case,
     random_case,
     static_case,
-    world_freeze,
 )
+
+
+def world_freeze(overrides: list[str], mbs: int) -> FreezeRun:
+    """Freeze mode in this world, its parallel state set up for ``overrides`` first."""
+    job = make_job(["longact.mode=freeze", *overrides])
+    return freeze_case(job, reinit(job), mbs=mbs)
 
 
 @dataclass(frozen=True)
