@@ -145,6 +145,11 @@ def _write_hf_folder(out: Path, config: dict, *, seed: int, save_weights: bool) 
     return out
 
 
+def _tiny_config() -> dict:
+    """The shipped tiny-qwen3 ``config.json`` (the CPU/CUDA comparison model)."""
+    return json.loads((REPO / "megatron_longact/assets/models/tiny-qwen3/config.json").read_text())
+
+
 def _synthetic_data(out: Path, *, context_tokens: int) -> Path:
     from megatron_longact.data.make_synthetic import main as make_synthetic
 
@@ -170,9 +175,7 @@ def _falls(losses: list[float]) -> bool:
 def stage_sft_tiny(work: Path) -> dict:
     import torch
 
-    config = json.loads(
-        (REPO / "megatron_longact/assets/models/tiny-qwen3/config.json").read_text()
-    )
+    config = _tiny_config()
     hf = _write_hf_folder(work / "hf_tiny", config, seed=0, save_weights=True)
     data = _synthetic_data(work / "data", context_tokens=96)
     common = [f"model.hf_path={hf}", f"data.train_path={data / 'sft_train.jsonl'}",
@@ -220,9 +223,7 @@ def stage_master_reload(work: Path) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    config = json.loads(
-        (REPO / "megatron_longact/assets/models/tiny-qwen3/config.json").read_text()
-    )
+    config = _tiny_config()
     hf = _write_hf_folder(work / "hf_tiny", config, seed=0, save_weights=False)
     data = _synthetic_data(work / "data", context_tokens=96)
     common = [f"model.hf_path={hf}", "model.init=random",
@@ -274,9 +275,7 @@ def stage_longact_overhead(work: Path) -> dict:
 
 
 def stage_rollout_throughput(work: Path) -> dict:
-    config = json.loads(
-        (REPO / "megatron_longact/assets/models/tiny-qwen3/config.json").read_text()
-    )
+    config = _tiny_config()
     hf = _write_hf_folder(work / "hf_tiny", config, seed=0, save_weights=True)
     out = _script("rollout_throughput.py", ["--hf-dir", str(hf), "--batch", "16",
                                             "--new-tokens", "128"])  # fmt: skip
@@ -289,9 +288,7 @@ def stage_rollout_throughput(work: Path) -> dict:
 
 
 def stage_dapo_longact(work: Path) -> dict:
-    config = json.loads(
-        (REPO / "megatron_longact/assets/models/tiny-qwen3/config.json").read_text()
-    )
+    config = _tiny_config()
     hf = _write_hf_folder(work / "hf_tiny", config, seed=0, save_weights=False)
     data = _synthetic_data(work / "data", context_tokens=96)
     common = [f"model.hf_path={hf}", "model.init=random", "train.precision=bf16"]
