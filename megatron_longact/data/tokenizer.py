@@ -136,3 +136,9 @@ def build_tiny_tokenizer(
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return hf_tokenizer
+
+
+def pad_id(tokenizer) -> int:
+    """The id that pads token rows: the tokenizer's pad token, else 0 (padding is always
+    masked out of losses and attention, so any id works)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from megatron_longact.config.schema import JobConfig
 from megatron_longact.data.chat_template import render_chat, resolve_chat_template
+from megatron_longact.data.tokenizer import pad_id
 from megatron_longact.eval.runner import GenerateFn
 from megatron_longact.eval.suite import Suite
 
@@ -68,7 +69,7 @@ def native_backend(job: JobConfig, tokenizer) -> CompleteFn:
     config = make_transformer_config(arch, model=job.model, parallel=job.parallel, train=job.train)
     model = build_frozen_model(job, arch=arch, transformer_config=config, dims=dims,
                                load_dir=job.checkpoint.load_dir)  # fmt: skip
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     engine = NativeEngine(model, pad_token_id=pad, batch_size=job.eval.batch_size)
     params = SamplingParams(
         temperature=job.eval.temperature,

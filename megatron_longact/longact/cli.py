@@ -20,7 +20,7 @@ from megatron_longact.data.conversations import messages_of
 from megatron_longact.data.prompts import encode_prompt
 from megatron_longact.data.records import read_records
 from megatron_longact.data.rl_data import record_from_dict
-from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
+from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer, pad_id
 from megatron_longact.longact.profile import profile_saliency
 from megatron_longact.runtime.distributed import init_distributed
 from megatron_longact.runtime.setup import setup_train_state
@@ -84,7 +84,7 @@ def run_saliency(job: JobConfig) -> Path:
     state = setup_train_state(job, dims)
     if job.checkpoint.load_dir is not None:
         load_checkpoint(job.checkpoint.load_dir, model=state.model, weights_only=True)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     mbs = job.data.micro_batch_size
     # Same micro-batch count and shape on every DP rank; the ragged tail is padded, not dropped.
     num_batches = math.ceil(math.ceil(len(samples) / dims.dp) / mbs)

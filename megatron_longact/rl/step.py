@@ -14,7 +14,7 @@ from typing import Any
 
 from megatron_longact.checkpoint import preflight
 from megatron_longact.config.schema import JobConfig, check_rl_batch
-from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
+from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer, pad_id
 from megatron_longact.longact.controller import LongActController
 from megatron_longact.rl.batch import SEQ_MULTIPLE, make_rows, padded_length, split_rows
 from megatron_longact.rl.data import load_rl_records
@@ -104,7 +104,7 @@ def _micro_batches(run: RLRun, samples: list) -> list[dict]:
     ``data.micro_batch_size`` rows [b, L] (L padded to a multiple of SEQ_MULTIPLE x CP), with
     ``old_logp`` (and ``ref_logp``) [b, L] from the current (and reference) model."""
     rl, dims = run.job.rl, run.state.dims
-    pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(run.tokenizer)
     share = len(samples) // dims.dp
     mine = samples[dims.dp_rank * share : (dims.dp_rank + 1) * share]
     rows = make_rows(mine, length=padded_length(samples, multiple=SEQ_MULTIPLE * dims.cp),

@@ -10,7 +10,7 @@ import torch
 from megatron_longact.config.schema import DataConfig
 from megatron_longact.data.chat import TokenizedSample, load_sft_dataset
 from megatron_longact.data.packing import PackedBin, collate, fill_bin, pack_samples
-from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
+from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer, pad_id
 
 
 @dataclass(kw_only=True)
@@ -58,7 +58,7 @@ def load_sft_data(data: DataConfig, *, pad_multiple: int = 1) -> SftData:
             "data.train_path is not set; point it at SFT conversations (JSONL, parquet or an HF folder)"
         )
     tokenizer = load_tokenizer(data.tokenizer_path or TINY_TOKENIZER_DIR)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     train = load_sft_dataset(data.train_path, tokenizer, max_length=data.seq_length)
     if len(train) == 0 and train.num_dropped == 0:
         raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from megatron_longact.config.schema import JobConfig
+from megatron_longact.data.tokenizer import pad_id
 from megatron_longact.rl.rollout.stops import resolve_stop_conditions
 from megatron_longact.rl.rollout.types import SamplingParams
 
@@ -51,7 +52,7 @@ def sampling_params(job: JobConfig, tokenizer, round_index: int, *, step: int) -
 
 def build_engine(job: JobConfig, state, tokenizer):
     """``rl.engine``: ``native`` (the megatron policy itself) or ``vllm`` (colocated)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     if job.rl.engine == "native":
         from megatron_longact.rl.rollout.native import NativeEngine
 
