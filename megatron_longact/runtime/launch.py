@@ -133,6 +133,19 @@ def _forward(signum, _frame) -> None:
             pass
 
 
+def _stopped_and_saved(codes: set[int], stop_code: int) -> bool:
+    """Whether workers' exit codes mean "stopped on a signal with a complete checkpoint".
+
+    A worker exits ``stop_code`` only after the save's last barrier (``checkpoint.dist_ckpt``
+    ends every save with one, after ``latest`` names the new folder), so one such exit proves
+    the checkpoint is whole. Its peers may still be tearing down when torchrun's agent sees
+    that exit: the agent then ends them with SIGTERM (torch/distributed/elastic/agent/server/
+    api.py:954 in torch 2.13, ``_invoke_run``: a FAILED group goes to ``_stop_workers``), and they report
+    ``-15``. Such a kill loses nothing, so it counts as stopped too.
+    """
+    return stop_code in codes and all(code == stop_code or code < 0 for code in codes)
+
+
 def torchrun_main(argv: list[str] | None = None) -> int:
     """torchrun with one-line errors, exit codes passed through and stop signals forwarded.
 
@@ -160,7 +173,7 @@ def torchrun_main(argv: list[str] | None = None) -> int:
     except ChildFailedError as err:
         failures = sorted(err.failures.items())
         codes = {failure.exitcode for _, failure in failures}
-        if codes == {STOP_EXIT_CODE}:
+        if _stopped_and_saved(codes, STOP_EXIT_CODE):
             print(f"longact: stopped on a signal after saving a checkpoint (exit "
                   f"{STOP_EXIT_CODE}); run again to resume", file=sys.stderr)  # fmt: skip
             return STOP_EXIT_CODE

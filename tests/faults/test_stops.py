@@ -104,3 +104,22 @@ def test_stalled_rank_ends_the_job_after_the_collective_timeout(baseline, tmp_pa
         assert orphans_after(tag) == []
     finally:
         kill_tagged(tag)
+
+
+@pytest.mark.parametrize(
+    ("codes", "stopped"),
+    [
+        ({STOP_EXIT_CODE}, True),
+        # CI, 2026-12-01: rank 1 exited 75 first, torchrun's agent then ended rank 0 (already
+        # past the save's last barrier, tearing down) with SIGTERM.
+        ({STOP_EXIT_CODE, -signal.SIGTERM}, True),
+        ({STOP_EXIT_CODE, -signal.SIGKILL}, True),
+        ({STOP_EXIT_CODE, 1}, False),  # a rank that crashed: not a clean stop
+        ({-signal.SIGTERM}, False),  # nobody finished a save
+        ({1, -signal.SIGTERM}, False),  # the stalled-rank case above
+    ],
+)
+def test_launcher_counts_a_stop_whose_peers_torchrun_ended(codes, stopped):
+    from megatron_longact.runtime.launch import _stopped_and_saved
+
+    assert _stopped_and_saved({int(c) for c in codes}, STOP_EXIT_CODE) is stopped
