@@ -16,6 +16,14 @@ Everything else (the buffers' layout, the mask type switch after the prompt, the
 views) is the static branch's. Each key is rotated by the same elementwise operations on the
 same values as before, so the logits are bit-identical (``tests/rl/test_rollout_native.py``
 checks it against the stock path).
+
+:func:`grouped_query_attention` swaps megatron's local ``DotProductAttention.forward`` in the
+same way for one that reads each cached K/V head once per query group. The stock forward
+``repeat_interleave``s K and V to every query head (``transformer/dot_product_attention.py``
+~165-172), which copies the whole cache N/G times per layer and token: with SmolLM2's 9 heads in
+3 groups that copy was a third of the attention time of a decode step. The grouped forward folds
+the N/G heads of a group into the query rows of one batched matmul and keeps megatron's own
+masked softmax, so only the two matmuls' shapes change (the logits move within ~1e-6).
 """
 
 from __future__ import annotations
@@ -25,6 +33,30 @@ import types
 from collections.abc import Iterator
 
 import torch
+
+
+def _rotate_new(self, query, key, rotary_pos_emb, start: int, end: int):
+    """RoPE at positions ``start:end`` on the new keys, and on the queries too when both use
+    one table (self-attention): then a single elementwise pass over the [q | k] heads, half
+    the small ops of rotating them apart, and ``(query, key, None)`` is returned so that the
+    attention forward does not rotate the query again (~1109). Otherwise the query's table
+    slice is returned for the forward to apply. ``query`` [s, b, N, D], ``key`` [s, b, G, D].
+    """
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+    from megatron.core.transformer.attention import _yarn_get_concentration_factor_from_config
+
+    q_pos_emb, k_pos_emb = rotary_pos_emb
+    mscale = _yarn_get_concentration_factor_from_config(self.config)
+
+    def rotate(t: torch.Tensor) -> torch.Tensor:
+        return apply_rotary_pos_emb(t, k_pos_emb[start:end], config=self.config, mscale=mscale,
+                                    cp_group=self.pg_collection.cp)  # fmt: skip
+
+    if q_pos_emb is not k_pos_emb or query.shape[-1] != key.shape[-1]:
+        return query, rotate(key), (q_pos_emb[start:end], None)
+    heads = query.size(2)
+    both = rotate(torch.cat((query, key), dim=2))
+    return both[:, :, :heads], both[:, :, heads:], None
 
 
 def _adjust_static(
@@ -44,8 +76,6 @@ def _adjust_static(
     """The static branch of ``Attention._adjust_key_value_for_inference`` with rotated keys in
     the cache. ``self`` is the megatron ``Attention``; shapes are megatron's sbhd
     ([s, b, heads, D])."""
-    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
-    from megatron.core.transformer.attention import _yarn_get_concentration_factor_from_config
     from megatron.core.transformer.enums import AttnMaskType
 
     context = inference_context if inference_context is not None else inference_params
@@ -79,15 +109,7 @@ def _adjust_static(
     if rotary_pos_emb is not None:
         if not isinstance(rotary_pos_emb, tuple):
             rotary_pos_emb = (rotary_pos_emb, rotary_pos_emb)
-        q_pos_emb, k_pos_emb = rotary_pos_emb
-        key = apply_rotary_pos_emb(
-            key,
-            k_pos_emb[start:end],
-            config=self.config,
-            mscale=_yarn_get_concentration_factor_from_config(self.config),
-            cp_group=self.pg_collection.cp,
-        )
-        rotary_pos_emb = (q_pos_emb[start:end], None)
+        query, key, rotary_pos_emb = _rotate_new(self, query, key, rotary_pos_emb, start, end)
     key_memory[start:end, batch_start:batch_end] = key
     value_memory[start:end, batch_start:batch_end] = value
     return (
@@ -98,6 +120,61 @@ def _adjust_static(
         attn_mask_type,
         None,
     )
+
+
+def _grouped_attention_forward(
+    self,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    attn_mask_type=None,
+    attention_bias: torch.Tensor | None = None,
+    packed_seq_params=None,
+) -> torch.Tensor:
+    """megatron's ``DotProductAttention.forward`` in eval mode without the K/V repeat.
+
+    ``query`` [sq, b, N, D], ``key``/``value`` [sk, b, G, D] (any strides: views of the
+    cache), ``attention_mask`` [b, 1, sq, sk] bool, True = masked. Returns [sq, b, N*D].
+    Query head h reads group h // (N/G), as after megatron's ``repeat_interleave``.
+    """
+    assert packed_seq_params is None and attention_bias is None and not self.training
+    from megatron.core import parallel_state
+
+    sq, batch, heads, dim = query.shape
+    sk, groups = key.size(0), key.size(2)
+    per_group = heads // groups
+    # [b*G, (N/G)*sq, D]: a group's heads share one K/V matrix, so they share one matmul.
+    grouped_q = query.permute(1, 2, 0, 3).reshape(batch * groups, per_group * sq, dim)
+    keys_t = key.permute(1, 2, 3, 0).reshape(batch * groups, dim, sk)  # a view of the cache
+    scores = parallel_state.get_global_memory_buffer().get_tensor(
+        (batch * groups, per_group * sq, sk), query.dtype, "mpu"
+    )
+    scores = torch.baddbmm(scores, grouped_q, keys_t, beta=0.0, alpha=self.softmax_scale)
+    probs = self.scale_mask_softmax(
+        scores.view(batch, heads, sq, sk), attention_mask, self.softmax_offset
+    )
+    values = value.permute(1, 2, 0, 3).reshape(batch * groups, sk, dim)  # a view of the cache
+    context = torch.bmm(probs.view(batch * groups, per_group * sq, sk), values)
+    context = context.view(batch, heads, sq, dim).permute(2, 0, 1, 3)
+    return context.reshape(sq, batch, heads * dim)
+
+
+@contextlib.contextmanager
+def grouped_query_attention(gpt) -> Iterator[None]:
+    """Inside it, megatron's local ``DotProductAttention`` modules of ``gpt`` (exact type;
+    TE's and our CP attention are left alone) attend per query group without copying K/V.
+    Eval mode only (no attention dropout). No collectives."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    patched = [m for m in gpt.modules() if type(m) is DotProductAttention]
+    for module in patched:
+        module.forward = types.MethodType(_grouped_attention_forward, module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
 
 
 @contextlib.contextmanager

@@ -29,11 +29,12 @@ Layouts, all inside :meth:`NativeEngine.generate`:
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Iterator
 
 import torch
 
-from megatron_longact.rl.rollout.kv_cache import rotated_key_cache
+from megatron_longact.rl.rollout.kv_cache import grouped_query_attention, rotated_key_cache
 from megatron_longact.rl.rollout.stops import (
     StopTable,
     first_text_stop,
@@ -256,6 +257,8 @@ def _generation_layout(gpt) -> Iterator[None]:
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(rotated_key_cache(gpt))
+        stack.enter_context(grouped_query_attention(gpt))
+        stack.enter_context(_tp1_linears(gpt))
         if gpt.config.sequence_parallel:
             from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
@@ -274,6 +277,54 @@ def _generation_layout(gpt) -> Iterator[None]:
                 type(rotary).forward.cache_clear()
                 stack.callback(type(rotary).forward.cache_clear)
         yield
+
+
+def _column_tp1_forward(self, input_, weight=None, runtime_gather_output=None):
+    """``ColumnParallelLinear.forward`` at TP=1 without SP (``tensor_parallel/layers.py``
+    ~954-1048): its copy/gather regions are identities there, and the matmul and bias are
+    ``LinearWithFrozenWeight``'s (~341-343), so the output is the same tensor op for op."""
+    weight = self.weight if weight is None else weight
+    output = torch.matmul(input_, weight.t())
+    if self.bias is not None and not self.skip_bias_add:
+        output = output + self.bias
+    return output, self.bias if self.skip_bias_add else None
+
+
+def _row_tp1_forward(self, input_):
+    """``RowParallelLinear.forward`` at TP=1 without SP (``tensor_parallel/layers.py``
+    ~1245-1308): the reduce is an identity, the bias is added after it."""
+    output = torch.matmul(input_, self.weight.t())
+    if self.skip_bias_add:
+        return output, self.bias
+    return (output + self.bias if self.bias is not None else output), None
+
+
+@contextlib.contextmanager
+def _tp1_linears(gpt) -> Iterator[None]:
+    """At TP=1, megatron's parallel linears of ``gpt`` (exact types) skip the TP machinery:
+    per call it is two autograd-Function applies and a dozen checks, which at one token a
+    step cost about as much as the small matmuls themselves. Same ops, same bits."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    config = gpt.config
+    if (
+        parallel_state.get_tensor_model_parallel_world_size() > 1
+        or config.sequence_parallel
+        or config.defer_embedding_wgrad_compute
+        or config._cpu_offloading_context is not None
+    ):
+        yield
+        return
+    forwards = {ColumnParallelLinear: _column_tp1_forward, RowParallelLinear: _row_tp1_forward}
+    patched = [m for m in gpt.modules() if type(m) in forwards and not m.explicit_expert_comm]
+    for module in patched:
+        module.forward = types.MethodType(forwards[type(module)], module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
 
 
 def _padded_causal_mask(valid: torch.Tensor, start: int, end: int) -> torch.Tensor:
