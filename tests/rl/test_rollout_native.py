@@ -2,6 +2,8 @@
 
 * the rotated-key cache gives bit-identical tokens and log-probs to megatron's stock static
   path (which re-rotates the whole cache every step), greedy and sampled;
+* the grouped-query attention and the TP=1 linears give the same tokens as megatron's own
+  modules, and log-probs within 1e-5 (the attention matmuls change shape, not the math);
 * multi-token stop strings end a response at the exact token vLLM would stop at, both when the
   string's own token sequence appears and when it only appears in the decoded text; other rows
   of the batch are untouched, and the text the reward sees ends with the stop string.
@@ -65,6 +67,17 @@ def _engine_case() -> dict:
         stock = {"greedy": run(greedy), "sampled": run(sampled)}
     finally:
         native.rotated_key_cache = rotated
+    # megatron's own attention and linears (and its static path) throughout.
+    swapped = native.rotated_key_cache, native.grouped_query_attention, native._tp1_linears
+
+    def plain(gpt):
+        return contextlib.nullcontext()
+
+    native.rotated_key_cache = native.grouped_query_attention = native._tp1_linears = plain
+    try:
+        megatron = {"greedy": run(greedy), "sampled": run(sampled)}
+    finally:
+        native.rotated_key_cache, native.grouped_query_attention, native._tp1_linears = swapped
 
     # Stop strings cut from row 0's greedy response: its own tokens, and the same text minus
     # its first character (tokenized differently alone, so only the decoded tail shows it).
@@ -83,13 +96,25 @@ def _engine_case() -> dict:
             "rows": [(r.response_ids, r.finish_reason, r.text) for r in out],
             "expected": [_expected_stop(tok, full, stop) for full, _, _ in fast["greedy"]],
         }
-    return {"fast": fast, "stock": stock, "cases": cases, "greedy": fast["greedy"]}
+    return {
+        "fast": fast,
+        "stock": stock,
+        "megatron": megatron,
+        "cases": cases,
+        "greedy": fast["greedy"],
+    }
 
 
 def test_native_engine_rotated_cache_and_stop_strings():
     (result,) = run_local(_engine_case, 1)
     # Bit for bit: tokens, and log-probs compared as floats with ==.
     assert result["fast"] == result["stock"]
+    for mode, rows in result["megatron"].items():
+        for (ids, logprobs, reason), (want_ids, want_lp, want_reason) in zip(
+            rows, result["fast"][mode]
+        ):
+            assert (ids, reason) == (want_ids, want_reason), mode
+            assert max(abs(a - b) for a, b in zip(logprobs, want_lp)) < 1e-5, mode
     greedy = result["greedy"]
     assert all(len(ids) == NEW_TOKENS for ids, _, _ in greedy)
     assert len({tuple(ids) for ids, _, _ in greedy}) == len(PROMPTS)

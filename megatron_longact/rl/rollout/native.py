@@ -2,7 +2,9 @@
 
 Prompts are left-padded so every row decodes in lockstep; a padding-aware causal mask keeps
 pads out of attention. The KV cache is megatron's ``StaticInferenceContext`` holding rotated
-keys (:mod:`rl.rollout.kv_cache`: each key is rotated once, not at every step). Works on CPU
+keys (:mod:`rl.rollout.kv_cache`: each key is rotated once, not at every step), and megatron's
+local attention reads it once per query group instead of copying K/V to every head. At TP=1 the
+parallel linears skip their (identity) TP regions (:func:`_tp1_linears`). Works on CPU
 (local attention) and GPU, at any TP, with sequence parallel, and under context parallel;
 pipeline parallel generation is not supported (use vLLM for PP > 1).
 
