@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -161,20 +161,28 @@ def _grouped_attention_forward(
 
 
 @contextlib.contextmanager
+def patched_methods(modules: list, name: str, pick: Callable) -> Iterator[None]:
+    """Inside it, each of ``modules`` has ``pick(module)`` bound as its method ``name`` (an
+    instance attribute shadowing the class's); outside it, the class's method is back."""
+    for module in modules:
+        setattr(module, name, types.MethodType(pick(module), module))
+    try:
+        yield
+    finally:
+        for module in modules:
+            delattr(module, name)
+
+
+@contextlib.contextmanager
 def grouped_query_attention(gpt) -> Iterator[None]:
     """Inside it, megatron's local ``DotProductAttention`` modules of ``gpt`` (exact type;
     TE's and our CP attention are left alone) attend per query group without copying K/V.
     Eval mode only (no attention dropout). No collectives."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    patched = [m for m in gpt.modules() if type(m) is DotProductAttention]
-    for module in patched:
-        module.forward = types.MethodType(_grouped_attention_forward, module)
-    try:
+    modules = [m for m in gpt.modules() if type(m) is DotProductAttention]
+    with patched_methods(modules, "forward", lambda _: _grouped_attention_forward):
         yield
-    finally:
-        for module in patched:
-            del module.forward
 
 
 @contextlib.contextmanager
@@ -183,11 +191,6 @@ def rotated_key_cache(gpt) -> Iterator[None]:
     ``StaticInferenceContext``; outside it, megatron's method is back. No collectives."""
     from megatron.core.transformer.attention import Attention
 
-    patched = [m for m in gpt.modules() if isinstance(m, Attention)]
-    for module in patched:
-        module._adjust_key_value_for_inference = types.MethodType(_adjust_static, module)
-    try:
+    modules = [m for m in gpt.modules() if isinstance(m, Attention)]
+    with patched_methods(modules, "_adjust_key_value_for_inference", lambda _: _adjust_static):
         yield
-    finally:
-        for module in patched:
-            del module._adjust_key_value_for_inference

@@ -31,12 +31,15 @@ Layouts, all inside :meth:`NativeEngine.generate`:
 from __future__ import annotations
 
 import contextlib
-import types
 from collections.abc import Iterator
 
 import torch
 
-from megatron_longact.rl.rollout.kv_cache import grouped_query_attention, rotated_key_cache
+from megatron_longact.rl.rollout.kv_cache import (
+    grouped_query_attention,
+    patched_methods,
+    rotated_key_cache,
+)
 from megatron_longact.rl.rollout.stops import (
     StopTable,
     first_text_stop,
@@ -319,14 +322,9 @@ def _tp1_linears(gpt) -> Iterator[None]:
         yield
         return
     forwards = {ColumnParallelLinear: _column_tp1_forward, RowParallelLinear: _row_tp1_forward}
-    patched = [m for m in gpt.modules() if type(m) in forwards and not m.explicit_expert_comm]
-    for module in patched:
-        module.forward = types.MethodType(forwards[type(module)], module)
-    try:
+    modules = [m for m in gpt.modules() if type(m) in forwards and not m.explicit_expert_comm]
+    with patched_methods(modules, "forward", lambda module: forwards[type(module)]):
         yield
-    finally:
-        for module in patched:
-            del module.forward
 
 
 def _padded_causal_mask(valid: torch.Tensor, start: int, end: int) -> torch.Tensor:
