@@ -28,7 +28,7 @@ def test_quickstart_sft_model_retrieves_held_out_facts(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     sft, rl = _kv_accuracy(out / "eval" / "sft"), _kv_accuracy(out / "eval" / "rl")
     print(f"held-out KV accuracy: SFT {sft:.0f}%, RL {rl:.0f}%")
-    # The README reports ~40% for the SFT model (100 prompts, greedy); 0% would mean it only
-    # learned the reply template, as every quickstart before this one did.
+    # The README reports 43% and 52% for the SFT model (two runs; 100 prompts, greedy); 0%
+    # would mean it only learned the reply template, as every quickstart before this one did.
     assert sft > 0.0
     assert (out / "hf" / "config.json").is_file() and (out / "curves.png").is_file()

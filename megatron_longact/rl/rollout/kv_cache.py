@@ -34,6 +34,14 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+# At the top, not in the functions: those run per layer and token. rope_utils and attention
+# as modules, so that attribute lookups at call time keep any later patch of them in effect.
+from megatron.core import parallel_state
+from megatron.core.models.common.embeddings import rope_utils
+from megatron.core.transformer import attention as mcore_attention
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+
 
 def _rotate_new(self, query, key, rotary_pos_emb, start: int, end: int):
     """RoPE at positions ``start:end`` on the new keys, and on the queries too when both use
@@ -42,15 +50,14 @@ def _rotate_new(self, query, key, rotary_pos_emb, start: int, end: int):
     attention forward does not rotate the query again (~1109). Otherwise the query's table
     slice is returned for the forward to apply. ``query`` [s, b, N, D], ``key`` [s, b, G, D].
     """
-    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
-    from megatron.core.transformer.attention import _yarn_get_concentration_factor_from_config
-
     q_pos_emb, k_pos_emb = rotary_pos_emb
-    mscale = _yarn_get_concentration_factor_from_config(self.config)
+    mscale = mcore_attention._yarn_get_concentration_factor_from_config(self.config)
 
     def rotate(t: torch.Tensor) -> torch.Tensor:
-        return apply_rotary_pos_emb(t, k_pos_emb[start:end], config=self.config, mscale=mscale,
-                                    cp_group=self.pg_collection.cp)  # fmt: skip
+        return rope_utils.apply_rotary_pos_emb(
+            t, k_pos_emb[start:end], config=self.config, mscale=mscale,
+            cp_group=self.pg_collection.cp,
+        )  # fmt: skip
 
     if q_pos_emb is not k_pos_emb or query.shape[-1] != key.shape[-1]:
         return query, rotate(key), (q_pos_emb[start:end], None)
@@ -76,8 +83,6 @@ def _adjust_static(
     """The static branch of ``Attention._adjust_key_value_for_inference`` with rotated keys in
     the cache. ``self`` is the megatron ``Attention``; shapes are megatron's sbhd
     ([s, b, heads, D])."""
-    from megatron.core.transformer.enums import AttnMaskType
-
     context = inference_context if inference_context is not None else inference_params
     if context is None or not context.is_static_batching():
         return type(self)._adjust_key_value_for_inference(
@@ -139,8 +144,6 @@ def _grouped_attention_forward(
     Query head h reads group h // (N/G), as after megatron's ``repeat_interleave``.
     """
     assert packed_seq_params is None and attention_bias is None and not self.training
-    from megatron.core import parallel_state
-
     sq, batch, heads, dim = query.shape
     sk, groups = key.size(0), key.size(2)
     per_group = heads // groups
@@ -178,8 +181,6 @@ def grouped_query_attention(gpt) -> Iterator[None]:
     """Inside it, megatron's local ``DotProductAttention`` modules of ``gpt`` (exact type;
     TE's and our CP attention are left alone) attend per query group without copying K/V.
     Eval mode only (no attention dropout). No collectives."""
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-
     modules = [m for m in gpt.modules() if type(m) is DotProductAttention]
     with patched_methods(modules, "forward", lambda _: _grouped_attention_forward):
         yield
@@ -189,8 +190,6 @@ def grouped_query_attention(gpt) -> Iterator[None]:
 def rotated_key_cache(gpt) -> Iterator[None]:
     """Inside it, the attention layers of ``gpt`` (a bare GPTModel) cache rotated keys under a
     ``StaticInferenceContext``; outside it, megatron's method is back. No collectives."""
-    from megatron.core.transformer.attention import Attention
-
-    modules = [m for m in gpt.modules() if isinstance(m, Attention)]
+    modules = [m for m in gpt.modules() if isinstance(m, mcore_attention.Attention)]
     with patched_methods(modules, "_adjust_key_value_for_inference", lambda _: _adjust_static):
         yield
