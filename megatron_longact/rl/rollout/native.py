@@ -284,12 +284,39 @@ def _generation_layout(gpt) -> Iterator[None]:
         yield
 
 
+DECODE_TILE_ROWS = 512
+"""Output features per matmul when a TP=1 linear sees few tokens (:func:`_linear`)."""
+DECODE_MAX_TOKENS = 64
+"""Token rows (batch x new tokens) up to which :func:`_linear` tiles the weight."""
+
+
+def _linear(input_: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``input_ @ weight.t()``: input_ [..., K], weight [N, K] -> [..., N].
+
+    With at most ``DECODE_MAX_TOKENS`` token rows (a decode step) and N >= 2 tiles, one matmul
+    per ``DECODE_TILE_ROWS`` rows of the weight, concatenated. At so few rows the GEMM is
+    bound by reading the weight, and the CPU BLAS (MKL sgemm, torch 2.13) loses 25-60% on
+    large N: on the 2-core CI machine, 8 rows x SmolLM2's fc1 [3072, 576] took 0.90 ms whole
+    and 0.55-0.70 ms in 512-row tiles, its LM head [49152, 576] 9-32 ms whole and 6-15 ms
+    tiled (1-2 threads; ``benchmarks/rollout_throughput.py`` measures the whole engine).
+    Each output is the same K-long dot product either way; whether the BLAS reduces it in the
+    same order is its choice (bitwise equal at 512-row tiles there), so the tests hold
+    tiled logits to 1e-5 of megatron's own linears, not to the bit.
+    """
+    tokens = input_.numel() // input_.size(-1)
+    if tokens > DECODE_MAX_TOKENS or weight.size(0) < 2 * DECODE_TILE_ROWS:
+        return torch.matmul(input_, weight.t())
+    flat = input_.reshape(tokens, input_.size(-1))
+    tiles = [torch.mm(flat, tile.t()) for tile in weight.split(DECODE_TILE_ROWS)]
+    return torch.cat(tiles, dim=1).view(*input_.shape[:-1], weight.size(0))
+
+
 def _column_tp1_forward(self, input_, weight=None, runtime_gather_output=None):
     """``ColumnParallelLinear.forward`` at TP=1 without SP (``tensor_parallel/layers.py``
     ~954-1048): its copy/gather regions are identities there, and the matmul and bias are
-    ``LinearWithFrozenWeight``'s (~341-343), so the output is the same tensor op for op."""
+    ``LinearWithFrozenWeight``'s (~341-343); the matmul is tiled at decode (:func:`_linear`)."""
     weight = self.weight if weight is None else weight
-    output = torch.matmul(input_, weight.t())
+    output = _linear(input_, weight)
     if self.bias is not None and not self.skip_bias_add:
         output = output + self.bias
     return output, self.bias if self.skip_bias_add else None
@@ -298,7 +325,7 @@ def _column_tp1_forward(self, input_, weight=None, runtime_gather_output=None):
 def _row_tp1_forward(self, input_):
     """``RowParallelLinear.forward`` at TP=1 without SP (``tensor_parallel/layers.py``
     ~1245-1308): the reduce is an identity, the bias is added after it."""
-    output = torch.matmul(input_, self.weight.t())
+    output = _linear(input_, self.weight)
     if self.skip_bias_add:
         return output, self.bias
     return (output + self.bias if self.bias is not None else output), None
