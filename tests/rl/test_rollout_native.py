@@ -6,7 +6,8 @@
   modules, and log-probs within 1e-5 (the attention matmuls change shape, not the math);
 * multi-token stop strings end a response at the exact token vLLM would stop at, both when the
   string's own token sequence appears and when it only appears in the decoded text; other rows
-  of the batch are untouched, and the text the reward sees ends with the stop string.
+  of the batch are untouched, and the text the reward sees ends with the stop string;
+* the decode steps run under inference mode, and a training step right after works.
 """
 
 from __future__ import annotations
@@ -96,7 +97,23 @@ def _engine_case() -> dict:
             "rows": [(r.response_ids, r.finish_reason, r.text) for r in out],
             "expected": [_expected_stop(tok, full, stop) for full, _, _ in fast["greedy"]],
         }
+    # Training right after generation, at the last batch's cache length (so RoPE's lru-cached
+    # table is the one generation used): nothing the inference-mode decode steps made may reach
+    # autograd ("Inference tensors cannot be saved for backward" otherwise).
+    import torch
+
+    length = len(prompts[-1]) + NEW_TOKENS
+    # The table training will get: GPTModel's own call (gpt_model.py ~364-369), an lru_cache hit.
+    table = gpt.rotary_pos_emb(length, packed_seq=False, cp_group=None)
+    gpt.train()
+    ids = torch.randint(3, 100, (1, length))
+    logits = gpt(input_ids=ids, position_ids=torch.arange(length)[None], attention_mask=None)
+    logits.float().square().mean().backward()
+    trained = all(p.grad is None or bool(p.grad.isfinite().all()) for p in gpt.parameters())
     return {
+        "inference_mode_decode": engine.inference_mode_decode,
+        "rope_table_is_inference": table.is_inference(),
+        "trained_after": trained and gpt.decoder.layers[0].mlp.linear_fc1.weight.grad is not None,
         "fast": fast,
         "stock": stock,
         "megatron": megatron,
@@ -107,6 +124,8 @@ def _engine_case() -> dict:
 
 def test_native_engine_rotated_cache_and_stop_strings():
     (result,) = run_local(_engine_case, 1)
+    assert result["inference_mode_decode"] and result["trained_after"]
+    assert not result["rope_table_is_inference"]
     # Bit for bit: tokens, and log-probs compared as floats with ==.
     assert result["fast"] == result["stock"]
     for mode, rows in result["megatron"].items():

@@ -36,7 +36,6 @@ import torch
 
 # At the top, not in the functions: those run per layer and token. rope_utils and attention
 # as modules, so that attribute lookups at call time keep any later patch of them in effect.
-from megatron.core import parallel_state
 from megatron.core.models.common.embeddings import rope_utils
 from megatron.core.transformer import attention as mcore_attention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -150,9 +149,11 @@ def _grouped_attention_forward(
     # [b*G, (N/G)*sq, D]: a group's heads share one K/V matrix, so they share one matmul.
     grouped_q = query.permute(1, 2, 0, 3).reshape(batch * groups, per_group * sq, dim)
     keys_t = key.permute(1, 2, 3, 0).reshape(batch * groups, dim, sk)  # a view of the cache
-    scores = parallel_state.get_global_memory_buffer().get_tensor(
-        (batch * groups, per_group * sq, sk), query.dtype, "mpu"
-    )
+    # A fresh buffer, not megatron's shared "mpu" one: under inference mode (decode steps,
+    # native._only_local_attention) a buffer it grew would be an inference tensor that
+    # training's attention later reuses.
+    scores = torch.empty(batch * groups, per_group * sq, sk, dtype=query.dtype,
+                         device=query.device)  # fmt: skip
     scores = torch.baddbmm(scores, grouped_q, keys_t, beta=0.0, alpha=self.softmax_scale)
     probs = self.scale_mask_softmax(
         scores.view(batch, heads, sq, sk), attention_mask, self.softmax_offset
