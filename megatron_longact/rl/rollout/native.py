@@ -4,9 +4,11 @@ Prompts are left-padded so every row decodes in lockstep; a padding-aware causal
 pads out of attention. The KV cache is megatron's ``StaticInferenceContext`` holding rotated
 keys (:mod:`rl.rollout.kv_cache`: each key is rotated once, not at every step), and megatron's
 local attention reads it once per query group instead of copying K/V to every head. At TP=1 the
-parallel linears skip their (identity) TP regions (:func:`_tp1_linears`). Works on CPU
-(local attention) and GPU, at any TP, with sequence parallel, and under context parallel;
-pipeline parallel generation is not supported (use vLLM for PP > 1).
+parallel linears skip their (identity) TP regions (:func:`_tp1_linears`) and split a decode
+step's matmul over 512-row tiles of the weight (:func:`_linear`), and with megatron's local
+attention the decode steps run under ``torch.inference_mode`` (:func:`_only_local_attention`).
+Works on CPU (local attention) and GPU, at any TP, with sequence parallel, and under context
+parallel; pipeline parallel generation is not supported (use vLLM for PP > 1).
 
 Per decode step the loop keeps everything on the device: sampling (the generator lives on the
 device), the log-probs, and the stop-token / stop-sequence check (:class:`stops.StopTable`). The
@@ -303,18 +305,19 @@ DECODE_MAX_TOKENS = 64
 def _linear(input_: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``input_ @ weight.t()``: input_ [..., K], weight [N, K] -> [..., N].
 
-    With at most ``DECODE_MAX_TOKENS`` token rows (a decode step) and N >= 2 tiles, one matmul
-    per ``DECODE_TILE_ROWS`` rows of the weight, concatenated. At so few rows the GEMM is
-    bound by reading the weight, and the CPU BLAS (MKL sgemm, torch 2.13) loses 25-60% on
-    large N: on the 2-core CI machine, 8 rows x SmolLM2's fc1 [3072, 576] took 0.90 ms whole
-    and 0.55-0.70 ms in 512-row tiles, its LM head [49152, 576] 9-32 ms whole and 6-15 ms
-    tiled (1-2 threads; ``benchmarks/rollout_throughput.py`` measures the whole engine).
-    Each output is the same K-long dot product either way; whether the BLAS reduces it in the
-    same order is its choice (bitwise equal at 512-row tiles there), so the tests hold
-    tiled logits to 1e-5 of megatron's own linears, not to the bit.
+    On CPU, with at most ``DECODE_MAX_TOKENS`` token rows (a decode step) and N of at least two
+    tiles: one matmul per ``DECODE_TILE_ROWS`` rows of the weight, concatenated. At so few rows
+    the CPU BLAS (MKL sgemm in torch 2.13) is much slower on a large N whole than in tiles,
+    measured on the 2-core CI machine with 8 rows: SmolLM2's fc1 [3072, 576] 0.90 ms whole,
+    0.55-0.70 ms tiled; its LM head [49152, 576] 9-32 ms whole, 6-15 ms tiled (1-2 threads).
+    Why is the BLAS's business (packing the whole weight per call, most likely); the whole
+    engine's gain is measured by ``benchmarks/rollout_throughput.py``. On GPU one GEMM (tiles
+    would only multiply kernel launches). Each output is the same K-long dot product either
+    way, but whether the BLAS sums it in the same order is its choice (bitwise equal at these
+    tiles there), so the tests hold the engine to megatron's own linears within 1e-5.
     """
     tokens = input_.numel() // input_.size(-1)
-    if tokens > DECODE_MAX_TOKENS or weight.size(0) < 2 * DECODE_TILE_ROWS:
+    if not weight.is_cpu or tokens > DECODE_MAX_TOKENS or weight.size(0) < 2 * DECODE_TILE_ROWS:
         return torch.matmul(input_, weight.t())
     flat = input_.reshape(tokens, input_.size(-1))
     tiles = [torch.mm(flat, tile.t()) for tile in weight.split(DECODE_TILE_ROWS)]
