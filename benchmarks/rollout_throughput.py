@@ -27,15 +27,16 @@ batch 32, 32 new tokens, 2 threads    131 t/s   119 t/s       1.08x
 random ``--shape tiny``, 2 threads    1950 t/s  2066 t/s      0.96x
 ====================================  ========  ============  =====
 
-(``--repeats 5`` for the first and last rows; another run of the first gave 1.08x.) From 0.5x at the start: rotated-key cache,
-on-device stop checks, grouped-query attention on the cache's views, TP=1 linears without TP
-wrappers, decode matmuls in 512-row weight tiles (``rl.rollout.native._linear``, the largest
-single gain) and decode steps under ``torch.inference_mode``. The limit now: at batch 8 about
-60% of a decode step is the matmuls, at ~48 GFLOP/s on 2 cores (8 rows use the BLAS poorly);
-the rest is ~45 small ops per layer at 10-30 us each (dispatch, L2 misses after the matmuls),
-the same count as transformers'. A leaner layer forward (megatron's modules called without
-TransformerLayer's bookkeeping) measured no gain on SmolLM2; on the tiny random model, where
-the matmuls are negligible, megatron's per-layer Python is what keeps it at 0.96x.
+(``--repeats 5`` for the first and last rows; another run of the first gave 1.08x.) From 0.5x at
+the start: rotated-key cache, on-device stop checks, grouped-query attention on the cache's
+views, TP=1 linears without TP wrappers, decode matmuls in 512-row weight tiles
+(``rl.rollout.native._linear``, the largest single gain) and decode steps under
+``torch.inference_mode``. The limit now: at batch 8 about 60% of a decode step is the matmuls,
+at ~48 GFLOP/s on 2 cores (8 rows use the BLAS poorly); the rest is ~45 small ops per layer at
+10-30 us each (dispatch, L2 misses after the matmuls), the same count as transformers'. A leaner
+layer forward (megatron's modules called without TransformerLayer's bookkeeping) measured no
+gain on SmolLM2; on the tiny random model, where the matmuls are negligible, megatron's
+per-layer Python is what keeps it at 0.96x.
 """
 
 from __future__ import annotations

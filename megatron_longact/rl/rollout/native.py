@@ -36,7 +36,6 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-
 from megatron.core.transformer import attention as mcore_attention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
