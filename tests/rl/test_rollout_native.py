@@ -2,8 +2,9 @@
 
 * the rotated-key cache gives bit-identical tokens and log-probs to megatron's stock static
   path (which re-rotates the whole cache every step), greedy and sampled;
+* the lean decode-step layer forward is bit-identical to megatron's ``TransformerLayer.forward``;
 * the grouped-query attention and the TP=1 linears give the same tokens as megatron's own
-  modules, and log-probs within 1e-5 (the attention matmuls change shape, not the math);
+  modules, and log-probs within 1e-5 (the matmuls change shape, not the math);
 * multi-token stop strings end a response at the exact token vLLM would stop at, both when the
   string's own token sequence appears and when it only appears in the decoded text; other rows
   of the batch are untouched, and the text the reward sees ends with the stop string;
@@ -41,6 +42,7 @@ def _engine_case() -> dict:
         make_transformer_config,
     )
     from megatron_longact.rl.rollout import native
+    from megatron_longact.rl.rollout.decode_layer import lean_decode_layers
     from megatron_longact.rl.rollout.stops import resolve_stop_conditions
     from megatron_longact.rl.rollout.types import SamplingParams
     from megatron_longact.runtime.distributed import init_distributed
@@ -68,17 +70,26 @@ def _engine_case() -> dict:
         stock = {"greedy": run(greedy), "sampled": run(sampled)}
     finally:
         native.rotated_key_cache = rotated
-    # megatron's own attention and linears (and its static path) throughout.
-    swapped = native.rotated_key_cache, native.grouped_query_attention, native._tp1_linears
 
     def plain(gpt):
         return contextlib.nullcontext()
 
-    native.rotated_key_cache = native.grouped_query_attention = native._tp1_linears = plain
+    # megatron's TransformerLayer.forward at every step, the rest as in the engine.
+    native.lean_decode_layers = plain
+    try:
+        stock_layers = {"greedy": run(greedy), "sampled": run(sampled)}
+    finally:
+        native.lean_decode_layers = lean_decode_layers
+    # megatron's own layers, attention and linears (and its static path) throughout.
+    names = ("rotated_key_cache", "grouped_query_attention", "_tp1_linears", "lean_decode_layers")
+    swapped = {name: getattr(native, name) for name in names}
+    for name in names:
+        setattr(native, name, plain)
     try:
         megatron = {"greedy": run(greedy), "sampled": run(sampled)}
     finally:
-        native.rotated_key_cache, native.grouped_query_attention, native._tp1_linears = swapped
+        for name, value in swapped.items():
+            setattr(native, name, value)
 
     # Stop strings cut from row 0's greedy response: its own tokens, and the same text minus
     # its first character (tokenized differently alone, so only the decoded tail shows it).
@@ -116,6 +127,7 @@ def _engine_case() -> dict:
         "trained_after": trained and gpt.decoder.layers[0].mlp.linear_fc1.weight.grad is not None,
         "fast": fast,
         "stock": stock,
+        "stock_layers": stock_layers,
         "megatron": megatron,
         "cases": cases,
         "greedy": fast["greedy"],
@@ -128,6 +140,7 @@ def test_native_engine_rotated_cache_and_stop_strings():
     assert not result["rope_table_is_inference"]
     # Bit for bit: tokens, and log-probs compared as floats with ==.
     assert result["fast"] == result["stock"]
+    assert result["fast"] == result["stock_layers"]
     for mode, rows in result["megatron"].items():
         for (ids, logprobs, reason), (want_ids, want_lp, want_reason) in zip(
             rows, result["fast"][mode]

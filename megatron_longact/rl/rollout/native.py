@@ -6,7 +6,9 @@ keys (:mod:`rl.rollout.kv_cache`: each key is rotated once, not at every step), 
 local attention reads it once per query group instead of copying K/V to every head. At TP=1 the
 parallel linears skip their (identity) TP regions (:func:`_tp1_linears`) and split a decode
 step's matmul over 512-row tiles of the weight (:func:`_linear`), and with megatron's local
-attention the decode steps run under ``torch.inference_mode`` (:func:`_only_local_attention`).
+attention the decode steps run under ``torch.inference_mode`` (:func:`_only_local_attention`)
+and through each layer's modules without the layer's training bookkeeping
+(:mod:`rl.rollout.decode_layer`).
 Works on CPU (local attention) and GPU, at any TP, with sequence parallel, and under context
 parallel; pipeline parallel generation is not supported (use vLLM for PP > 1).
 
@@ -39,6 +41,7 @@ import torch
 from megatron.core.transformer import attention as mcore_attention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+from megatron_longact.rl.rollout.decode_layer import lean_decode_layers
 from megatron_longact.rl.rollout.kv_cache import (
     grouped_query_attention,
     patched_methods,
@@ -275,6 +278,7 @@ def _generation_layout(gpt) -> Iterator[None]:
         stack.enter_context(rotated_key_cache(gpt))
         stack.enter_context(grouped_query_attention(gpt))
         stack.enter_context(_tp1_linears(gpt))
+        stack.enter_context(lean_decode_layers(gpt))
         if gpt.config.sequence_parallel:
             from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
