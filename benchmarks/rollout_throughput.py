@@ -15,28 +15,30 @@ machine hits both alike, and the ratio is the median of the paired runs' ratios.
 Target: ratio >= 1.0 on CPU with identical outputs. ``--hf-dir`` absent: a random model of
 ``--shape`` (tiny, or smollm2-135m for SmolLM2's dimensions) saved to a temporary HF folder.
 
-Measured 2026-12-01 on the 2-core CI machine (load average ~1), SmolLM2-135M-Instruct
-(``longact import-gguf --out /tmp/smollm2``), greedy outputs identical in every run:
+Measured 2026-12-01 on the 2-core CI machine (load average < 1), SmolLM2-135M-Instruct
+(``longact import-gguf --out /tmp/smollm2``) unless said; greedy outputs identical in every run:
 
-====================================  ========  ============  =====
-run                                   native    transformers  ratio
-====================================  ========  ============  =====
-batch 8, 64 new tokens, 2 threads     73.4 t/s  72.9 t/s      1.05x
-batch 8, 64 new tokens, 1 thread      45.7 t/s  39.2 t/s      1.17x
-batch 32, 32 new tokens, 2 threads    131 t/s   119 t/s       1.08x
-random ``--shape tiny``, 2 threads    1950 t/s  2066 t/s      0.96x
-====================================  ========  ============  =====
+=========================================  ========  ============  ==============
+run                                        native    transformers  ratio
+=========================================  ========  ============  ==============
+batch 8, 64 new tokens, 2 threads          83.0 t/s  75.5 t/s      1.11x (1.18x)
+batch 8, 64 new tokens, ``--threads 1``    51.5 t/s  43.2 t/s      1.15x
+``--batch 32 --new-tokens 32``             129 t/s   114 t/s       1.07x
+random ``--shape smollm2-135m``            81.9 t/s  68.1 t/s      1.18x
+random ``--shape tiny`` (the default)      1953 t/s  1798 t/s      1.05x (1.18x)
+=========================================  ========  ============  ==============
 
-(``--repeats 5`` for the first and last rows; another run of the first gave 1.08x.) From 0.5x at
-the start: rotated-key cache, on-device stop checks, grouped-query attention on the cache's
-views, TP=1 linears without TP wrappers, decode matmuls in 512-row weight tiles
-(``rl.rollout.native._linear``, the largest single gain) and decode steps under
-``torch.inference_mode``. The limit now: at batch 8 about 60% of a decode step is the matmuls,
-at ~48 GFLOP/s on 2 cores (8 rows use the BLAS poorly); the rest is ~45 small ops per layer at
-10-30 us each (dispatch, L2 misses after the matmuls), the same count as transformers'. A leaner
-layer forward (megatron's modules called without TransformerLayer's bookkeeping) measured no
-gain on SmolLM2; on the tiny random model, where the matmuls are negligible, megatron's
-per-layer Python is what keeps it at 0.96x.
+(``--repeats 5`` for the first and the tiny rows; in brackets, an earlier run of the same
+code.) From 0.5x at the start: rotated-key cache, on-device stop checks, grouped-query
+attention on the cache's views, TP=1 linears without TP wrappers, decode matmuls in 512-row
+weight tiles (``rl.rollout.native._linear``, the largest single gain: 0.87x -> ~1.0x), decode
+steps under ``torch.inference_mode`` (~6%) and through each layer's modules without
+``TransformerLayer``'s training bookkeeping (``rl.rollout.decode_layer``; ~10% on the tiny
+model, a few % on SmolLM2). The limit now: at batch 8 about 60% of a SmolLM2 decode step is
+the matmuls, at ~48 GFLOP/s on 2 cores (8 rows use the BLAS poorly); the rest is ~45 small ops
+per layer at 10-30 us each (dispatch, and L2 misses after the matmuls), as many as
+transformers runs. Going further needs fewer ops (fused RoPE / norm kernels) or a compiled
+decode step, not less Python.
 """
 
 from __future__ import annotations
