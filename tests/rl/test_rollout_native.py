@@ -8,7 +8,9 @@
 * multi-token stop strings end a response at the exact token vLLM would stop at, both when the
   string's own token sequence appears and when it only appears in the decoded text; other rows
   of the batch are untouched, and the text the reward sees ends with the stop string;
-* the decode steps run under inference mode, and a training step right after works.
+* the decode steps run under inference mode, and a training step right after works;
+* in bf16 inside Float16Module and DDP (the cluster's layout, fp32 masters in the distributed
+  optimizer) the same holds, and an optimizer step follows generation.
 """
 
 from __future__ import annotations
@@ -33,6 +35,23 @@ def _expected_stop(tok, response: list[int], stop: str) -> int | None:
     return None
 
 
+FAST_PIECES = ("rotated_key_cache", "grouped_query_attention", "_tp1_linears", "lean_decode_layers")
+"""The engine's context managers that replace megatron's own path (``native._generation_layout``)."""
+
+
+@contextlib.contextmanager
+def _stock(native, *names: str):
+    """Inside it, the engine runs megatron's own path instead of its pieces ``names``."""
+    saved = {name: getattr(native, name) for name in names}
+    for name in names:
+        setattr(native, name, lambda gpt: contextlib.nullcontext())
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(native, name, value)
+
+
 def _engine_case() -> dict:
     from megatron_longact.config import JobConfig, load_config
     from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
@@ -42,7 +61,6 @@ def _engine_case() -> dict:
         make_transformer_config,
     )
     from megatron_longact.rl.rollout import native
-    from megatron_longact.rl.rollout.decode_layer import lean_decode_layers
     from megatron_longact.rl.rollout.stops import resolve_stop_conditions
     from megatron_longact.rl.rollout.types import SamplingParams
     from megatron_longact.runtime.distributed import init_distributed
@@ -64,32 +82,14 @@ def _engine_case() -> dict:
 
     fast = {"greedy": run(greedy), "sampled": run(sampled)}
     # megatron's stock static path: the engine without our rotated-key cache.
-    rotated = native.rotated_key_cache
-    native.rotated_key_cache = lambda gpt: contextlib.nullcontext()
-    try:
+    with _stock(native, "rotated_key_cache"):
         stock = {"greedy": run(greedy), "sampled": run(sampled)}
-    finally:
-        native.rotated_key_cache = rotated
-
-    def plain(gpt):
-        return contextlib.nullcontext()
-
     # megatron's TransformerLayer.forward at every step, the rest as in the engine.
-    native.lean_decode_layers = plain
-    try:
+    with _stock(native, "lean_decode_layers"):
         stock_layers = {"greedy": run(greedy), "sampled": run(sampled)}
-    finally:
-        native.lean_decode_layers = lean_decode_layers
     # megatron's own layers, attention and linears (and its static path) throughout.
-    names = ("rotated_key_cache", "grouped_query_attention", "_tp1_linears", "lean_decode_layers")
-    swapped = {name: getattr(native, name) for name in names}
-    for name in names:
-        setattr(native, name, plain)
-    try:
+    with _stock(native, *FAST_PIECES):
         megatron = {"greedy": run(greedy), "sampled": run(sampled)}
-    finally:
-        for name, value in swapped.items():
-            setattr(native, name, value)
 
     # Stop strings cut from row 0's greedy response: its own tokens, and the same text minus
     # its first character (tokenized differently alone, so only the decoded tail shows it).
@@ -165,3 +165,57 @@ def test_native_engine_rotated_cache_and_stop_strings():
     in_context = result["cases"]["in_context"]
     want, encoded = in_context["expected"][0], in_context["encoded"]
     assert greedy[0][0][want - len(encoded) : want] != encoded, in_context
+
+
+def _bf16_case() -> dict:
+    """The cluster's layout on CPU: bf16 params in Float16Module under DDP, fp32 masters in the
+    distributed optimizer; generate, then a training step through the same objects."""
+    import torch
+
+    from megatron_longact.config import JobConfig, load_config
+    from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
+    from megatron_longact.rl.rollout import native
+    from megatron_longact.rl.rollout.types import SamplingParams
+    from megatron_longact.runtime.distributed import init_distributed
+    from megatron_longact.runtime.setup import setup_train_state
+
+    job = load_config(JobConfig, None, ["model.preset=micro-qwen3", "train.precision=bf16"])
+    state = setup_train_state(job, init_distributed(job.parallel, seed=3))
+    tok = load_tokenizer(TINY_TOKENIZER_DIR)
+    prompts = [tok.encode(p, add_special_tokens=False) for p in PROMPTS]
+    engine = native.NativeEngine(state.model[0], pad_token_id=0, batch_size=2, tokenizer=tok)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, seed=5)
+
+    def run():
+        return [(r.response_ids, r.logprobs) for r in engine.generate(prompts, greedy)]
+
+    fast = run()
+    with _stock(native, "lean_decode_layers"):
+        stock_layers = run()
+    with _stock(native, *FAST_PIECES):
+        megatron = run()
+    ddp = state.model[0]
+    ddp.train()
+    ids = torch.randint(3, 100, (2, 20))
+    logits = ddp(input_ids=ids, position_ids=torch.arange(20)[None].expand(2, -1),
+                 attention_mask=None)  # fmt: skip
+    logits.float().square().mean().backward()
+    stepped, grad_norm, _ = state.optimizer.step()
+    return {
+        "dtype": str(next(engine.model.parameters()).dtype),
+        "inference_mode_decode": engine.inference_mode_decode,
+        "fast": fast,
+        "stock_layers": stock_layers,
+        "megatron": megatron,
+        "stepped": stepped and grad_norm is not None and grad_norm > 0,
+    }
+
+
+def test_native_engine_bf16_float16_module_then_training_step():
+    (result,) = run_local(_bf16_case, 1)
+    assert result["dtype"] == "torch.bfloat16" and result["inference_mode_decode"]
+    assert result["fast"] == result["stock_layers"]  # the lean layer forward, bit for bit
+    for (ids, logprobs), (want_ids, want_lp) in zip(result["fast"], result["megatron"]):
+        assert ids == want_ids
+        assert max(abs(a - b) for a, b in zip(logprobs, want_lp)) < 1e-2  # bf16 (0.0 measured)
+    assert result["stepped"]  # nothing from the inference-mode decode steps reached autograd
