@@ -1,4 +1,4 @@
-"""The native engine on a real megatron GPTModel (micro-qwen3, one gloo process, fp32):
+"""The native engine on a real megatron GPTModel (micro-qwen3, one gloo process, fp32 unless said):
 
 * the rotated-key cache gives bit-identical tokens and log-probs to megatron's stock static
   path (which re-rotates the whole cache every step), greedy and sampled;
