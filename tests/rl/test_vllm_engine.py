@@ -10,15 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_longact.rl.rollout.types import SamplingParams
-from megatron_longact.rl.rollout.vllm_engine import (
+from megatron_longact.rl.rollout.refit import (
     ChangeTracker,
     apply_row_delta,
     changed_rows,
-    check_tp_group,
-    request_seed,
     row_delta,
     row_fingerprints,
+)
+from megatron_longact.rl.rollout.types import SamplingParams
+from megatron_longact.rl.rollout.vllm_engine import (
+    check_tp_group,
+    request_seed,
     to_rollout,
     vllm_sampling_kwargs,
     without_expandable_segments,
@@ -59,7 +61,7 @@ def _batches(vocab: int, *, dp_rank: int, dp: int) -> list[dict]:
 
 
 def _hf_snapshot(state) -> dict[str, torch.Tensor]:
-    from megatron_longact.rl.rollout.vllm_engine import iter_hf_tensors_from_model
+    from megatron_longact.rl.rollout.refit import iter_hf_tensors_from_model
 
     return {
         name: t.detach().cpu().clone()
@@ -76,7 +78,7 @@ def _layout_case(overrides: list[str], ckpt_dir: str) -> dict:
     from megatron_longact.config import JobConfig, load_config
     from megatron_longact.config.loader import to_yaml
     from megatron_longact.longact.controller import LongActController
-    from megatron_longact.rl.rollout.vllm_engine import iter_hf_tensors_from_model
+    from megatron_longact.rl.rollout.refit import iter_hf_tensors_from_model
     from megatron_longact.runtime.distributed import init_distributed
     from megatron_longact.runtime.forward import lm_forward_step
     from megatron_longact.runtime.setup import setup_train_state

@@ -17,20 +17,10 @@ Design (the pattern of verl's megatron hybrid engine and TRL's colocate mode):
   allocates the KV cache (``wake_up(tags=["kv_cache"])``) and resets the prefix cache. Level 1
   keeps the previous weights, which is what makes partial refits valid; it costs one TP shard
   of the model in host memory per rank.
-* Refit: :func:`iter_hf_tensors_from_model` produces Hugging Face-layout tensors from the live
-  megatron chunk (TP all-gather, QKV / gate-up split through ``convert``'s mapping, PP
-  broadcast), :class:`ChangeTracker` drops tensors whose fingerprint did not change since the
-  last refit, and the rest go to ``model.load_weights`` on the in-process vLLM worker through
-  ``llm.collective_rpc``, one tensor at a time (peak extra memory: one full tensor).
-
-Row deltas: LongAct updates only the selected rows of W_Q / W_K (and with ``longact.mode=
-freeze`` the others stay bit-identical), so :meth:`ChangeTracker.diff` reports changed rows and
-:func:`row_delta` / :func:`apply_row_delta` express an update as (rows, values). vLLM receives
-whole tensors: ``load_weights`` takes full HF tensors, and writing rows directly would need
-vLLM's fused per-rank ``qkv_proj`` row layout (q, k, v shards of every TP rank, KV heads
-replicated when TP > KV heads), an internal of each vLLM version. In the paper's setting the
-saving would be small anyway: W_V, W_O and the MLP train densely and AdamW's weight decay and
-momentum move most rows every step; the refit metrics report the changed-row fraction.
+* Refit: :mod:`rl.rollout.refit` produces Hugging Face-layout tensors from the live megatron
+  chunk and drops those that did not change since the last refit; the rest go to
+  ``model.load_weights`` on the in-process vLLM worker through ``llm.collective_rpc``, one
+  tensor at a time (peak extra memory: one full tensor).
 
 Allocator and environment (checked against vLLM 0.10.2, the ``vllm`` extra's range):
 
@@ -50,7 +40,7 @@ Allocator and environment (checked against vLLM 0.10.2, the ``vllm`` extra's ran
   checker; ``include_stop_str_in_output`` keeps the string in the text the reward scores
   (``rl.rollout.stops`` has the semantics the native engine reproduces).
 
-vLLM is imported only here and only when ``rl.engine=vllm``; the tensor iterator and the
+vLLM is imported only here and only when ``rl.engine=vllm``; the refit's tensor iterator and
 change detection are pure torch + megatron and tested on CPU (tests/rl/test_vllm_engine.py).
 """
 
@@ -62,25 +52,13 @@ import gc
 import os
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from megatron_longact.convert.mapping import (
-    HF_EMBEDDING,
-    HF_FINAL_NORM,
-    HF_LM_HEAD,
-    MCORE_EMBEDDING,
-    MCORE_FINAL_NORM,
-    MCORE_OUTPUT,
-    expected_hf_shapes,
-    hf_layer_name,
-    hf_layer_shapes,
-)
-from megatron_longact.convert.mcore_to_hf import layer_to_hf
 from megatron_longact.models.hf_config import HFArchitecture
+from megatron_longact.rl.rollout.refit import ChangeTracker, RefitStats, iter_hf_tensors_from_model
 from megatron_longact.rl.rollout.types import Rollout, SamplingParams
 
 INSTALL_HINT = "pip install -e '.[vllm]'"
@@ -88,243 +66,6 @@ SLEEP_LEVEL = 1
 """1: weights to CPU, KV cache freed; the CPU copy is what partial refits update."""
 GPU_MEMORY_UTILIZATION = 0.5
 """Fraction of each GPU vLLM may take for weights + KV cache; the rest stays with megatron."""
-FINGERPRINT_MODULUS = 1021
-"""Column weights of the fingerprint are 1 + (column mod this prime)."""
-FINGERPRINT_CHUNK = 1 << 24
-"""Elements fingerprinted at once (bounds the int64 temporary to 128 MiB)."""
-_QK_SUFFIXES = ("self_attn.q_proj.weight", "self_attn.k_proj.weight")
-
-
-# ---- Hugging Face-layout tensors from a live megatron chunk ------------------------------
-
-
-def _full_tensor(param: torch.Tensor, *, gated: bool) -> torch.Tensor:
-    """``param`` all-gathered over TP along its ``partition_dim``, in its own dtype and device
-    (``runtime.params.gather_tensor_parallel`` makes CPU fp32 copies, too slow for a refit).
-    A gated ``linear_fc1`` comes back as the unsharded [gate; up]. All TP ranks must call it."""
-    from megatron.core import parallel_state
-
-    data = param.detach()
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    if tp == 1 or not getattr(param, "tensor_model_parallel", False):
-        return data
-    shards = [torch.empty_like(data) for _ in range(tp)]
-    group = parallel_state.get_tensor_model_parallel_group()
-    dist.all_gather(shards, data.contiguous(), group=group)
-    if gated:  # each shard is [gate_shard; up_shard]
-        halves = [shard.chunk(2, dim=0) for shard in shards]
-        shards = [h[0] for h in halves] + [h[1] for h in halves]
-    return torch.cat(shards, dim=param.partition_dim)
-
-
-def _stage_manifest(gpt, arch: HFArchitecture) -> list[tuple[str, tuple[int, ...]]]:
-    """(HF name, shape) of every tensor this pipeline stage yields, in yield order."""
-    names = [HF_EMBEDDING] if gpt.pre_process else []
-    for layer_module in gpt.decoder.layers:
-        layer = layer_module.layer_number - 1  # megatron numbers from 1, globally over PP
-        names += [hf_layer_name(layer, suffix) for suffix in hf_layer_shapes(arch)]
-    if gpt.post_process:
-        names += [HF_FINAL_NORM] + ([] if arch.tie_word_embeddings else [HF_LM_HEAD])
-    shapes = expected_hf_shapes(arch)
-    shapes[HF_LM_HEAD] = shapes[HF_EMBEDDING]
-    return [(name, shapes[name]) for name in names]
-
-
-def _stage_tensors(gpt, arch: HFArchitecture) -> Iterator[tuple[str, torch.Tensor]]:
-    """This stage's tensors in HF layout (TP gathered), in :func:`_stage_manifest` order."""
-    params = dict(gpt.named_parameters())
-    gated = bool(gpt.config.gated_linear_unit)
-    vocab = arch.vocab_size
-    if gpt.pre_process:
-        yield HF_EMBEDDING, _full_tensor(params[MCORE_EMBEDDING], gated=False)[:vocab]
-    for layer_module in gpt.decoder.layers:
-        tensors = {
-            suffix: _full_tensor(param, gated=gated and suffix == "mlp.linear_fc1.weight")
-            for suffix, param in layer_module.named_parameters()
-        }
-        yield from layer_to_hf(tensors, layer=layer_module.layer_number - 1, arch=arch).items()
-    if gpt.post_process:
-        yield HF_FINAL_NORM, _full_tensor(params[MCORE_FINAL_NORM], gated=False)
-        if not arch.tie_word_embeddings:
-            yield HF_LM_HEAD, _full_tensor(params[MCORE_OUTPUT], gated=False)[:vocab]
-
-
-@contextlib.contextmanager
-def _synced_params(model: list) -> Iterator[None]:
-    """With ``overlap_param_gather`` the distributed optimizer's param all-gather runs in the
-    next forward's pre-hooks; sync it now (megatron's own pattern around eval and saving)."""
-    hooked = [chunk for chunk in model if getattr(chunk, "use_forward_hook", False)]
-    for chunk in hooked:
-        chunk.disable_forward_pre_hook(param_sync=True)
-    try:
-        yield
-    finally:
-        for chunk in hooked:
-            chunk.enable_forward_pre_hook()
-
-
-def iter_hf_tensors_from_model(
-    model: list, *, arch: HFArchitecture
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields ``(HF name, full tensor)`` for the whole model, on every rank.
-
-    ``model``: this rank's [DDP-wrapped GPTModel chunk]; ``arch``: its architecture (the
-    unpadded vocabulary). Names and splits are those of ``longact convert --direction mcore2hf``
-    (embedding, layers 0..L-1, final norm, ``lm_head`` when untied). Tensors keep the parameter
-    dtype and device; tensors of this rank's stage may be views of live parameters, valid until
-    the next optimizer step (copy to keep). Collective: all ranks must iterate it to the end
-    together (TP all-gathers; with PP each stage broadcasts its tensors to the others).
-    """
-    from megatron.core import parallel_state
-
-    from megatron_longact.runtime.setup import unwrap_gpt
-
-    if len(model) != 1:
-        raise ValueError("virtual pipeline stages (several model chunks) are not supported")
-    gpt = unwrap_gpt(model[0])
-    with _synced_params(model):
-        pp = parallel_state.get_pipeline_model_parallel_world_size()
-        if pp == 1:
-            yield from _stage_tensors(gpt, arch)
-            return
-        group = parallel_state.get_pipeline_model_parallel_group()
-        my_stage = parallel_state.get_pipeline_model_parallel_rank()
-        dtype = next(gpt.parameters()).dtype
-        device = next(gpt.parameters()).device
-        for stage, src in enumerate(dist.get_process_group_ranks(group)):
-            box = [(_stage_manifest(gpt, arch), str(dtype)) if stage == my_stage else None]
-            dist.broadcast_object_list(box, src=src, group=group, device=device)
-            manifest, dtype_name = box[0]
-            if stage == my_stage:
-                for (name, tensor), (expected, _) in zip(_stage_tensors(gpt, arch), manifest):
-                    assert name == expected, (name, expected)
-                    tensor = tensor.contiguous()
-                    dist.broadcast(tensor, src=src, group=group)
-                    yield name, tensor
-                continue
-            for name, shape in manifest:
-                buffer = torch.empty(
-                    shape, dtype=getattr(torch, dtype_name.split(".")[-1]), device=device
-                )
-                dist.broadcast(buffer, src=src, group=group)
-                yield name, buffer
-
-
-# ---- change detection ---------------------------------------------------------------------
-
-
-def row_fingerprints(tensor: torch.Tensor) -> torch.Tensor:
-    """Per-row fingerprint of ``tensor``'s bits: int64 [R, 2] on CPU.
-
-    Rows are ``tensor``'s first dimension (a 1-D tensor is R rows of one element). Each row's
-    bytes are read as int16 words x_j (any float dtype), and the fingerprint is
-    (sum_j x_j, sum_j x_j * w_j) with w_j = 1 + (j mod 1021), exact integer arithmetic (no
-    overflow: |x| < 2^15, w < 2^10, < 2^38 words per row). A single changed bit always changes
-    it; several changes collide only if their word deltas cancel in both sums.
-    """
-    rows = tensor.shape[0] if tensor.dim() > 0 else 1
-    flat = tensor.detach().contiguous().reshape(rows, -1)
-    if flat.element_size() % 2:
-        raise ValueError(f"cannot fingerprint dtype {tensor.dtype} (needs 2-byte multiples)")
-    words = flat.view(torch.int16)
-    weights = torch.arange(words.shape[1], device=words.device) % FINGERPRINT_MODULUS + 1
-    step = max(1, FINGERPRINT_CHUNK // max(1, words.shape[1]))
-    parts = []
-    for start in range(0, rows, step):
-        block = words[start : start + step].to(torch.int64)
-        parts.append(torch.stack([block.sum(1), (block * weights).sum(1)], dim=1).cpu())
-    return torch.cat(parts) if parts else torch.zeros(0, 2, dtype=torch.int64)
-
-
-def changed_rows(previous: torch.Tensor | None, current: torch.Tensor) -> torch.Tensor:
-    """Sorted int64 indices of rows whose fingerprints differ (all rows when ``previous`` is
-    None or of another shape)."""
-    if previous is None or previous.shape != current.shape:
-        return torch.arange(current.shape[0])
-    return (previous != current).any(dim=1).nonzero().flatten()
-
-
-@dataclass(frozen=True, kw_only=True)
-class RowDelta:
-    """An update of tensor ``name`` as whole rows: ``tensor[rows] = values``."""
-
-    name: str
-    rows: torch.Tensor
-    """int64 [k] row indices (first dimension)."""
-    values: torch.Tensor
-    """[k, ...] the new rows."""
-
-
-def row_delta(name: str, tensor: torch.Tensor, rows: torch.Tensor) -> RowDelta:
-    """The rows ``rows`` of the new ``tensor`` as a :class:`RowDelta`."""
-    rows = rows.to(tensor.device)
-    return RowDelta(name=name, rows=rows, values=tensor.index_select(0, rows))
-
-
-def apply_row_delta(target: torch.Tensor, delta: RowDelta) -> None:
-    """Writes ``delta`` into ``target`` (the receiver's copy of the old tensor), in place."""
-    target.index_copy_(0, delta.rows.to(target.device), delta.values.to(target))
-
-
-@dataclass(kw_only=True)
-class RefitStats:
-    """What one refit sent (the same on every rank)."""
-
-    num_tensors: int = 0
-    num_changed: int = 0
-    bytes_changed: int = 0
-    rows_total: int = 0
-    rows_changed: int = 0
-    qk_rows_total: int = 0
-    qk_rows_changed: int = 0
-    seconds: float = 0.0
-
-    def metrics(self) -> dict[str, float]:
-        return {
-            "refit/tensors_changed": float(self.num_changed),
-            "refit/gib_sent": self.bytes_changed / 2**30,
-            "refit/rows_changed_frac": self.rows_changed / max(1, self.rows_total),
-            "refit/qk_rows_changed_frac": self.qk_rows_changed / max(1, self.qk_rows_total),
-            "refit/seconds": self.seconds,
-        }
-
-
-class ChangeTracker:
-    """Remembers a fingerprint per HF tensor and reports what changed since the last look."""
-
-    def __init__(self) -> None:
-        self._fingerprints: dict[str, torch.Tensor] = {}
-
-    def diff(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Rows of ``tensor`` changed since the previous call for ``name`` (all rows on the
-        first); records the new fingerprint. No collectives."""
-        current = row_fingerprints(tensor)
-        rows = changed_rows(self._fingerprints.get(name), current)
-        self._fingerprints[name] = current
-        return rows
-
-    def changed(
-        self, tensors: Iterable[tuple[str, torch.Tensor]], *, stats: RefitStats | None = None
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Passes on the ``(name, tensor)`` pairs with at least one changed row; counts into
-        ``stats``. Consume it to the end (the source may be collective)."""
-        stats = RefitStats() if stats is None else stats
-        for name, tensor in tensors:
-            rows = self.diff(name, tensor)
-            num_rows = tensor.shape[0] if tensor.dim() > 0 else 1
-            stats.num_tensors += 1
-            stats.rows_total += num_rows
-            stats.rows_changed += len(rows)
-            if name.endswith(_QK_SUFFIXES):
-                stats.qk_rows_total += num_rows
-                stats.qk_rows_changed += len(rows)
-            if len(rows):
-                stats.num_changed += 1
-                stats.bytes_changed += tensor.numel() * tensor.element_size()
-                yield name, tensor
-
-
-# ---- the engine ---------------------------------------------------------------------------
 
 
 def import_vllm():
