@@ -1,16 +1,16 @@
 """Native generation with the megatron policy itself: no weight copy, KV cache, batched.
 
-Prompts are left-padded so every row decodes in lockstep; a padding-aware causal mask keeps
-pads out of attention. The KV cache is megatron's ``StaticInferenceContext`` holding rotated
-keys (:mod:`rl.rollout.kv_cache`: each key is rotated once, not at every step), and megatron's
-local attention reads it once per query group instead of copying K/V to every head. At TP=1 the
+Prompts are left-padded so every row decodes in lockstep; a padding-aware causal mask keeps pads
+out of attention. The KV cache is megatron's ``StaticInferenceContext`` holding rotated keys
+(:mod:`rl.rollout.kv_cache`: each key is rotated once, not at every step), and megatron's local
+attention reads it once per query group instead of copying K/V to every head. At TP=1 the
 parallel linears skip their (identity) TP regions (:func:`_tp1_linears`) and split a decode
 step's matmul over 512-row tiles of the weight (:func:`_linear`), and with megatron's local
 attention the decode steps run under ``torch.inference_mode`` (:func:`_only_local_attention`)
 and through each layer's modules without the layer's training bookkeeping
-(:mod:`rl.rollout.decode_layer`).
-Works on CPU (local attention) and GPU, at any TP, with sequence parallel, and under context
-parallel; pipeline parallel generation is not supported (use vLLM for PP > 1).
+(:mod:`rl.rollout.decode_layer`). Works on CPU (local attention) and GPU, at any TP, with
+sequence parallel, and under context parallel; pipeline parallel generation is not supported
+(use vLLM for PP > 1).
 
 Per decode step the loop keeps everything on the device: sampling (the generator lives on the
 device), the log-probs, and the stop-token / stop-sequence check (:class:`stops.StopTable`). The
