@@ -133,7 +133,14 @@ def kill_tagged(tag: str) -> None:
             pass
 
 
-def wait_until(predicate, *, timeout: float, what: str, process: subprocess.Popen | None = None):
+def wait_until(
+    predicate,
+    *,
+    timeout: float,
+    what: str,
+    process: subprocess.Popen | None = None,
+    poll: float = 0.05,
+):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -142,7 +149,7 @@ def wait_until(predicate, *, timeout: float, what: str, process: subprocess.Pope
             out, err = process.communicate()
             raise AssertionError(f"process ended (exit {process.returncode}) before {what}:\n"
                                  f"{err[-3000:]}")  # fmt: skip
-        time.sleep(0.05)
+        time.sleep(poll)
     raise AssertionError(f"timed out waiting for {what}")
 
 

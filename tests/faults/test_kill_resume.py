@@ -43,12 +43,20 @@ def test_kill9_at_random_points_then_resume_is_exact_and_leaves_no_orphans(basel
         tag = new_tag()
         process = start_cli(sft_args(baseline.data_dir, run_dir), tag=tag)
         try:
-            if attempt % 2 == 0:  # during a save: the moment its .tmp folder appears
-                step = rng.choice(range(SAVE_INTERVAL, STEPS + 1, SAVE_INTERVAL))
+            if attempt % 2 == 0:  # during a save: soon after its .tmp folder appears
+                # Attempt 0 kills inside the first save (~1.7 s on the CI machine: the
+                # checkpointer's first-call setup), attempt 2 within 30 ms of a later one's
+                # start (those take ~0.1 s there). With any save and a 0-0.3 s delay, both
+                # kills once came after their save had finished.
+                if attempt == 0:
+                    step, delay = SAVE_INTERVAL, rng.uniform(0.0, 0.3)
+                else:
+                    later = range(2 * SAVE_INTERVAL, STEPS + 1, SAVE_INTERVAL)
+                    step, delay = rng.choice(later), rng.uniform(0.0, 0.03)
                 tmp = ckpt_dir / f"iter_{step:07d}.tmp"
                 wait_until(tmp.exists, timeout=300, what=f"save {step} in progress",
-                           process=process)  # fmt: skip
-                time.sleep(rng.uniform(0.0, 0.3))
+                           process=process, poll=0.002)  # fmt: skip
+                time.sleep(delay)
                 during_save += tmp.exists()
             else:  # at a random moment of a random step
                 step = rng.randrange(1, STEPS)
