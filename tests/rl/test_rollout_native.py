@@ -52,9 +52,29 @@ def _stock(native, *names: str):
             setattr(native, name, value)
 
 
+def _engine_for(model):
+    """``(engine, tokenizer, prompt ids)``: the engine under test on ``model`` (any wrapper)."""
+    from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
+    from megatron_longact.rl.rollout.native import NativeEngine
+
+    tok = load_tokenizer(TINY_TOKENIZER_DIR)
+    prompts = [tok.encode(p, add_special_tokens=False) for p in PROMPTS]
+    return NativeEngine(model, pad_token_id=0, batch_size=2, tokenizer=tok), tok, prompts
+
+
+def _train_backward(model, *, batch: int, length: int) -> None:
+    """A training forward and backward of ``model`` on random tokens [batch, length]."""
+    import torch
+
+    model.train()
+    ids = torch.randint(3, 100, (batch, length))
+    positions = torch.arange(length)[None].expand(batch, -1)
+    logits = model(input_ids=ids, position_ids=positions, attention_mask=None)
+    logits.float().square().mean().backward()
+
+
 def _engine_case() -> dict:
     from megatron_longact.config import JobConfig, load_config
-    from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
     from megatron_longact.models.gpt import (
         build_gpt_model,
         load_architecture,
@@ -70,9 +90,7 @@ def _engine_case() -> dict:
     arch = load_architecture(job.model)
     config = make_transformer_config(arch, model=job.model, parallel=job.parallel, train=job.train)
     gpt = build_gpt_model(arch, config, model=job.model)
-    tok = load_tokenizer(TINY_TOKENIZER_DIR)
-    prompts = [tok.encode(p, add_special_tokens=False) for p in PROMPTS]
-    engine = native.NativeEngine(gpt, pad_token_id=0, batch_size=2, tokenizer=tok)
+    engine, tok, prompts = _engine_for(gpt)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, seed=5)
     sampled = SamplingParams(temperature=1.0, max_new_tokens=NEW_TOKENS, seed=5)
 
@@ -111,15 +129,11 @@ def _engine_case() -> dict:
     # Training right after generation, at the last batch's cache length (so RoPE's lru-cached
     # table is the one generation used): nothing the inference-mode decode steps made may reach
     # autograd ("Inference tensors cannot be saved for backward" otherwise).
-    import torch
 
     length = len(prompts[-1]) + NEW_TOKENS
     # The table training will get: GPTModel's own call (gpt_model.py ~364-369), an lru_cache hit.
     table = gpt.rotary_pos_emb(length, packed_seq=False, cp_group=None)
-    gpt.train()
-    ids = torch.randint(3, 100, (1, length))
-    logits = gpt(input_ids=ids, position_ids=torch.arange(length)[None], attention_mask=None)
-    logits.float().square().mean().backward()
+    _train_backward(gpt, batch=1, length=length)
     trained = all(p.grad is None or bool(p.grad.isfinite().all()) for p in gpt.parameters())
     return {
         "inference_mode_decode": engine.inference_mode_decode,
@@ -170,10 +184,8 @@ def test_native_engine_rotated_cache_and_stop_strings():
 def _bf16_case() -> dict:
     """The cluster's layout on CPU: bf16 params in Float16Module under DDP, fp32 masters in the
     distributed optimizer; generate, then a training step through the same objects."""
-    import torch
 
     from megatron_longact.config import JobConfig, load_config
-    from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
     from megatron_longact.rl.rollout import native
     from megatron_longact.rl.rollout.types import SamplingParams
     from megatron_longact.runtime.distributed import init_distributed
@@ -181,9 +193,7 @@ def _bf16_case() -> dict:
 
     job = load_config(JobConfig, None, ["model.preset=micro-qwen3", "train.precision=bf16"])
     state = setup_train_state(job, init_distributed(job.parallel, seed=3))
-    tok = load_tokenizer(TINY_TOKENIZER_DIR)
-    prompts = [tok.encode(p, add_special_tokens=False) for p in PROMPTS]
-    engine = native.NativeEngine(state.model[0], pad_token_id=0, batch_size=2, tokenizer=tok)
+    engine, _, prompts = _engine_for(state.model[0])
     greedy = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, seed=5)
 
     def run():
@@ -195,11 +205,7 @@ def _bf16_case() -> dict:
     with _stock(native, *FAST_PIECES):
         megatron = run()
     ddp = state.model[0]
-    ddp.train()
-    ids = torch.randint(3, 100, (2, 20))
-    logits = ddp(input_ids=ids, position_ids=torch.arange(20)[None].expand(2, -1),
-                 attention_mask=None)  # fmt: skip
-    logits.float().square().mean().backward()
+    _train_backward(ddp, batch=2, length=20)
     stepped, grad_norm, _ = state.optimizer.step()
     return {
         "dtype": str(next(engine.model.parameters()).dtype),

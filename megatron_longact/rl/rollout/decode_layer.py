@@ -26,12 +26,11 @@ from collections.abc import Iterator
 
 from megatron.core.models.common.embeddings import rope_utils
 from megatron.core.transformer import attention as mcore_attention
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megatron_longact.rl.rollout.kv_cache import patched_methods
+from megatron_longact.rl.rollout.kv_cache import has_local_attention, patched_methods
 
 
 def _decode_forward(
@@ -115,7 +114,7 @@ def _covered(layer) -> bool:
     return (
         type(layer) is TransformerLayer
         and type(attention) is mcore_attention.SelfAttention
-        and type(attention.core_attention) is DotProductAttention
+        and has_local_attention(attention)
         and type(layer.mlp) is MLP
         and isinstance(layer.pre_cross_attn_layernorm, IdentityOp)
         and isinstance(layer.cross_attention, IdentityOp)

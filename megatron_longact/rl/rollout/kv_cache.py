@@ -177,12 +177,24 @@ def patched_methods(modules: list, name: str, pick: Callable) -> Iterator[None]:
             delattr(module, name)
 
 
+def has_local_attention(attention) -> bool:
+    """Whether megatron ``Attention`` module ``attention`` computes with megatron's local
+    ``DotProductAttention`` (exact type: not TE's, not our CP attention), the one
+    :func:`grouped_query_attention` replaces."""
+    return type(attention.core_attention) is DotProductAttention
+
+
+def attention_modules(gpt) -> list:
+    """The megatron ``Attention`` modules of ``gpt``."""
+    return [m for m in gpt.modules() if isinstance(m, mcore_attention.Attention)]
+
+
 @contextlib.contextmanager
 def grouped_query_attention(gpt) -> Iterator[None]:
-    """Inside it, megatron's local ``DotProductAttention`` modules of ``gpt`` (exact type;
-    TE's and our CP attention are left alone) attend per query group without copying K/V.
-    Eval mode only (no attention dropout). No collectives."""
-    modules = [m for m in gpt.modules() if type(m) is DotProductAttention]
+    """Inside it, the local core attentions of ``gpt`` (:func:`has_local_attention`; TE's and
+    our CP attention are left alone) attend per query group without copying K/V. Eval mode
+    only (no attention dropout). No collectives."""
+    modules = [m.core_attention for m in attention_modules(gpt) if has_local_attention(m)]
     with patched_methods(modules, "forward", lambda _: _grouped_attention_forward):
         yield
 
@@ -191,6 +203,6 @@ def grouped_query_attention(gpt) -> Iterator[None]:
 def rotated_key_cache(gpt) -> Iterator[None]:
     """Inside it, the attention layers of ``gpt`` (a bare GPTModel) cache rotated keys under a
     ``StaticInferenceContext``; outside it, megatron's method is back. No collectives."""
-    modules = [m for m in gpt.modules() if isinstance(m, mcore_attention.Attention)]
+    modules = attention_modules(gpt)
     with patched_methods(modules, "_adjust_key_value_for_inference", lambda _: _adjust_static):
         yield

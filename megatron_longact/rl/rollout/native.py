@@ -38,12 +38,12 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from megatron.core.transformer import attention as mcore_attention
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from megatron_longact.rl.rollout.decode_layer import lean_decode_layers
 from megatron_longact.rl.rollout.kv_cache import (
+    attention_modules,
     grouped_query_attention,
+    has_local_attention,
     patched_methods,
     rotated_key_cache,
 )
@@ -383,10 +383,8 @@ def _only_local_attention(gpt) -> bool:
     never reach autograd. Other attentions (Transformer Engine's, the CP one) keep caches we
     have not audited, so with them the decode steps stay under ``no_grad``.
     """
-    attentions = [m for m in gpt.modules() if isinstance(m, mcore_attention.Attention)]
-    return bool(attentions) and all(
-        type(m.core_attention) is DotProductAttention for m in attentions
-    )
+    attentions = attention_modules(gpt)
+    return bool(attentions) and all(has_local_attention(m) for m in attentions)
 
 
 def _padded_causal_mask(valid: torch.Tensor, start: int, end: int) -> torch.Tensor:
