@@ -86,13 +86,13 @@ def make_prompts(*, batch: int, min_len: int, max_len: int, vocab: int) -> list[
 def build_native(hf_dir: Path, *, batch: int):
     """The megatron GPTModel of ``hf_dir`` (TP=1, fp32) inside a NativeEngine."""
     from megatron_longact.config import JobConfig, load_config
-    from megatron_longact.convert.hf_files import HFWeights
-    from megatron_longact.convert.hf_to_mcore import load_hf_into_chunk
     from megatron_longact.models.gpt import (
         build_gpt_model,
         load_architecture,
         make_transformer_config,
     )
+    from megatron_longact.models.hf_weights.hf_files import HFWeights
+    from megatron_longact.models.hf_weights.hf_to_mcore import load_hf_into_chunk
     from megatron_longact.rl.rollout.native import NativeEngine
     from megatron_longact.runtime.distributed import init_distributed
 

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _hf_to_mcore(args: argparse.Namespace) -> None:
-    from megatron_longact.convert.hf_to_mcore import (
+    from megatron_longact.models.hf_weights.hf_to_mcore import (
         check_out_dir,
         import_hf_checkpoint,
         inspect_hf_dir,

@@ -27,13 +27,19 @@ from typing import Any
 import torch
 import yaml
 
-from megatron_longact.convert.hf_files import (
+from megatron_longact.models.hf_config import (
+    HFArchitecture,
+    parse_hf_config,
+    read_hf_config,
+    resolve_model_dir,
+)
+from megatron_longact.models.hf_weights.hf_files import (
     ShardWriter,
     copy_tokenizer_files,
     has_tokenizer,
     parse_size,
 )
-from megatron_longact.convert.mapping import (
+from megatron_longact.models.hf_weights.mapping import (
     GATE_UP,
     HF_EMBEDDING,
     HF_FINAL_NORM,
@@ -52,13 +58,7 @@ from megatron_longact.convert.mapping import (
     split_gate_up,
     strip_checkpoint_prefix,
 )
-from megatron_longact.convert.progress import progress_bar
-from megatron_longact.models.hf_config import (
-    HFArchitecture,
-    parse_hf_config,
-    read_hf_config,
-    resolve_model_dir,
-)
+from megatron_longact.models.hf_weights.progress import progress_bar
 from megatron_longact.models.qkv_layout import QKVLayout
 
 logger = logging.getLogger(__name__)

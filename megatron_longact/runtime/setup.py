@@ -169,7 +169,7 @@ def load_start_weights(job: JobConfig, state: TrainState):
             f"hf_path {job.model.hf_path}" if job.model.hf_path else f"preset {job.model.preset}",
         )
         return None
-    from megatron_longact.convert.hf_to_mcore import load_hf_weights
+    from megatron_longact.models.hf_weights.hf_to_mcore import load_hf_weights
 
     source = load_hf_weights(
         unwrap_gpt(state.model[0]),

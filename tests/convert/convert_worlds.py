@@ -135,9 +135,9 @@ def forward_from_checkpoint(*, hf_dir: str, ckpt: Path, tokens: torch.Tensor, tp
 
     from megatron_longact.checkpoint.dist_ckpt import load_checkpoint
     from megatron_longact.config.schema import ModelConfig, ParallelConfig, TrainConfig
-    from megatron_longact.convert.mapping import padded_vocab_size
     from megatron_longact.models.gpt import build_gpt_model, make_transformer_config
     from megatron_longact.models.hf_config import parse_hf_config, read_hf_config
+    from megatron_longact.models.hf_weights.mapping import padded_vocab_size
 
     arch = parse_hf_config(read_hf_config(hf_dir))
     padded = dataclasses.replace(arch, vocab_size=padded_vocab_size(arch.vocab_size, tp=tp))
@@ -162,7 +162,7 @@ def forward_from_checkpoint(*, hf_dir: str, ckpt: Path, tokens: torch.Tensor, tp
 def import_and_forward(models: list[dict], *, tp: int, root: str) -> dict:
     """Per rank: import every model at TP=``tp``, reload it, run it. At TP=2 also load one
     import through the training setup (DDP + optimizer) and save a training checkpoint."""
-    from megatron_longact.convert.hf_to_mcore import import_hf_checkpoint
+    from megatron_longact.models.hf_weights.hf_to_mcore import import_hf_checkpoint
 
     results: dict = {"logits": {}, "ckpt": {}}
     for model in models:

@@ -63,7 +63,7 @@ def test_unmappable_config_names_the_field(tiny_models, tmp_path, model, fields,
 def test_rope_theta_is_never_misread(tiny_models, tmp_path):
     # transformers 5 writes rope_parameters instead of a top-level rope_theta: the import must
     # either read that base or stop, never build a model with another RoPE.
-    from megatron_longact.convert.hf_to_mcore import inspect_hf_dir
+    from megatron_longact.models.hf_weights.hf_to_mcore import inspect_hf_dir
 
     folder = _copy(tiny_models, "qwen3_untied", tmp_path)
     path = folder / "config.json"

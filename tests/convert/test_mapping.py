@@ -8,14 +8,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from megatron_longact.convert.hf_files import (
+from megatron_longact.models.hf_config import parse_hf_config
+from megatron_longact.models.hf_weights.hf_files import (
     INDEX_FILE,
     SINGLE_FILE,
     HFWeights,
     ShardWriter,
     parse_size,
 )
-from megatron_longact.convert.mapping import (
+from megatron_longact.models.hf_weights.mapping import (
     HF_LM_HEAD,
     check_hf_tensors,
     expected_hf_shapes,
@@ -25,7 +26,6 @@ from megatron_longact.convert.mapping import (
     strip_checkpoint_prefix,
     tp_block,
 )
-from megatron_longact.models.hf_config import parse_hf_config
 from megatron_longact.models.qkv_layout import QKVLayout
 
 HIDDEN = 6

@@ -65,7 +65,7 @@ def test_non_utf8_longbench_file_is_named(tmp_path, name):
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    from megatron_longact.convert.tiny_hf import save_tiny_hf_model
+    from tiny_hf import save_tiny_hf_model
 
     return save_tiny_hf_model(tmp_path_factory.mktemp("hf") / "tiny")
 

@@ -64,14 +64,14 @@ def _layout_rollouts(overrides: list[str], hf_dir: str, rl_path: str, sequence_p
     from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
     from megatron_longact.config import JobConfig, load_config
-    from megatron_longact.convert.hf_files import HFWeights
-    from megatron_longact.convert.hf_to_mcore import load_hf_into_chunk
     from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
     from megatron_longact.models.gpt import (
         build_gpt_model,
         load_architecture,
         make_transformer_config,
     )
+    from megatron_longact.models.hf_weights.hf_files import HFWeights
+    from megatron_longact.models.hf_weights.hf_to_mcore import load_hf_into_chunk
     from megatron_longact.rl.data import load_rl_records
     from megatron_longact.rl.experience import generate_groups
     from megatron_longact.rl.rollout.native import NativeEngine

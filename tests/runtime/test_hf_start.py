@@ -85,8 +85,9 @@ def run_stages(stages: list[tuple[str, list[str]]]) -> None:
 
 
 def export(run: Path, hf_dir: Path) -> dict[str, torch.Tensor]:
+    from tiny_hf import load_hf_tensors
+
     from megatron_longact.convert.mcore_to_hf import export_checkpoint
-    from megatron_longact.convert.tiny_hf import load_hf_tensors
 
     out = run / "hf"
     export_checkpoint(load=run / "ckpt", out_dir=out, hf_dir=hf_dir, show_progress=False)
@@ -110,15 +111,16 @@ def _max_excess(moved: torch.Tensor, base: torch.Tensor, *, lr: float, bf16: boo
 
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory) -> Path:
-    from megatron_longact.convert.tiny_hf import save_tiny_hf_model
+    from tiny_hf import save_tiny_hf_model
 
     return save_tiny_hf_model(tmp_path_factory.mktemp("hf") / "tiny-qwen3", seed=3)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_weights_flow_hf_sft_rl_hf(precision, hf_model, synthetic_data_dir, tmp_path):
+    from tiny_hf import load_hf_tensors, transformers_sft_loss
+
     from megatron_longact.config import JobConfig, load_config
-    from megatron_longact.convert.tiny_hf import load_hf_tensors, transformers_sft_loss
 
     bf16 = precision == "bf16"
     data, kw = synthetic_data_dir, dict(hf_dir=hf_model, precision=precision)

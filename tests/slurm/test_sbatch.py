@@ -165,7 +165,7 @@ class Job:
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory) -> Path:
     """MODEL_PATH: an HF folder saved by transformers (config, safetensors shards, tokenizer)."""
-    from megatron_longact.convert.tiny_hf import save_tiny_hf_model
+    from tiny_hf import save_tiny_hf_model
 
     return save_tiny_hf_model(tmp_path_factory.mktemp("model") / "tiny-qwen3", seed=5)
 
@@ -255,11 +255,11 @@ def megatron_logits(*, hf_dir: str, ckpt: str, tokens: torch.Tensor) -> torch.Te
 
 
 def _assert_weights_flowed(out: Path, hf_model: Path, tmp_path: Path) -> None:
+    from tiny_hf import load_hf_tensors, transformers_sft_loss
     from transformers import AutoModelForCausalLM
 
     from megatron_longact.config import JobConfig, load_config
     from megatron_longact.convert.mcore_to_hf import export_checkpoint
-    from megatron_longact.convert.tiny_hf import load_hf_tensors, transformers_sft_loss
     from megatron_longact.runtime.launch import run_local
 
     # HF -> SFT: the first SFT loss is the HF model's on the same batch.

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_longact.convert.mapping import (
+from megatron_longact.convert.mcore_to_hf import layer_to_hf
+from megatron_longact.models.hf_config import HFArchitecture
+from megatron_longact.models.hf_weights.mapping import (
     HF_EMBEDDING,
     HF_FINAL_NORM,
     HF_LM_HEAD,
@@ -36,8 +38,6 @@ from megatron_longact.convert.mapping import (
     hf_layer_name,
     hf_layer_shapes,
 )
-from megatron_longact.convert.mcore_to_hf import layer_to_hf
-from megatron_longact.models.hf_config import HFArchitecture
 
 FINGERPRINT_MODULUS = 1021
 """Column weights of the fingerprint are 1 + (column mod this prime)."""

@@ -16,8 +16,9 @@ from typing import Any, Literal
 
 import torch
 
-from megatron_longact.convert.hf_files import HFWeights, has_tokenizer
-from megatron_longact.convert.mapping import (
+from megatron_longact.models.hf_config import HFArchitecture, parse_hf_config, read_hf_config
+from megatron_longact.models.hf_weights.hf_files import HFWeights, has_tokenizer
+from megatron_longact.models.hf_weights.mapping import (
     GATE_UP,
     HF_EMBEDDING,
     HF_FINAL_NORM,
@@ -37,8 +38,7 @@ from megatron_longact.convert.mapping import (
     padded_vocab_size,
     tp_block,
 )
-from megatron_longact.convert.progress import progress_bar
-from megatron_longact.models.hf_config import HFArchitecture, parse_hf_config, read_hf_config
+from megatron_longact.models.hf_weights.progress import progress_bar
 from megatron_longact.models.qkv_layout import QKVLayout
 
 ImportDtype = Literal["auto", "fp32", "bf16"]

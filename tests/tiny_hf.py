@@ -5,7 +5,7 @@ tokenizer). This writes one of the ``micro-qwen3`` preset's size with non-trivia
 weights (norms included, so a dropped or swapped tensor changes the logits) and the tiny
 tokenizer, so CPU runs exercise the same HF -> megatron -> HF path as a real model.
 
-    python -m megatron_longact.convert.tiny_hf --out /tmp/tiny-hf [--seed 0] [--bf16]
+    python tests/tiny_hf.py --out /tmp/tiny-hf [--seed 0] [--bf16]
 """
 
 from __future__ import annotations
