@@ -17,10 +17,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from megatron_longact.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A user error in a config file or override; the message says where and how to fix it."""
 
 

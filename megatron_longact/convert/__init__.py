@@ -1,11 +1,10 @@
-"""Hugging Face <-> megatron checkpoint conversion (Qwen3, Qwen2, Llama).
+"""``longact convert``: Hugging Face <-> megatron checkpoint conversion (Qwen3, Qwen2, Llama).
 
-* :mod:`mapping`: names and tensor layouts (fused QKV per query group, [gate; up], vocab padding).
-* :mod:`hf_files`: lazy safetensors reading, bounded-size shard writing.
-* :mod:`hf_to_mcore`: import at any TP/PP, every rank reading only its slices.
+* :mod:`hf_import`: import at any TP/PP, every rank streaming only its slices, then one save.
 * :mod:`mcore_to_hf`: export in one process, layer by layer.
 * :mod:`cli`: ``longact convert``.
 
-A top-level package, not under ``models/``: it imports the runtime (``runtime.launch``,
-``runtime.distributed``) and ``models/``, and ``models/`` imports neither, so imports run downward.
+The command, one floor above the runtime (it uses its launcher and ``checkpoint/``). The weight
+mapping and the streaming loader it builds on live in ``models/hf_weights/``, below the runtime,
+where a run started from ``model.hf_path`` and the rollout refit use them too.
 """

@@ -56,11 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _hf_to_mcore(args: argparse.Namespace) -> None:
-    from megatron_longact.models.hf_weights.hf_to_mcore import (
-        check_out_dir,
-        import_hf_checkpoint,
-        inspect_hf_dir,
-    )
+    from megatron_longact.convert.hf_import import check_out_dir, import_hf_checkpoint
+    from megatron_longact.models.hf_weights.hf_to_mcore import inspect_hf_dir
 
     if args.hf_dir is None:
         raise SystemExit("longact convert: --direction hf2mcore needs --hf-dir")

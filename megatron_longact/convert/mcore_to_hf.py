@@ -40,7 +40,6 @@ from megatron_longact.models.hf_weights.hf_files import (
     parse_size,
 )
 from megatron_longact.models.hf_weights.mapping import (
-    GATE_UP,
     HF_EMBEDDING,
     HF_FINAL_NORM,
     HF_LM_HEAD,
@@ -48,18 +47,12 @@ from megatron_longact.models.hf_weights.mapping import (
     MCORE_FINAL_NORM,
     MCORE_LAYER_PREFIX,
     MCORE_OUTPUT,
-    NORMS,
-    QKV,
-    ROW_PARALLEL,
     check_representable,
     check_rope_parsed,
-    hf_layer_name,
-    hf_layer_shapes,
-    split_gate_up,
+    layer_to_hf,
     strip_checkpoint_prefix,
 )
 from megatron_longact.models.hf_weights.progress import progress_bar
-from megatron_longact.models.qkv_layout import QKVLayout
 
 logger = logging.getLogger(__name__)
 
@@ -232,41 +225,6 @@ def check_checkpoint(
             f"{source}: config.json has tie_word_embeddings=false but the checkpoint holds no "
             f"{MCORE_OUTPUT}; pass the source model's --hf-dir"
         )
-
-
-def layer_to_hf(
-    tensors: dict[str, torch.Tensor], *, layer: int, arch: HFArchitecture
-) -> dict[str, torch.Tensor]:
-    """One layer's megatron tensors {layer-local suffix: full tensor} -> {HF name: tensor}."""
-    layout = QKVLayout.from_hf(arch)
-    out: dict[str, torch.Tensor] = {}
-    for suffix, tensor in tensors.items():
-        if suffix in NORMS:
-            parts = {NORMS[suffix]: tensor}
-        elif suffix in ROW_PARALLEL:
-            parts = {ROW_PARALLEL[suffix]: tensor}
-        elif suffix in QKV:
-            parts = dict(zip(QKV[suffix], layout.unfuse(tensor)))
-        elif suffix in GATE_UP:
-            parts = dict(zip(GATE_UP[suffix], split_gate_up(tensor)))
-        else:
-            raise ValueError(
-                f"checkpoint tensor decoder.layers.{suffix} has no Hugging Face name in "
-                "convert/mapping.py"
-            )
-        out.update(parts)
-    expected = hf_layer_shapes(arch)
-    if set(out) != set(expected):
-        raise ValueError(
-            f"layer {layer}: checkpoint gives {sorted(out)}, config.json implies {list(expected)}"
-        )
-    for suffix, shape in expected.items():
-        if tuple(out[suffix].shape) != shape:
-            raise ValueError(
-                f"layer {layer}: {suffix} comes out {tuple(out[suffix].shape)} from the "
-                f"checkpoint but config.json implies {shape}; pass the source model's --hf-dir"
-            )
-    return {hf_layer_name(layer, s): out[s] for s in expected}
 
 
 def iter_hf_tensors(

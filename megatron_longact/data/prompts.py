@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Literal
 
+from megatron_longact.data.answers import infer_answer_type
 from megatron_longact.data.chat_template import render_user_prompt
 from megatron_longact.data.rl_data import RLRecord, truncate_middle_text
 from megatron_longact.data.synthetic import format_prompt
-from megatron_longact.rl.rewards import infer_answer_type
 
 AnswerKind = Literal["letter", "number", "short"]
 

@@ -18,10 +18,10 @@ import torch.distributed as dist
 
 from megatron_longact.config.schema import RLConfig
 from megatron_longact.data.chat_template import generation_think_prefix
-from megatron_longact.data.prompts import encode_prompt, gold_answer
+from megatron_longact.data.prompts import encode_prompt
 from megatron_longact.data.rl_data import RLRecord
 from megatron_longact.rl.advantages import group_advantages
-from megatron_longact.rl.rewards import compute_reward
+from megatron_longact.rl.reward_spec import resolve_reward
 from megatron_longact.rl.rollout.types import Rollout, RolloutEngine, SamplingParams
 from megatron_longact.rl.sampling import (
     DynamicSamplingState,
@@ -67,7 +67,7 @@ def _score(
     if response is None:
         response = tokenizer.decode(rollout.response_ids, skip_special_tokens=False)
     text = think_prefix + response
-    result = compute_reward(rl.reward, text, gold_answer(record))
+    result = resolve_reward(rl.reward)(text, record)
     reward = result.score
     if rl.overlong_buffer > 0:
         reward += float(

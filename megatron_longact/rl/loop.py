@@ -7,6 +7,7 @@ progress and the save point shared with the SFT loop.
 from __future__ import annotations
 
 from megatron_longact.config.schema import JobConfig
+from megatron_longact.rl.reward_spec import resolve_reward
 from megatron_longact.rl.step import rl_step, setup_rl
 from megatron_longact.runtime.metrics import MetricsWriter, Progress, tensorboard_dir
 from megatron_longact.runtime.save_point import save_point
@@ -17,6 +18,7 @@ def run_rl(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
     """Trains ``train.train_steps`` RL steps from ``checkpoint.load_dir`` (the SFT model), or
     from the HF weights of ``model.hf_path``; resumes from ``checkpoint.save_dir``. Returns the
     last logged step's metrics. All ranks run it."""
+    resolve_reward(job.rl.reward)  # a bad rl.reward fails before anything is built
     run = setup_rl(job)
     state, last_step = run.state, job.train.train_steps
     writer = MetricsWriter(tensorboard_dir(job), wandb_project=job.logging.wandb_project)

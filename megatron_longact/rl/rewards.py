@@ -23,6 +23,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from megatron_longact.data.answers import (
+    DEFAULT_CHOICE_LETTERS,
+    NUMBER_RE,
+    Gold,
+    gold_aliases,
+    gold_choice_letter,
+    infer_answer_type,
+    letter_regexes,
+)
+
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 ANSWER_OPEN = "<answer>"
@@ -31,18 +41,14 @@ FORMAT_TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 
 # End-of-sequence strings a detokenized response may end with (Qwen3, Llama, generic).
 DEFAULT_EOS_STRINGS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>")
-DEFAULT_CHOICE_LETTERS = "ABCD"  # LongBench v2 has four options.
 FORMAT_REWARD = 1.0  # r_fmt when the format holds (paper Eq. 12).
 ANSWER_REWARD = 1.0  # r_ans when the answer matches (paper Eq. 12).
 NUMBER_REL_TOL = 1e-6  # relative tolerance for numeric equality (parsing noise only).
 NUMBER_ABS_TOL = 1e-9
 
-Gold = str | float | int | Sequence[str]
-
 _ANSWER_BLOCK = re.compile(re.escape(ANSWER_OPEN) + r"(.*?)" + re.escape(ANSWER_CLOSE), re.DOTALL)
 _PUNCTUATION = frozenset(string.punctuation)
 _THE_ANSWER_IS = re.compile(r"the answer is", re.IGNORECASE)
-_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
 
 
 @dataclass(frozen=True)
@@ -129,16 +135,6 @@ def _after_think(response: str) -> str:
     return response.rsplit(THINK_CLOSE, 1)[-1]
 
 
-def _letter_regexes(letters: str) -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]:
-    cls = "[" + re.escape(letters) + "]"
-    return (
-        re.compile(r"The correct answer is \((" + cls + r")\)"),
-        re.compile(r"The correct answer is (" + cls + r")"),
-        # A bare option inside answer tags: "C", "(C)", "C.", "C) text", "C: text".
-        re.compile(r"^\(?(" + cls + r")(?:\)|\.|:|\s|$)"),
-    )
-
-
 def extract_choice_letter(
     response: str, *, letters: str = DEFAULT_CHOICE_LETTERS, use_tags: bool = True
 ) -> str | None:
@@ -150,7 +146,7 @@ def extract_choice_letter(
     ``The correct answer is ([A-D])`` (first match) on the text after the last ``</think>``.
     Letters are upper case only: a lone "a" is an article, not an option.
     """
-    official_paren, official_bare, bare_letter = _letter_regexes(letters)
+    official_paren, official_bare, bare_letter = letter_regexes(letters)
     if use_tags:
         tagged = extract_tagged_answer(response)
         if tagged is not None:
@@ -197,7 +193,7 @@ def parse_number(text: str) -> float | None:
 
     Thousands separators are removed; a percent sign is ignored (so "15%" equals 15).
     """
-    match = _NUMBER.search(text.replace("$", ""))
+    match = NUMBER_RE.search(text.replace("$", ""))
     if match is None:
         return None
     try:
@@ -208,35 +204,6 @@ def parse_number(text: str) -> float | None:
 
 # ---------------------------------------------------------------------------------------------
 # Matching
-
-
-def _gold_list(gold: Gold) -> list[str]:
-    if isinstance(gold, str):
-        return [gold]
-    if isinstance(gold, (int, float)):
-        return [repr(gold)]
-    aliases = [str(g) for g in gold]
-    if not aliases:
-        raise ValueError("gold answer is an empty list; give at least one alias")
-    return aliases
-
-
-def gold_choice_letter(gold: Gold, *, letters: str = DEFAULT_CHOICE_LETTERS) -> str:
-    """The gold letter from "C", "(C)", or "The correct answer is (C)"; ValueError otherwise."""
-    official_paren, official_bare, bare_letter = _letter_regexes(letters)
-    for alias in _gold_list(gold):
-        text = alias.replace("*", "").strip()
-        for pattern in (official_paren, official_bare):
-            match = pattern.search(text)
-            if match:
-                return match.group(1)
-        match = bare_letter.match(text)
-        if match and len(text) <= 3:
-            return match.group(1)
-    raise ValueError(
-        f"gold answer {gold!r} is not a choice letter in {letters!r}; write it as 'C' or "
-        "'The correct answer is (C)', or score it with answer_qa"
-    )
 
 
 def qa_match(
@@ -251,7 +218,7 @@ def qa_match(
     pred = normalize_squad(prediction)
     if not pred:
         return False
-    for alias in _gold_list(gold):
+    for alias in gold_aliases(gold):
         ref = normalize_squad(alias)
         if not ref:
             continue
@@ -268,7 +235,7 @@ def number_match(prediction: str, gold: Gold) -> bool:
     pred = parse_number(prediction)
     if pred is None:
         return False
-    for alias in _gold_list(gold):
+    for alias in gold_aliases(gold):
         ref = parse_number(alias)
         if ref is not None and math.isclose(
             pred, ref, rel_tol=NUMBER_REL_TOL, abs_tol=NUMBER_ABS_TOL
@@ -330,19 +297,6 @@ def answer_number_reward(response: str, gold: Gold) -> RewardResult:
 
 
 AnswerType = Literal["auto", "mc", "qa", "number"]
-
-
-def infer_answer_type(gold: Gold, *, letters: str = DEFAULT_CHOICE_LETTERS) -> str:
-    """ "mc" for a gold letter, "number" for a gold that is just a number, else "qa"."""
-    try:
-        gold_choice_letter(gold, letters=letters)
-        return "mc"
-    except ValueError:
-        pass
-    aliases = _gold_list(gold)
-    if all(_NUMBER.fullmatch(a.strip().replace("$", "").rstrip("%")) for a in aliases):
-        return "number"
-    return "qa"
 
 
 def format_answer_reward(

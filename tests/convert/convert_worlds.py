@@ -162,7 +162,7 @@ def forward_from_checkpoint(*, hf_dir: str, ckpt: Path, tokens: torch.Tensor, tp
 def import_and_forward(models: list[dict], *, tp: int, root: str) -> dict:
     """Per rank: import every model at TP=``tp``, reload it, run it. At TP=2 also load one
     import through the training setup (DDP + optimizer) and save a training checkpoint."""
-    from megatron_longact.models.hf_weights.hf_to_mcore import import_hf_checkpoint
+    from megatron_longact.convert.hf_import import import_hf_checkpoint
 
     results: dict = {"logits": {}, "ckpt": {}}
     for model in models:

@@ -1,23 +1,21 @@
-"""Import a Hugging Face Qwen3/Qwen2/Llama folder into our megatron checkpoint at any TP/PP.
+"""Stream a Hugging Face Qwen3/Qwen2/Llama folder into this rank's GPTModel chunk at any TP/PP.
 
-Every rank builds its own GPTModel chunk (no optimizer, no random init), reads only the HF
-tensors (or slices of them) its parameters need, one at a time, copies them in, and all ranks
-save together with :func:`save_checkpoint` (weights only, step 0, atomic). A run starts from
-the result with ``checkpoint.load_dir=<out> checkpoint.load_weights_only=true``.
+Every rank reads only the HF tensors (or slices of them) its parameters need, one at a time,
+and copies them in: a run started from ``model.hf_path`` (``runtime.setup``) and the
+``longact convert`` import (``convert.hf_import``, which then saves a checkpoint) both use it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from megatron_longact.models.hf_config import HFArchitecture, parse_hf_config, read_hf_config
-from megatron_longact.models.hf_weights.hf_files import HFWeights, has_tokenizer
+from megatron_longact.models.hf_weights.hf_files import HFWeights
 from megatron_longact.models.hf_weights.mapping import (
     GATE_UP,
     HF_EMBEDDING,
@@ -35,13 +33,10 @@ from megatron_longact.models.hf_weights.mapping import (
     check_representable,
     check_rope_parsed,
     hf_layer_name,
-    padded_vocab_size,
     tp_block,
 )
 from megatron_longact.models.hf_weights.progress import progress_bar
 from megatron_longact.models.qkv_layout import QKVLayout
-
-ImportDtype = Literal["auto", "fp32", "bf16"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,21 +76,6 @@ def inspect_hf_dir(hf_dir: str | Path) -> HFSource:
     )
     weights.close()
     return source
-
-
-def resolve_precision(dtype: ImportDtype, *, weights_dtype: torch.dtype) -> str:
-    """``train.precision`` to build with: ``auto`` keeps fp32 and bf16 weights as they are and
-    widens fp16 to fp32 (bf16 would lose mantissa bits)."""
-    if dtype != "auto":
-        return dtype
-    return "bf16" if weights_dtype == torch.bfloat16 else "fp32"
-
-
-def check_out_dir(out_dir: str | Path) -> None:
-    """Refuses to write into a non-empty folder (an older checkpoint there would mix in)."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"--out {out} exists and is not empty; remove it or pick another")
 
 
 def _vocab_rows(weights: HFWeights, name: str, *, start: int, rows: int, vocab: int):
@@ -147,7 +127,7 @@ def _layer_tensor(
         return torch.cat([gate, up])
     raise ValueError(
         f"megatron parameter decoder.layers.*.{suffix} has no Hugging Face source in "
-        "convert/mapping.py; the layer spec has a parameter this converter does not know"
+        "models/hf_weights/mapping.py; the layer spec has a parameter this converter does not know"
     )
 
 
@@ -183,7 +163,7 @@ def load_hf_into_chunk(
             hf_name, tensor = HF_FINAL_NORM, weights.read(HF_FINAL_NORM)
         else:
             raise ValueError(
-                f"megatron parameter {param_name} has no Hugging Face source in convert/mapping.py"
+                f"megatron parameter {param_name} has no Hugging Face source in models/hf_weights/mapping.py"
             )
         _copy(param, tensor, name=param_name, source=hf_name, weights=weights, tp=tp)
     layout = QKVLayout.from_hf(arch)
@@ -259,99 +239,3 @@ def load_hf_weights(
     finally:
         weights.close()
     return source
-
-
-def import_job_config(source: HFSource, *, tp: int, pp: int, precision: str):
-    """The JobConfig written as the checkpoint's ``config.yaml`` (export reads it back)."""
-    from megatron_longact.config.schema import (
-        DataConfig,
-        JobConfig,
-        ModelConfig,
-        ParallelConfig,
-        TrainConfig,
-    )
-
-    model_dir = str(source.model_dir.resolve())
-    return JobConfig(
-        model=ModelConfig(hf_path=model_dir),
-        parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
-        train=TrainConfig(precision=precision),
-        data=DataConfig(tokenizer_path=model_dir if has_tokenizer(source.model_dir) else None),
-    )
-
-
-def import_hf_checkpoint(
-    *,
-    hf_dir: str | Path,
-    out_dir: str | Path,
-    tp: int = 1,
-    pp: int = 1,
-    dtype: ImportDtype = "auto",
-    show_progress: bool = True,
-) -> Path:
-    """Converts the HF folder ``hf_dir`` into a megatron checkpoint under ``out_dir``.
-
-    All ranks of a world of tp*pp (x any DP) processes must call it: it initialises
-    torch.distributed and megatron's parallel state if needed (collective), builds this rank's
-    chunk in fp32 or bf16 (see :func:`resolve_precision`), loads its slices and saves. The
-    vocabulary is padded with zero rows to a multiple of ``tp`` when needed. Returns the
-    checkpoint directory (``out_dir/iter_0000000``, with ``latest`` pointing at it).
-
-    Raises:
-        FileExistsError: ``out_dir`` is not empty.
-        ValueError: the world's TP/PP differ from ``tp``/``pp``; see :func:`inspect_hf_dir`.
-    """
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from megatron_longact.checkpoint.dist_ckpt import save_checkpoint
-    from megatron_longact.config.loader import to_yaml
-    from megatron_longact.models.gpt import build_gpt_model, make_transformer_config
-    from megatron_longact.runtime.distributed import init_distributed
-
-    source = inspect_hf_dir(hf_dir)
-    check_out_dir(out_dir)
-    precision = resolve_precision(dtype, weights_dtype=source.weights_dtype)
-    job = import_job_config(source, tp=tp, pp=pp, precision=precision)
-    dims = init_distributed(job.parallel, seed=job.train.seed)
-    world_layout = (
-        parallel_state.get_tensor_model_parallel_world_size(),
-        parallel_state.get_pipeline_model_parallel_world_size(),
-    )
-    if world_layout != (tp, pp):
-        raise ValueError(
-            f"this world is already set up at TP={world_layout[0]} PP={world_layout[1]}, not the "
-            f"requested --tp {tp} --pp {pp}; run the import in its own processes"
-        )
-    dist.barrier()  # every rank checked --out before rank 0 creates anything there
-    padded = dataclasses.replace(
-        source.arch, vocab_size=padded_vocab_size(source.arch.vocab_size, tp=tp)
-    )
-    tconfig = make_transformer_config(
-        padded,
-        model=job.model,
-        parallel=job.parallel,
-        train=job.train,
-        extra={"perform_initialization": False},  # every parameter is overwritten
-    )
-    gpt = build_gpt_model(
-        padded,
-        tconfig,
-        model=job.model,
-        pre_process=dims.is_first_pipeline_stage,
-        post_process=dims.is_last_pipeline_stage,
-    )
-    weights = HFWeights(source.model_dir)
-    try:
-        with progress_bar(
-            "import layers (rank 0)",
-            total=len(gpt.decoder.layers),
-            enabled=show_progress and dims.rank == 0,
-        ) as advance:
-            load_hf_into_chunk(
-                gpt, weights, arch=source.arch, tp_rank=dims.tp_rank, tp=tp, advance=advance
-            )
-    finally:
-        weights.close()
-    # save_checkpoint gives a bare chunk the "module." keys of DDP-wrapped training saves.
-    return save_checkpoint(out_dir, step=0, model=[gpt], config_yaml=to_yaml(job))

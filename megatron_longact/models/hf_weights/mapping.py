@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from megatron_longact.models.hf_config import HFArchitecture
+from megatron_longact.models.qkv_layout import QKVLayout
 
 CHECKPOINT_PREFIX = "module."
 """Prefix of model keys in our checkpoints (megatron DDP wraps the GPTModel as ``module``)."""
@@ -234,3 +235,38 @@ def strip_checkpoint_prefix(key: str) -> str | None:
     if key.startswith((MCORE_LAYER_PREFIX, "embedding.", "decoder.", "output_layer.")):
         return key
     return None
+
+
+def layer_to_hf(
+    tensors: dict[str, torch.Tensor], *, layer: int, arch: HFArchitecture
+) -> dict[str, torch.Tensor]:
+    """One layer's megatron tensors {layer-local suffix: full tensor} -> {HF name: tensor}."""
+    layout = QKVLayout.from_hf(arch)
+    out: dict[str, torch.Tensor] = {}
+    for suffix, tensor in tensors.items():
+        if suffix in NORMS:
+            parts = {NORMS[suffix]: tensor}
+        elif suffix in ROW_PARALLEL:
+            parts = {ROW_PARALLEL[suffix]: tensor}
+        elif suffix in QKV:
+            parts = dict(zip(QKV[suffix], layout.unfuse(tensor)))
+        elif suffix in GATE_UP:
+            parts = dict(zip(GATE_UP[suffix], split_gate_up(tensor)))
+        else:
+            raise ValueError(
+                f"checkpoint tensor decoder.layers.{suffix} has no Hugging Face name in "
+                "models/hf_weights/mapping.py"
+            )
+        out.update(parts)
+    expected = hf_layer_shapes(arch)
+    if set(out) != set(expected):
+        raise ValueError(
+            f"layer {layer}: checkpoint gives {sorted(out)}, config.json implies {list(expected)}"
+        )
+    for suffix, shape in expected.items():
+        if tuple(out[suffix].shape) != shape:
+            raise ValueError(
+                f"layer {layer}: {suffix} comes out {tuple(out[suffix].shape)} from the "
+                f"checkpoint but config.json implies {shape}; pass the source model's --hf-dir"
+            )
+    return {hf_layer_name(layer, s): out[s] for s in expected}

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_longact.convert.mcore_to_hf import layer_to_hf
 from megatron_longact.models.hf_config import HFArchitecture
 from megatron_longact.models.hf_weights.mapping import (
     HF_EMBEDDING,
@@ -37,6 +36,7 @@ from megatron_longact.models.hf_weights.mapping import (
     expected_hf_shapes,
     hf_layer_name,
     hf_layer_shapes,
+    layer_to_hf,
 )
 
 FINGERPRINT_MODULUS = 1021
