@@ -15,7 +15,8 @@ setup(
     package_data={"megatron_longact": ["assets/**/*", "assets/*"]},
     include_package_data=True,
     install_requires=[
-        "megatron-core>=0.16.1",
+        # The range runtime/mcore_compat.py checks at import (TESTED_RANGE): it patches internals.
+        "megatron-core>=0.16.1,<0.17",
         "torch>=2.4",
         "numpy",
         "safetensors",

@@ -17,8 +17,12 @@ import os
 import sys
 import warnings
 
-# Errors the user can fix from the message alone: printed as one line, exit status 2.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
+from megatron_longact.errors import UserError
+
+# Errors the user can fix from the message alone: printed as one line, exit status 2. UserError
+# is raised for user mistakes on purpose; the OS errors name a path. Any other exception (a
+# ValueError from an internal check included) is a crash and keeps its traceback.
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, PermissionError,
                IsADirectoryError, NotADirectoryError)  # fmt: skip
 USER_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES)
 USER_ERROR_EXIT = 2

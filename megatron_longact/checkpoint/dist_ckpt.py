@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_longact.checkpoint.integrity import corrupt_error, verify_checkpoint, write_manifest
 from megatron_longact.device import current_device, on_cuda
+from megatron_longact.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -87,14 +88,14 @@ def latest_checkpoint(save_dir: str | Path) -> Path | None:
     # a symlinked iter_* folder) would silently continue someone else's trajectory.
     inside = CHECKPOINT_NAME.fullmatch(name) and target.resolve().parent == root.resolve()
     if not inside:
-        raise ValueError(
+        raise UserError(
             f"{pointer} names {name!r}, which is not an iter_* folder inside {root}; a "
             "checkpoint.save_dir resumes only its own saves: write the name of one of its "
             "iter_* folders into it, or delete it to start fresh (checkpoint.load_dir loads "
             "another run's weights)"
         )
     if not (target / "metadata.json").is_file():
-        raise ValueError(
+        raise UserError(
             f"{pointer} names {target.name}, which is not a complete checkpoint; restore the "
             "directory or point 'latest' at an older iter_* folder"
         )
@@ -156,7 +157,7 @@ def _load_model_state(chunk, state: dict) -> None:
     result = unwrap_gpt(chunk).load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing:
-        raise ValueError(f"checkpoint lacks model tensors {missing[:5]}... ({len(missing)})")
+        raise UserError(f"checkpoint lacks model tensors {missing[:5]}... ({len(missing)})")
 
 
 def _sharded_state(model: list, optimizer, *, with_optimizer: bool, is_loading: bool) -> dict:
@@ -421,9 +422,9 @@ def load_checkpoint(
     )
 
 
-def _unreadable(ckpt: Path, what: str, err: BaseException) -> ValueError:
+def _unreadable(ckpt: Path, what: str, err: BaseException) -> UserError:
     first_line = (str(err).strip().splitlines() or [""])[0][:200]
-    return ValueError(
+    return UserError(
         f"checkpoint {ckpt}: cannot read {what} ({type(err).__name__}: {first_line}); the "
         "folder is incomplete or corrupt (a save from an older version without checksums?): "
         "restore it or point 'latest' at an older iter_* folder"
@@ -444,14 +445,14 @@ def _check_same_model(ckpt: Path, model_template: dict) -> None:
         if not isinstance(item, ShardedTensor):
             continue  # factories and objects: their plain tensors are checked through others
         if item.key not in saved:
-            raise ValueError(
+            raise UserError(
                 f"checkpoint {ckpt} has no tensor {item.key}: it holds another architecture; "
                 "point checkpoint.load_dir/save_dir at a checkpoint of this model "
                 "(model.preset / model.hf_path)"
             )
         shape = tuple(saved[item.key].global_shape)
         if shape != tuple(item.global_shape):
-            raise ValueError(
+            raise UserError(
                 f"checkpoint {ckpt} holds a model of another size: {item.key} is "
                 f"{list(shape)} there, {list(item.global_shape)} in this model; point "
                 "checkpoint.load_dir/save_dir at a checkpoint of this model, or set "
@@ -556,7 +557,7 @@ def save_if_due(
         model=state.model,
         optimizer=state.optimizer,
         scheduler=state.scheduler,
-        progress=state.progress,
+        progress=state.progress.state_dict(),
         extra=extra,
         config_yaml=config_yaml,
         keep_last=checkpoint.keep_last,

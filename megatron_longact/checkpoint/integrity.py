@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from megatron_longact.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "checksums.json"
@@ -27,7 +29,7 @@ MANIFEST_VERSION = 1
 CHUNK_BYTES = 16 << 20
 
 
-class CheckpointCorruptError(ValueError):
+class CheckpointCorruptError(UserError):
     """A checkpoint file is missing, truncated or does not match its checksum."""
 
 

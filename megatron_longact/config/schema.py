@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from megatron_longact.errors import UserError
+
 # Paper section 4.1 defaults (SFT cold start and DAPO).
 PAPER_SFT_LR = 2e-5
 PAPER_SFT_WARMUP_RATIO = 0.03
@@ -76,7 +78,7 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         if self.collective_timeout_s <= 0:
-            raise ValueError(
+            raise UserError(
                 f"collective_timeout_s must be > 0 seconds, got {self.collective_timeout_s}"
             )
         for name in (
@@ -85,9 +87,9 @@ class ParallelConfig:
             "context_parallel_size",
         ):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
-            raise ValueError("sequence_parallel needs tensor_model_parallel_size > 1; set it false")
+            raise UserError("sequence_parallel needs tensor_model_parallel_size > 1; set it false")
 
 
 @dataclass(kw_only=True)
@@ -108,11 +110,11 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.lr < 0:  # 0 is allowed: a weights-flow check steps without moving weights
-            raise ValueError(f"lr must be >= 0, got {self.lr}")
+            raise UserError(f"lr must be >= 0, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"min_lr must lie in [0, lr={self.lr}], got {self.min_lr}")
+            raise UserError(f"min_lr must lie in [0, lr={self.lr}], got {self.min_lr}")
         if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
+            raise UserError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
 
 
 @dataclass(kw_only=True)
@@ -132,9 +134,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.seq_length < 8:
-            raise ValueError(f"seq_length must be >= 8, got {self.seq_length}")
+            raise UserError(f"seq_length must be >= 8, got {self.seq_length}")
         if self.micro_batch_size < 1 or self.global_batch_size < self.micro_batch_size:
-            raise ValueError(
+            raise UserError(
                 f"need 1 <= micro_batch_size ({self.micro_batch_size}) <= global_batch_size "
                 f"({self.global_batch_size})"
             )
@@ -153,6 +155,19 @@ class TrainConfig:
     eval_interval: int = 0
     """Steps between validation passes; 0 disables."""
     eval_batches: int = 2
+
+    def __post_init__(self) -> None:
+        if self.train_steps < 0:
+            raise UserError(f"train_steps must be >= 0, got {self.train_steps}")
+        if self.log_interval < 1:
+            raise UserError(
+                f"log_interval must be >= 1 (steps between rows), got {self.log_interval}"
+            )
+        if self.eval_interval < 0 or self.eval_batches < 1:
+            raise UserError(
+                f"need eval_interval >= 0 (0 disables) and eval_batches >= 1, got "
+                f"{self.eval_interval} and {self.eval_batches}"
+            )
 
 
 @dataclass(kw_only=True)
@@ -205,16 +220,22 @@ class LongActConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.ratio <= 1:
-            raise ValueError(f"ratio (lambda) must lie in (0, 1], got {self.ratio}")
+            raise UserError(f"ratio (lambda) must lie in (0, 1], got {self.ratio}")
         bad = [t for t in self.targets if t not in ("q", "k", "v")]
         if bad or not self.targets:
-            raise ValueError(f"targets must be a non-empty subset of [q, k, v], got {self.targets}")
+            raise UserError(f"targets must be a non-empty subset of [q, k, v], got {self.targets}")
         if self.schedule == "static" and self.static_saliency_path is None:
-            raise ValueError(
-                "schedule 'static' needs static_saliency_path (see `longact saliency`)"
-            )
+            raise UserError("schedule 'static' needs static_saliency_path (see `longact saliency`)")
         if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+            raise UserError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        # The schedule fields, here at load rather than at the first refresh (optimizer step 2).
+        if self.every_n_steps < 1:
+            raise UserError(
+                f"every_n_steps={self.every_n_steps} must be >= 1 (re-select every N optimizer "
+                "steps; 1 is schedule=dynamic)"
+            )
+        if self.profile_samples < 1:
+            raise UserError(f"profile_samples must be >= 1, got {self.profile_samples}")
 
 
 @dataclass(kw_only=True)
@@ -309,29 +330,29 @@ class RLConfig:
 
     def __post_init__(self) -> None:
         if self.rollouts_per_prompt < 1 or self.prompts_per_step < 1:
-            raise ValueError("prompts_per_step and rollouts_per_prompt must be >= 1")
+            raise UserError("prompts_per_step and rollouts_per_prompt must be >= 1")
         if self.max_new_tokens >= self.max_seq_length:
-            raise ValueError(
+            raise UserError(
                 f"max_new_tokens={self.max_new_tokens} leaves no room for the prompt in "
                 f"max_seq_length={self.max_seq_length}"
             )
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise UserError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+            raise UserError(f"top_p must lie in (0, 1], got {self.top_p}")
         if self.num_minibatches < 1:
-            raise ValueError(f"rl.num_minibatches must be >= 1, got {self.num_minibatches}")
+            raise UserError(f"rl.num_minibatches must be >= 1, got {self.num_minibatches}")
         for text in self.stop_strings:
             # vLLM refuses empty stop strings (sampling_params.py ~429); one would stop anywhere.
             if not isinstance(text, str) or not text:
-                raise ValueError(
+                raise UserError(
                     f"rl.stop_strings: {text!r} is not a non-empty string; remove it "
                     "(e.g. rl.stop_strings=[] for EOS only)"
                 )
         # Only the form here: config/ imports no rl/ code and no user code. RL start resolves
         # the name (rl.rewards.resolve_reward) before anything is built.
         if not _REWARD_SPEC.fullmatch(self.reward):
-            raise ValueError(
+            raise UserError(
                 f"rl.reward={self.reward!r} is neither a built-in reward name (e.g. "
                 "format_answer) nor 'package.module:function'"
             )
@@ -400,21 +421,26 @@ class JobConfig:
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    @property
+    def lr_warmup_steps(self) -> int:
+        """LR warmup length in steps: ``optim.warmup_steps``, else ceil(``optim.warmup_ratio``
+        x ``train.train_steps``) (the one place it is computed)."""
+        if self.optim.warmup_steps is not None:
+            return self.optim.warmup_steps
+        return math.ceil(self.optim.warmup_ratio * self.train.train_steps)
+
     def __post_init__(self) -> None:
         # Checks across sections; those that need the model or world size live in the loops.
-        steps = self.train.train_steps
-        warmup = self.optim.warmup_steps
-        if warmup is None:
-            warmup = math.ceil(self.optim.warmup_ratio * steps)
+        steps, warmup = self.train.train_steps, self.lr_warmup_steps
         if steps > 0 and warmup >= steps:
-            raise ValueError(
+            raise UserError(
                 f"optim.warmup_steps={warmup} (warmup_steps or ceil(warmup_ratio x train_steps)) "
                 f"must be below train.train_steps={steps}: the LR would never decay; lower "
                 "optim.warmup_steps/warmup_ratio or raise train.train_steps"
             )
         max_pos = self.model.max_position_embeddings
         if max_pos is not None and self.data.seq_length > max_pos:
-            raise ValueError(
+            raise UserError(
                 f"data.seq_length={self.data.seq_length} exceeds "
                 f"model.max_position_embeddings={max_pos}; lower data.seq_length or raise "
                 "model.max_position_embeddings"
@@ -425,7 +451,7 @@ def check_sequence_length(*, seq_length: int, max_position_embeddings: int, fiel
     """Raises ValueError when ``seq_length`` (tokens, config ``field``) exceeds the model's
     positions (``max_position_embeddings`` of the HF config or ``model.*`` override)."""
     if seq_length > max_position_embeddings:
-        raise ValueError(
+        raise UserError(
             f"{field}={seq_length} exceeds the model's max_position_embeddings="
             f"{max_position_embeddings}; lower {field} (or set model.max_position_embeddings "
             "if the model's RoPE scaling allows longer sequences)"
@@ -440,7 +466,7 @@ def check_rl_batch(job: JobConfig, *, dp: int) -> None:
     samples = rl.prompts_per_step * rl.rollouts_per_prompt
     unit = dp * job.data.micro_batch_size * rl.num_minibatches
     if samples % unit:
-        raise ValueError(
+        raise UserError(
             f"the RL global batch rl.prompts_per_step x rl.rollouts_per_prompt = "
             f"{rl.prompts_per_step} x {rl.rollouts_per_prompt} = {samples} samples is not "
             f"divisible by data-parallel size {dp} x data.micro_batch_size "

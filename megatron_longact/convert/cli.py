@@ -14,6 +14,7 @@ import argparse
 import os
 
 from megatron_longact.convert.mcore_to_hf import DEFAULT_MAX_SHARD_SIZE
+from megatron_longact.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +83,7 @@ def _hf_to_mcore(args: argparse.Namespace) -> None:
     check_out_dir(args.out)
     for field in ("num_attention_heads", "num_query_groups"):
         if getattr(arch, field) % args.tp:
-            raise ValueError(
+            raise UserError(
                 f"--tp {args.tp} does not divide the model's {field}={getattr(arch, field)} "
                 f"({args.hf_dir}/config.json); pick a --tp that divides both "
                 f"num_attention_heads={arch.num_attention_heads} and "

@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 
+from megatron_longact.errors import UserError
 from megatron_longact.models.hf_weights.hf_files import HFWeights, has_tokenizer
 from megatron_longact.models.hf_weights.hf_to_mcore import (
     HFSource,
@@ -99,7 +100,7 @@ def import_hf_checkpoint(
         parallel_state.get_pipeline_model_parallel_world_size(),
     )
     if world_layout != (tp, pp):
-        raise ValueError(
+        raise UserError(
             f"this world is already set up at TP={world_layout[0]} PP={world_layout[1]}, not the "
             f"requested --tp {tp} --pp {pp}; run the import in its own processes"
         )

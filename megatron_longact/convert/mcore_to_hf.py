@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import yaml
 
+from megatron_longact.errors import UserError
 from megatron_longact.models.hf_config import (
     HFArchitecture,
     parse_hf_config,
@@ -150,7 +151,7 @@ def single_process_group() -> Iterator[None]:
 
     if dist.is_initialized():
         if dist.get_world_size() != 1:
-            raise ValueError(
+            raise UserError(
                 "mcore2hf runs in one process (dist_checkpointing reshards any TP/PP); run it "
                 "without torchrun/srun"
             )
@@ -205,10 +206,10 @@ def check_checkpoint(
 ) -> None:
     """Raises ValueError when the checkpoint's tensors do not fit the HF config ``arch``."""
     if MCORE_EMBEDDING not in keys:
-        raise ValueError(f"{source}: no model weights ({MCORE_EMBEDDING}) in the checkpoint")
+        raise UserError(f"{source}: no model weights ({MCORE_EMBEDDING}) in the checkpoint")
     vocab_rows, hidden = tuple(metadata[keys[MCORE_EMBEDDING]].global_shape)
     if hidden != arch.hidden_size or vocab_rows < arch.vocab_size:
-        raise ValueError(
+        raise UserError(
             f"{source}: embedding is [{vocab_rows}, {hidden}] but config.json says vocab_size="
             f"{arch.vocab_size}, hidden_size={arch.hidden_size}; pass the source model's --hf-dir"
         )
@@ -216,12 +217,12 @@ def check_checkpoint(
         if name.startswith(MCORE_LAYER_PREFIX):
             layers = metadata[key].global_shape[0]
             if layers != arch.num_layers:
-                raise ValueError(
+                raise UserError(
                     f"{source}: {key} stacks {layers} layers but config.json says "
                     f"num_hidden_layers={arch.num_layers}; pass the source model's --hf-dir"
                 )
     if not arch.tie_word_embeddings and MCORE_OUTPUT not in keys:
-        raise ValueError(
+        raise UserError(
             f"{source}: config.json has tie_word_embeddings=false but the checkpoint holds no "
             f"{MCORE_OUTPUT}; pass the source model's --hf-dir"
         )

@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from megatron_longact.errors import UserError
+
 DEFAULT_CHOICE_LETTERS = "ABCD"  # LongBench v2 has four options.
 
 Gold = str | float | int | Sequence[str]
@@ -36,7 +38,7 @@ def gold_aliases(gold: Gold) -> list[str]:
         return [repr(gold)]
     aliases = [str(g) for g in gold]
     if not aliases:
-        raise ValueError("gold answer is an empty list; give at least one alias")
+        raise UserError("gold answer is an empty list; give at least one alias")
     return aliases
 
 
@@ -52,7 +54,7 @@ def gold_choice_letter(gold: Gold, *, letters: str = DEFAULT_CHOICE_LETTERS) -> 
         match = bare_letter.match(text)
         if match and len(text) <= 3:
             return match.group(1)
-    raise ValueError(
+    raise UserError(
         f"gold answer {gold!r} is not a choice letter in {letters!r}; write it as 'C' or "
         "'The correct answer is (C)', or score it with answer_qa"
     )

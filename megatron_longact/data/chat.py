@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from megatron_longact.data.chat_template import assistant_spans
 from megatron_longact.data.conversations import read_conversations
 from megatron_longact.data.jsonl import DataFormatError
+from megatron_longact.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class TokenizedSample:
         return len(self.input_ids)
 
 
-class SampleTooLongError(ValueError):
+class SampleTooLongError(UserError):
     """A conversation has more tokens than ``max_length``."""
 
     def __init__(self, num_tokens: int, max_length: int):
@@ -64,30 +65,30 @@ def validate_messages(messages: Any) -> None:
     """Raise ``ValueError`` naming the message and field when ``messages`` is not a list of
     ``{"role": system|user|assistant, "content": str}`` with at least one assistant turn."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError(
+        raise UserError(
             f"'messages' must be a non-empty list of {{'role', 'content'}} objects, got "
             f"{type(messages).__name__}."
         )
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise ValueError(
+            raise UserError(
                 f"messages[{index}] must be an object with 'role' and 'content', got "
                 f"{type(message).__name__}."
             )
         for key in ("role", "content"):
             if key not in message:
-                raise ValueError(f"messages[{index}] is missing field {key!r}.")
+                raise UserError(f"messages[{index}] is missing field {key!r}.")
         if message["role"] not in ROLES:
-            raise ValueError(
+            raise UserError(
                 f"messages[{index}].role is {message['role']!r}; expected one of {list(ROLES)}."
             )
         if not isinstance(message["content"], str):
-            raise ValueError(
+            raise UserError(
                 f"messages[{index}].content must be a string, got "
                 f"{type(message['content']).__name__}."
             )
     if not any(m["role"] == TRAINED_ROLE for m in messages):
-        raise ValueError(
+        raise UserError(
             "conversation has no assistant turn, so nothing to train on; add an "
             "{'role': 'assistant', 'content': ...} message."
         )

@@ -24,6 +24,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from megatron_longact.data.tokenizer import CHATML_TEMPLATE, IM_END, IM_START
+from megatron_longact.errors import UserError
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -60,7 +61,7 @@ def render_chat(
     """
     template = resolve_chat_template(tokenizer)
     if template is None:
-        raise ValueError(
+        raise UserError(
             f"tokenizer {tokenizer.name_or_path!r} has no chat template and no {IM_START}/"
             f"{IM_END} tokens, so conversations cannot be rendered; use a tokenizer folder whose "
             "tokenizer_config.json (or chat_template.jinja) has a chat_template."
@@ -73,7 +74,7 @@ def render_chat(
             tokenize=False,
         )
     except Exception as err:  # jinja2 errors: raised by the template itself, any type
-        raise ValueError(
+        raise UserError(
             f"the chat template of {tokenizer.name_or_path!r} failed on a conversation of "
             f"roles {[m.get('role') for m in messages]}: {err}"
         ) from err
@@ -129,7 +130,7 @@ def assistant_spans(
             continue
         prompt = render_chat(tokenizer, messages[:index], add_generation_prompt=True)
         if not text.startswith(prompt) or len(prompt) < cursor:
-            raise ValueError(
+            raise UserError(
                 f"messages[{index}]: the chat template's generation prompt for the conversation "
                 f"so far ({prompt[-60:]!r}) is not how the template renders that point of the "
                 "whole conversation, so the assistant target is undefined; use a template that "
@@ -137,7 +138,7 @@ def assistant_spans(
             )
         end = _turn_end(text, len(prompt), specials)
         if end == -1:
-            raise ValueError(
+            raise UserError(
                 f"messages[{index}]: the chat template closes the assistant turn with no special "
                 "token, so generation would never stop there; use a template that ends turns "
                 f"with an end-of-turn token such as {IM_END}."

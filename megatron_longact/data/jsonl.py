@@ -15,8 +15,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from megatron_longact.errors import UserError
 
-class DataFormatError(ValueError):
+
+class DataFormatError(UserError):
     """A data file has a line that cannot be used; the message names the file and line."""
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_longact.data.chat import TokenizedSample
+from megatron_longact.errors import UserError
 
 
 @dataclass
@@ -57,7 +58,7 @@ def first_fit_decreasing(lengths: Sequence[int], *, capacity: int) -> list[list[
     """
     for index, length in enumerate(lengths):
         if length > capacity:
-            raise ValueError(
+            raise UserError(
                 f"sample {index} has {length} tokens, more than seq_length={capacity}; raise "
                 f"seq_length or drop samples longer than it (max_length <= seq_length)."
             )

@@ -22,6 +22,7 @@ from megatron_longact.data.answers import infer_answer_type
 from megatron_longact.data.chat_template import render_user_prompt
 from megatron_longact.data.rl_data import RLRecord, truncate_middle_text
 from megatron_longact.data.synthetic import format_prompt
+from megatron_longact.errors import UserError
 
 AnswerKind = Literal["letter", "number", "short"]
 
@@ -86,7 +87,7 @@ def encode_prompt(record: RLRecord, tokenizer, *, max_prompt_tokens: int) -> lis
         return ids
     overhead = len(encode(""))
     if overhead >= max_prompt_tokens:
-        raise ValueError(
+        raise UserError(
             f"record {record.id}: the prompt without context takes {overhead} tokens, more than "
             f"the budget {max_prompt_tokens} (rl.max_seq_length - rl.max_new_tokens)"
         )

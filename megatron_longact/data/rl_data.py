@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from megatron_longact.data.jsonl import DataFormatError, write_jsonl
 from megatron_longact.data.records import read_records
+from megatron_longact.errors import UserError
 
 CHOICE_LETTERS = "ABCDEFGHIJ"
 # QwenLong-L1's prompt template wraps the document in <text> tags and ends with this line.
@@ -337,12 +338,12 @@ def mix_datasets(
     """
     unknown = sorted(set(ratios) - set(datasets))
     if unknown:
-        raise ValueError(f"ratios name unknown datasets {unknown}; known: {sorted(datasets)}")
+        raise UserError(f"ratios name unknown datasets {unknown}; known: {sorted(datasets)}")
     if num_samples < 0 or any(r < 0 for r in ratios.values()):
-        raise ValueError("num_samples and every ratio must be non-negative")
+        raise UserError("num_samples and every ratio must be non-negative")
     total = sum(ratios.values())
     if total <= 0:
-        raise ValueError(f"ratios {dict(ratios)} sum to 0; give at least one positive ratio")
+        raise UserError(f"ratios {dict(ratios)} sum to 0; give at least one positive ratio")
     names = sorted(ratios)
     exact = {name: num_samples * ratios[name] / total for name in names}
     counts = {name: int(exact[name]) for name in names}
@@ -356,7 +357,7 @@ def mix_datasets(
     for name in names:
         items, count = list(datasets[name]), counts[name]
         if count and not items:
-            raise ValueError(f"dataset '{name}' is empty but its ratio asks for {count} items")
+            raise UserError(f"dataset '{name}' is empty but its ratio asks for {count} items")
         while count > 0:
             order = list(range(len(items)))
             rng.shuffle(order)

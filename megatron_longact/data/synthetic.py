@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from megatron_longact.errors import UserError
+
 DEFAULT_NUM_FACTS = 4
 VALUE_MIN = 100  # values are 3-digit numbers: 3 tokens with per-digit tokenizers
 VALUE_MAX = 999
@@ -132,7 +134,7 @@ def make_task(
     """
     max_facts = len(KEY_ADJECTIVES) * len(KEY_NOUNS)
     if not 1 <= num_facts <= max_facts:
-        raise ValueError(f"num_facts={num_facts} must be in [1, {max_facts}].")
+        raise UserError(f"num_facts={num_facts} must be in [1, {max_facts}].")
     names = rng.sample(range(max_facts), num_facts)
     keys = [f"{KEY_ADJECTIVES[i // len(KEY_NOUNS)]} {KEY_NOUNS[i % len(KEY_NOUNS)]}" for i in names]
     values = [str(v) for v in rng.sample(range(VALUE_MIN, VALUE_MAX + 1), num_facts)]
@@ -141,7 +143,7 @@ def make_task(
     fact_ids = tokenizer([" " + f for f in facts], add_special_tokens=False)["input_ids"]
     fact_tokens = sum(len(ids) for ids in fact_ids)
     if context_tokens < fact_tokens:
-        raise ValueError(
+        raise UserError(
             f"context_tokens={context_tokens} is too small to hold {num_facts} facts "
             f"({fact_tokens} tokens); raise context_tokens or lower num_facts."
         )

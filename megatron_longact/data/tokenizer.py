@@ -16,6 +16,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from megatron_longact.data.synthetic import tokenizer_training_text
+from megatron_longact.errors import UserError
 
 TINY_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_tokenizer"
 
@@ -99,7 +100,7 @@ def build_tiny_tokenizer(
     """
     min_vocab = 256 + len(SPECIAL_TOKENS) + len(REASONING_TAGS)
     if vocab_size < min_vocab:
-        raise ValueError(
+        raise UserError(
             f"vocab_size={vocab_size} is below the {min_vocab} entries a byte-level BPE with "
             f"these special tokens needs; use at least {min_vocab}."
         )

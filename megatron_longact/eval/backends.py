@@ -16,6 +16,7 @@ from collections.abc import Callable
 from megatron_longact.config.schema import JobConfig
 from megatron_longact.data.chat_template import render_chat, resolve_chat_template
 from megatron_longact.data.tokenizer import pad_id
+from megatron_longact.errors import UserError
 from megatron_longact.eval.runner import GenerateFn
 from megatron_longact.eval.suite import Suite
 
@@ -63,7 +64,7 @@ def native_backend(job: JobConfig, tokenizer) -> CompleteFn:
     from megatron_longact.runtime.setup import build_frozen_model
 
     if job.checkpoint.load_dir is None:
-        raise ValueError("eval.backend=native needs checkpoint.load_dir (a megatron checkpoint)")
+        raise UserError("eval.backend=native needs checkpoint.load_dir (a megatron checkpoint)")
     dims = init_distributed(job.parallel, seed=job.train.seed)
     arch = load_architecture(job.model)
     config = make_transformer_config(arch, model=job.model, parallel=job.parallel, train=job.train)
@@ -97,9 +98,9 @@ def vllm_backend(job: JobConfig, tokenizer) -> CompleteFn:
     try:
         import vllm
     except ImportError as err:
-        raise ValueError("eval.backend=vllm needs vLLM: pip install -e '.[vllm]'") from err
+        raise UserError("eval.backend=vllm needs vLLM: pip install -e '.[vllm]'") from err
     if job.eval.hf_dir is None:
-        raise ValueError("eval.backend=vllm needs eval.hf_dir (an exported Hugging Face folder)")
+        raise UserError("eval.backend=vllm needs eval.hf_dir (an exported Hugging Face folder)")
     llm = vllm.LLM(
         model=job.eval.hf_dir,
         tensor_parallel_size=job.parallel.tensor_model_parallel_size,

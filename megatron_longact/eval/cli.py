@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from megatron_longact.config.schema import JobConfig
 from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
+from megatron_longact.errors import UserError
 from megatron_longact.eval import infinitebench, longbench_v2, ruler, synthetic_kv
 from megatron_longact.eval.backends import (
     Backend,
@@ -72,7 +73,7 @@ def prompt_budget(job: JobConfig, tokenizer, *, official: int, system: str | Non
         window - job.eval.max_new_tokens - len(tokenizer.encode(scaffold, add_special_tokens=False))
     )
     if room <= 0:
-        raise ValueError(
+        raise UserError(
             f"the model's context window ({window} tokens) leaves no room for a prompt after "
             f"eval.max_new_tokens={job.eval.max_new_tokens}; lower it or set eval.max_prompt_tokens"
         )
@@ -96,7 +97,7 @@ def _ruler_runs(job: JobConfig, tokenizer) -> list[tuple[str, object, list]]:
                                      load_hotpotqa_pool)):  # fmt: skip
         if task in ev.ruler_tasks:
             if path is None:
-                raise ValueError(f"eval.ruler_tasks has {task}: set eval.{field}")
+                raise UserError(f"eval.ruler_tasks has {task}: set eval.{field}")
             pools[task] = load(path)
     essay = (
         ruler_files.load_haystack_text(ev.ruler_haystack_path) if ev.ruler_haystack_path else None
@@ -116,14 +117,14 @@ def suite_runs(job: JobConfig, tokenizer) -> list[tuple[str, object, list]]:
     for name in ev.suites:
         if name == "synthetic_kv":
             if ev.synthetic_kv_path is None:
-                raise ValueError("eval.suites has synthetic_kv: set eval.synthetic_kv_path")
+                raise UserError("eval.suites has synthetic_kv: set eval.synthetic_kv_path")
             runs.append(("synthetic_kv", synthetic_kv.make_suite(),
                          synthetic_kv.load_synthetic_kv(ev.synthetic_kv_path)))  # fmt: skip
         elif name == "ruler":
             runs += _ruler_runs(job, tokenizer)
         elif name == "longbench_v2":
             if ev.longbench_v2_path is None:
-                raise ValueError("eval.suites has longbench_v2: set eval.longbench_v2_path")
+                raise UserError("eval.suites has longbench_v2: set eval.longbench_v2_path")
             style = "0shot" if ev.prompt_style == "official" else "answer_tag"
             budget = prompt_budget(job, tokenizer, system=None,
                                    official=longbench_v2.DEFAULT_MAX_PROMPT_TOKENS)  # fmt: skip
@@ -134,7 +135,7 @@ def suite_runs(job: JobConfig, tokenizer) -> list[tuple[str, object, list]]:
                          longbench_v2.load_longbench_v2(ev.longbench_v2_path)))  # fmt: skip
         elif name == "infinitebench":
             if ev.infinitebench_dir is None:
-                raise ValueError("eval.suites has infinitebench: set eval.infinitebench_dir")
+                raise UserError("eval.suites has infinitebench: set eval.infinitebench_dir")
             chat = has_chat_template(tokenizer)
             budget = prompt_budget(job, tokenizer,
                                    system=infinitebench.CHAT_SYSTEM_MESSAGE if chat else None,
@@ -144,7 +145,7 @@ def suite_runs(job: JobConfig, tokenizer) -> list[tuple[str, object, list]]:
             runs.append(("infinitebench", suite,
                          infinitebench.load_infinitebench(ev.infinitebench_dir)))  # fmt: skip
         else:
-            raise ValueError(
+            raise UserError(
                 f"eval.suites: unknown suite {name!r}; use synthetic_kv, ruler, longbench_v2, "
                 "infinitebench"
             )

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from megatron_longact.data.records import read_records
+from megatron_longact.errors import UserError
 from megatron_longact.eval.metrics import (
     first_int,
     rouge_lsum,
@@ -128,28 +129,28 @@ def _mc_answer(answer: list[str], options: list[str], where: str) -> tuple[str, 
         return tuple(answer)
     if len(answer) == 1 and answer[0] in options:
         return (answer[0], OPTION_LETTERS[options.index(answer[0])])
-    raise ValueError(
+    raise UserError(
         f"{where}: field 'answer' {answer!r} must be one of the 'options' texts or [text, letter]"
     )
 
 
 def _parse_record(record: Any, task: str, where: str) -> InfiniteBenchSample:
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
     for field in REQUIRED_FIELDS:
         if field not in record:
-            raise ValueError(
+            raise UserError(
                 f"{where}: missing field '{field}'; each record needs {', '.join(REQUIRED_FIELDS)}"
             )
     raw_answer = record["answer"]
     answer = [raw_answer] if isinstance(raw_answer, (str, int)) else list(raw_answer)
     if not answer:
-        raise ValueError(f"{where}: field 'answer' is empty")
+        raise UserError(f"{where}: field 'answer' is empty")
     answer = [str(a) for a in answer]
     options = [str(o) for o in record.get("options") or []]
     if task == "longbook_choice_eng":
         if len(options) != len(OPTION_LETTERS):
-            raise ValueError(
+            raise UserError(
                 f"{where}: field 'options' must list 4 choices for {task}, got {len(options)}"
             )
         answer = list(_mc_answer(answer, options, where))
@@ -177,7 +178,7 @@ def load_infinitebench(
     samples: list[InfiniteBenchSample] = []
     for task in tasks:
         if task not in TASK_COLUMNS:
-            raise ValueError(
+            raise UserError(
                 f"unknown InfiniteBench task {task!r}; choose from {list(TASK_COLUMNS)}"
             )
         candidates = [data_dir / f"{task}{suffix}" for suffix in (".jsonl", ".parquet", "")]
@@ -202,7 +203,7 @@ def build_prompt(
 ) -> str:
     """Fill the official template; with a budget, middle-truncate the whole prompt (official rule)."""
     if templates not in _TEMPLATE_SETS:
-        raise ValueError(f"templates must be one of {sorted(_TEMPLATE_SETS)}, got {templates!r}")
+        raise UserError(f"templates must be one of {sorted(_TEMPLATE_SETS)}, got {templates!r}")
     template = _TEMPLATE_SETS[templates][sample.task]
     fields: dict[str, str] = {
         "context": sample.context,
@@ -268,7 +269,7 @@ def score_prediction(task: str, prediction: str, answer: tuple[str, ...]) -> flo
         return zh_char_f1(prediction, answer)
     if task == "longbook_choice_eng":
         return score_choice(prediction, answer)
-    raise ValueError(f"unknown InfiniteBench task {task!r}; choose from {list(TASK_COLUMNS)}")
+    raise UserError(f"unknown InfiniteBench task {task!r}; choose from {list(TASK_COLUMNS)}")
 
 
 def score_sample(sample: InfiniteBenchSample, response: str) -> Record:

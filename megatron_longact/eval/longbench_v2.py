@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from megatron_longact.data.records import read_records
+from megatron_longact.errors import UserError
 from megatron_longact.eval.metrics import strip_thinking
 from megatron_longact.eval.suite import Record, Suite, mean_percent
 from megatron_longact.eval.tokens import TextCodec, budget_codec, truncate_middle
@@ -138,11 +139,11 @@ def load_longbench_v2(path: str | Path) -> list[LongBenchV2Sample]:
         where = f"{location} (_id={record.get('_id', '?')})"
         for field in FIELDS:
             if field not in record:
-                raise ValueError(
+                raise UserError(
                     f"{where}: missing field '{field}'; each record needs {', '.join(FIELDS)}"
                 )
             if not isinstance(record[field], str):
-                raise ValueError(
+                raise UserError(
                     f"{where}: field '{field}' must be a string, got {type(record[field]).__name__}"
                 )
         for field, allowed in (
@@ -151,7 +152,7 @@ def load_longbench_v2(path: str | Path) -> list[LongBenchV2Sample]:
             ("length", LENGTHS),
         ):
             if record[field] not in allowed:
-                raise ValueError(
+                raise UserError(
                     f"{where}: field '{field}' is {record[field]!r}, expected one of {allowed}"
                 )
         samples.append(LongBenchV2Sample(**{field: record[field] for field in FIELDS}))
@@ -188,7 +189,7 @@ def build_prompt(
         codec: tokenizer codec, required with a budget (see :func:`tokens.as_codec`).
     """
     if style not in _TEMPLATES:
-        raise ValueError(f"style must be one of {sorted(_TEMPLATES)}, got {style!r}")
+        raise UserError(f"style must be one of {sorted(_TEMPLATES)}, got {style!r}")
     prompt = _fill(_TEMPLATES[style], sample, context=sample.context)
     if max_prompt_tokens is None:
         return prompt

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_longact.errors import UserError
 from megatron_longact.eval.infinitebench import TABLE3_COLUMNS
 from megatron_longact.eval.longbench_v2 import TABLE1_COLUMNS
 from megatron_longact.eval.ruler.config import TABLE2_COLUMNS
@@ -78,7 +79,7 @@ def _with_deltas(
     if baseline is None:
         return table
     if baseline not in rows:
-        raise ValueError(f"baseline {baseline!r} is not a row; rows are {list(rows)}")
+        raise UserError(f"baseline {baseline!r} is not a row; rows are {list(rows)}")
     base = table[[name for name, _, _ in table].index(baseline)][1]
     for name, values, _ in list(table):
         if name == baseline:

@@ -18,6 +18,7 @@ from typing import TypeVar
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from megatron_longact.errors import UserError
 from megatron_longact.eval.suite import Record, Suite
 
 S = TypeVar("S")
@@ -50,7 +51,7 @@ def read_predictions(path: str | Path) -> list[Record]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise ValueError(
+                raise UserError(
                     f"{path}: corrupt record at byte {good_end} ({err.msg}); delete the line to resume"
                 ) from err
         good_end += len(line)
@@ -111,7 +112,7 @@ def evaluate(
     ids = [suite.sample_id(s) for s in samples]
     if len(set(ids)) != len(ids):
         dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
-        raise ValueError(
+        raise UserError(
             f"suite {suite.name}: duplicate sample ids {dupes}; ids must be unique to resume"
         )
     out = Path(out_dir)

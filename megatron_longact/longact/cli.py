@@ -21,6 +21,7 @@ from megatron_longact.data.prompts import encode_prompt
 from megatron_longact.data.records import read_records
 from megatron_longact.data.rl_data import record_from_dict
 from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer, pad_id
+from megatron_longact.errors import UserError
 from megatron_longact.longact.profile import profile_saliency
 from megatron_longact.runtime.distributed import init_distributed
 from megatron_longact.runtime.setup import setup_train_state
@@ -29,7 +30,7 @@ from megatron_longact.runtime.setup import setup_train_state
 def _token_lists(job: JobConfig, tokenizer) -> list[list[int]]:
     path = job.data.train_path
     if path is None:
-        raise ValueError("longact saliency reads data.train_path; set it")
+        raise UserError("longact saliency reads data.train_path; set it")
     samples = []
     for where, record in read_records(path):
         if len(samples) >= job.longact.profile_samples:
@@ -42,7 +43,7 @@ def _token_lists(job: JobConfig, tokenizer) -> list[list[int]]:
                                 max_prompt_tokens=job.data.seq_length)  # fmt: skip
         samples.append(ids)
     if not samples:
-        raise ValueError(f"{path}: no samples to measure")
+        raise UserError(f"{path}: no samples to measure")
     return samples
 
 
@@ -76,7 +77,7 @@ def run_saliency(job: JobConfig) -> Path:
     """Measures and saves M; returns the file. All ranks run it (DP ranks split the samples)."""
     out = job.longact.static_saliency_path
     if out is None:
-        raise ValueError("set longact.static_saliency_path: the file to write M to")
+        raise UserError("set longact.static_saliency_path: the file to write M to")
     dims = init_distributed(job.parallel, seed=job.train.seed)
     tokenizer = load_tokenizer(job.data.tokenizer_path or TINY_TOKENIZER_DIR)
     samples = _token_lists(job, tokenizer)

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_longact.config.schema import LongActConfig
+from megatron_longact.errors import UserError
 from megatron_longact.longact.freeze import OptimizerFreezer
 from megatron_longact.longact.masks import jaccard, local_row_mask, mask_gradients
 from megatron_longact.longact.meter import SaliencyMeter, find_qkv_modules
@@ -183,7 +184,7 @@ class LongActController:
         profile = load_saliency(self.config.static_saliency_path)
         missing = [n for n in self.modules if n not in profile.saliency]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"{self.config.static_saliency_path} has no saliency for layers {missing}; "
                 "profile the same model (`longact saliency`)"
             )
@@ -192,7 +193,7 @@ class LongActController:
             for projection, values in per_projection.items():
                 expected = (self.layout.num_projection_heads(projection), self.layout.head_dim)
                 if tuple(values.shape) != expected:
-                    raise ValueError(
+                    raise UserError(
                         f"{self.config.static_saliency_path}: layer {number} {projection} is "
                         f"{tuple(values.shape)}, the model needs {expected}"
                     )
@@ -345,7 +346,7 @@ class LongActController:
         if not state:
             return
         if state.get("version") != STATE_DICT_VERSION:
-            raise ValueError(
+            raise UserError(
                 f"LongAct state version {state.get('version')} is not "
                 f"{STATE_DICT_VERSION}; it was written by another release"
             )
@@ -360,7 +361,7 @@ class LongActController:
         masks = {n: v for n, v in state["masks"].items() if n in mine}
         if masks:
             if sorted(masks) != sorted(mine):
-                raise ValueError(
+                raise UserError(
                     f"LongAct state has masks for layers {sorted(masks)}, this "
                     f"stage holds {sorted(mine)}"
                 )

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_longact.errors import UserError
+
 
 @dataclass(kw_only=True)
 class _Shard:
@@ -89,7 +91,7 @@ def _shards_of(optimizer, params: set) -> list[tuple[torch.optim.Optimizer, _Sha
         return []
     inner = optimizer.optimizer
     if getattr(optimizer.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
-        raise ValueError(
+        raise UserError(
             "longact.mode=freeze does not support use_precision_aware_optimizer (main params "
             "live inside the fused optimizer); use longact.mode=grad"
         )
@@ -119,7 +121,7 @@ def _shards_of(optimizer, params: set) -> list[tuple[torch.optim.Optimizer, _Sha
                 if param in params:
                     pairs.append((inner, shard(param, param, 0, param.numel())))
     else:
-        raise ValueError(
+        raise UserError(
             f"longact.mode=freeze does not know megatron optimizer {type(optimizer).__name__}; "
             "use longact.mode=grad"
         )

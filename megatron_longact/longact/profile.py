@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_longact.errors import UserError
 from megatron_longact.longact.meter import SaliencyMeter
 from megatron_longact.models.qkv_layout import QKVLayout
 
@@ -136,7 +137,7 @@ def load_saliency(path: str | Path) -> SaliencyProfile:
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
         if metadata.get("format") != FILE_FORMAT:
-            raise ValueError(
+            raise UserError(
                 f"{path} is not a LongAct saliency file (format={metadata.get('format')!r})"
             )
         for key in handle.keys():

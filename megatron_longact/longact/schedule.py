@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_longact.errors import UserError
+
 SCHEDULES = ("dynamic", "every_n_steps", "static")
 
 
@@ -20,11 +22,11 @@ def refreshes_at(schedule: str, *, step: int, every_n_steps: int = 1) -> bool:
         return True
     if schedule == "every_n_steps":
         if every_n_steps < 1:
-            raise ValueError(f"longact.every_n_steps must be >= 1, got {every_n_steps}")
+            raise UserError(f"longact.every_n_steps must be >= 1, got {every_n_steps}")
         return step % every_n_steps == 0
     if schedule == "static":
         return False
-    raise ValueError(f"longact.schedule must be one of {SCHEDULES}, got {schedule!r}")
+    raise UserError(f"longact.schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 
 def ema_update(

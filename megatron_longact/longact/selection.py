@@ -18,6 +18,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from megatron_longact.errors import UserError
+
 STRATEGIES = ("massive", "min", "random", "none")
 SCOPES = ("per_head", "global")
 # lambda * D is computed in floating point: 0.29 * 100 = 28.999999999999996 should keep 29.
@@ -27,10 +29,10 @@ _FLOOR_SLACK = 1e-9
 def num_selected(ratio: float, size: int) -> int:
     """k = floor(lambda * size), robust to float round-off; ValueError when it is 0."""
     if not 0 < ratio <= 1:
-        raise ValueError(f"longact.ratio (lambda) must lie in (0, 1], got {ratio}")
+        raise UserError(f"longact.ratio (lambda) must lie in (0, 1], got {ratio}")
     k = math.floor(ratio * size + _FLOOR_SLACK)
     if k == 0:
-        raise ValueError(
+        raise UserError(
             f"longact.ratio={ratio} keeps floor({ratio} x {size}) = 0 dims; raise the ratio to at "
             f"least {1 / size:.4g}"
         )
@@ -76,9 +78,9 @@ def select_dims(
         bool [heads, D] on ``saliency``'s device, True = the row trains.
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"longact.strategy must be one of {STRATEGIES}, got {strategy!r}")
+        raise UserError(f"longact.strategy must be one of {STRATEGIES}, got {strategy!r}")
     if scope not in SCOPES:
-        raise ValueError(f"longact.selection_scope must be one of {SCOPES}, got {scope!r}")
+        raise UserError(f"longact.selection_scope must be one of {SCOPES}, got {scope!r}")
     if saliency.dim() != 2:
         raise ValueError(f"saliency must be [heads, D], got shape {tuple(saliency.shape)}")
     if strategy == "none":

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_longact.errors import UserError
 from megatron_longact.models.cp_layout import cp_gather_order, cp_token_index
 
 _LOCAL_ONLY = False
@@ -137,13 +138,13 @@ class ContextParallelAttention(MegatronModule):
         from megatron.core.transformer.utils import is_layer_window_attention
 
         if getattr(config, "softmax_type", "vanilla") != "vanilla":
-            raise ValueError(
+            raise UserError(
                 f"softmax_type={config.softmax_type!r} is not supported by the local CP "
                 "attention; use model.attention_backend=te"
             )
         if is_layer_window_attention(config.window_size, config.window_attn_skip_freq,
                                      layer_number):  # fmt: skip
-            raise ValueError(
+            raise UserError(
                 "sliding-window attention is not supported by the local CP attention; use "
                 "model.attention_backend=te"
             )
@@ -179,7 +180,7 @@ class ContextParallelAttention(MegatronModule):
         packed_seq_params=None,
     ) -> torch.Tensor:
         if attention_bias is not None:
-            raise ValueError("attention_bias is not supported by the local CP attention")
+            raise UserError("attention_bias is not supported by the local CP attention")
         thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
         boundaries = None
         if thd:

@@ -13,6 +13,7 @@ import torch
 
 from megatron_longact.config.schema import ModelConfig, ParallelConfig, TrainConfig
 from megatron_longact.device import current_device, on_cuda
+from megatron_longact.errors import UserError
 from megatron_longact.models.hf_config import (
     HFArchitecture,
     gpt_model_kwargs,
@@ -50,7 +51,7 @@ def use_transformer_engine(model: ModelConfig) -> bool:
         except ImportError:
             pass
     if model.attention_backend == "te" and not te_ok:
-        raise ValueError(
+        raise UserError(
             "model.attention_backend=te needs CUDA and transformer-engine "
             "(pip install -e '.[gpu]'); use auto or local"
         )
@@ -95,12 +96,12 @@ def make_transformer_config(
 
     dtype = resolve_dtype(train.precision)
     if arch.num_attention_heads % parallel.tensor_model_parallel_size:
-        raise ValueError(
+        raise UserError(
             f"num_attention_heads={arch.num_attention_heads} is not divisible by "
             f"parallel.tensor_model_parallel_size={parallel.tensor_model_parallel_size}"
         )
     if arch.num_layers % parallel.pipeline_model_parallel_size:
-        raise ValueError(
+        raise UserError(
             f"num_hidden_layers={arch.num_layers} is not divisible by "
             f"parallel.pipeline_model_parallel_size={parallel.pipeline_model_parallel_size}"
         )

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megatron_longact.errors import UserError
+
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "models"
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
@@ -58,7 +60,7 @@ def resolve_model_dir(*, hf_path: str | None, preset: str) -> Path:
     path = ASSETS_DIR / preset
     if not (path / "config.json").is_file():
         names = sorted(p.name for p in ASSETS_DIR.iterdir() if (p / "config.json").is_file())
-        raise ValueError(f"model.preset={preset!r} is not shipped; choose one of {names}")
+        raise UserError(f"model.preset={preset!r} is not shipped; choose one of {names}")
     return path
 
 
@@ -79,9 +81,9 @@ def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
     try:
         hf = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+        raise UserError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(hf, dict):
-        raise ValueError(f"{path}: expected a JSON object at the top level")
+        raise UserError(f"{path}: expected a JSON object at the top level")
     return hf
 
 
@@ -95,7 +97,7 @@ def parse_hf_config(hf: dict[str, Any], *, source: str = "config.json") -> HFArc
     """
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
+        raise UserError(
             f"{source}: model_type={model_type!r} cannot be mapped; supported: "
             f"{list(SUPPORTED_MODEL_TYPES)}"
         )
@@ -103,12 +105,12 @@ def parse_hf_config(hf: dict[str, Any], *, source: str = "config.json") -> HFArc
     def size(key: str) -> int:
         value = hf[key]
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{source}: field '{key}' must be a positive integer, got {value!r}")
+            raise UserError(f"{source}: field '{key}' must be a positive integer, got {value!r}")
         return value
 
     def need(key: str) -> int:
         if key not in hf:
-            raise ValueError(f"{source}: missing field '{key}' required for {model_type}")
+            raise UserError(f"{source}: missing field '{key}' required for {model_type}")
         return size(key)
 
     def optional(key: str, default: int) -> int:
@@ -116,11 +118,11 @@ def parse_hf_config(hf: dict[str, Any], *, source: str = "config.json") -> HFArc
         return size(key) if hf.get(key) is not None else default
 
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r}; only silu (SwiGLU) maps")
+        raise UserError(f"{source}: hidden_act={hf['hidden_act']!r}; only silu (SwiGLU) maps")
     if hf.get("use_sliding_window"):
-        raise ValueError(f"{source}: use_sliding_window=true cannot be mapped; set it false")
+        raise UserError(f"{source}: use_sliding_window=true cannot be mapped; set it false")
     if hf.get("num_experts") or hf.get("num_local_experts"):
-        raise ValueError(
+        raise UserError(
             f"{source}: mixture-of-experts (MoE) configs cannot be mapped; only dense models "
             "(one MLP per layer)"
         )
@@ -132,7 +134,7 @@ def parse_hf_config(hf: dict[str, Any], *, source: str = "config.json") -> HFArc
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type"))
         if kind != "llama3":
-            raise ValueError(f"{source}: rope_scaling type {kind!r} cannot be mapped (llama3 only)")
+            raise UserError(f"{source}: rope_scaling type {kind!r} cannot be mapped (llama3 only)")
         llama3_factor = float(scaling["factor"])
     heads = need("num_attention_heads")
     hidden = need("hidden_size")

@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from megatron_longact.errors import UserError
+
 if TYPE_CHECKING:
     from megatron_longact.models.hf_config import HFArchitecture
 
@@ -58,11 +60,11 @@ class QKVLayout:
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_groups:
-            raise ValueError(
+            raise UserError(
                 f"num_heads={self.num_heads} is not a multiple of num_groups={self.num_groups}"
             )
         if self.num_rows % self.tp_size:
-            raise ValueError(
+            raise UserError(
                 f"{self.num_rows} fused QKV rows do not split over tensor parallel size "
                 f"{self.tp_size}"
             )
@@ -71,7 +73,7 @@ class QKVLayout:
     def from_transformer_config(cls, config) -> QKVLayout:
         """The layout of a megatron ``TransformerConfig`` (no gated attention)."""
         if getattr(config, "attention_output_gate", False):
-            raise ValueError(
+            raise UserError(
                 "gated attention (attention_output_gate) adds gate rows to linear_qkv; LongAct's "
                 "row layout does not cover it"
             )

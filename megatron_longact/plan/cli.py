@@ -19,6 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from megatron_longact.errors import UserError
 from megatron_longact.plan.from_config import ConfigInputs, load_plan_config, read_plan_inputs
 from megatron_longact.plan.layout import Layout, LayoutError
 from megatron_longact.plan.memory import (
@@ -110,7 +111,7 @@ def _resolve_model(args: argparse.Namespace, inputs: ConfigInputs) -> ModelSpec:
         return load_hf_config(inputs.hf_config_path)
     if inputs.model_preset in PRESETS:
         return get_preset(inputs.model_preset)
-    raise ValueError(
+    raise UserError(
         "no model to plan for: pass --model {" + ",".join(sorted(PRESETS)) + "} or --hf-config "
         "PATH (a config's model.hf_path is used when it holds a config.json)"
     )
@@ -189,13 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.config is not None:
             inputs = read_plan_inputs(load_plan_config(args.config, args.overrides))
         elif args.overrides:
-            raise ValueError("dotted overrides need --config")
+            raise UserError("dotted overrides need --config")
         else:
             inputs = ConfigInputs()
         spec = _resolve_model(args, inputs)
         seq_length = _pick(args.seq_length, inputs.seq_length, None)
         if seq_length is None:
-            raise ValueError(
+            raise UserError(
                 "no sequence length: pass --seq-length or a config with data.seq_length"
             )
         tp = _pick(args.tp, inputs.tensor_parallel_size, 1)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from megatron_longact.errors import UserError
 from megatron_longact.plan.model_spec import ModelSpec
 
 # megatron pads the vocabulary to a multiple of this times TP (``make_vocab_size_divisible_by``).
 VOCAB_PAD_MULTIPLE = 128
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError):
     """A layout megatron-core would reject, or one that does not fit in GPU memory."""
 
 

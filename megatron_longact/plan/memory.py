@@ -35,6 +35,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from megatron_longact.errors import UserError
 from megatron_longact.plan.layout import Layout, LayoutError, LayoutReport, check_layout
 from megatron_longact.plan.model_spec import ModelSpec, embedding_parameters, layer_parameters
 
@@ -332,14 +333,14 @@ def estimate_memory(
     ``gpu_mem_gib`` also sizes the rollout engine's pool when it reserves a memory fraction.
     """
     if recompute not in RECOMPUTE_CHOICES:
-        raise ValueError(f"recompute must be one of {RECOMPUTE_CHOICES}, got {recompute!r}")
+        raise UserError(f"recompute must be one of {RECOMPUTE_CHOICES}, got {recompute!r}")
     report = check_layout(spec, layout)
     rollout_bytes = 0.0
     if rollout is not None:
         if rollout.batch < 0 or rollout.max_tokens < 1:
-            raise ValueError(f"rollout batch must be >= 0 and max_tokens >= 1, got {rollout}")
+            raise UserError(f"rollout batch must be >= 0 and max_tokens >= 1, got {rollout}")
         if not 0.0 <= rollout.memory_fraction < 1.0:
-            raise ValueError(
+            raise UserError(
                 f"rollout memory_fraction must be in [0, 1), got {rollout.memory_fraction}"
             )
         rollout_bytes = rollout_kv_cache_bytes(spec, layout, rollout)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_longact.errors import UserError
 from megatron_longact.models.hf_config import parse_hf_config, read_hf_config
 
 
@@ -96,7 +97,7 @@ def get_preset(name: str) -> ModelSpec:
     """Return the preset called ``name`` (case-insensitive), e.g. ``"qwen3-8b"``."""
     key = name.strip().lower()
     if key not in PRESETS:
-        raise ValueError(
+        raise UserError(
             f"unknown model preset {name!r}; choose one of {sorted(PRESETS)} "
             "or pass the model's Hugging Face config.json"
         )

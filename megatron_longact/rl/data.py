@@ -10,6 +10,7 @@ from megatron_longact.data.rl_data import (
     load_rl_jsonl,
     mix_datasets,
 )
+from megatron_longact.errors import UserError
 
 _LOADERS = {"jsonl": load_rl_jsonl, "docqa": load_docqa_rl, "memagent": load_memagent_rl}
 
@@ -17,13 +18,13 @@ _LOADERS = {"jsonl": load_rl_jsonl, "docqa": load_docqa_rl, "memagent": load_mem
 def load_rl_records(rl: RLConfig, data: DataConfig) -> list[RLRecord]:
     """All training prompts, mixed by ``rl.datasets[*].ratio`` (deterministic by ``rl.seed``)."""
     if rl.datasets and data.train_path is not None:
-        raise ValueError(
+        raise UserError(
             f"both rl.datasets and data.train_path={data.train_path} are set; the RL prompts "
             "come from one of them: drop data.train_path or list it under rl.datasets"
         )
     if not rl.datasets:
         if data.train_path is None:
-            raise ValueError(
+            raise UserError(
                 "set rl.datasets or data.train_path to an RL data file (JSONL, parquet or an HF folder)"
             )
         return load_rl_jsonl(data.train_path)

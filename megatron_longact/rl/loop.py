@@ -1,45 +1,45 @@
 """The RL loop (DAPO by default; GRPO, Clip-Cov, KL-Cov) with LongAct masks: one function.
 
-The step body is ``rl/step.py``; this file only strings the steps together with metrics,
-progress and the save point shared with the SFT loop.
+The step body is ``rl/step.py``; the loop itself (logging every ``train.log_interval`` steps,
+progress, per-interval callbacks, the save point) is the skeleton the SFT loop uses too,
+``runtime.loop.run_loop``.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 from megatron_longact.config.schema import JobConfig
 from megatron_longact.rl.reward_spec import resolve_reward
-from megatron_longact.rl.step import rl_step, setup_rl
-from megatron_longact.runtime.metrics import MetricsWriter, Progress, tensorboard_dir
-from megatron_longact.runtime.save_point import save_point
-from megatron_longact.runtime.signals import StopRequest
+from megatron_longact.rl.step import RLRun, rl_step, setup_rl
+from megatron_longact.runtime.loop import Every, Metrics, run_loop
+from megatron_longact.runtime.metrics import MetricsWriter
 
 
-def run_rl(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
+def _describe(metrics: Metrics | None) -> str:
+    if metrics is None:
+        return "no group kept"
+    return f"reward {metrics['rollout/reward_mean']:.3f} acc {metrics['rollout/accuracy']:.2f}"
+
+
+def _log_histograms(run: RLRun, writer: MetricsWriter, step: int) -> None:
+    if writer.tb is not None:
+        run.longact.log_histograms(writer.tb, step=step)
+
+
+def interval_callbacks(run: RLRun) -> list[Every]:
+    """What runs every N RL steps besides the step (held-out evaluation hooks in here)."""
+    return []
+
+
+def run_rl(job: JobConfig, *, config_yaml: str = "") -> Metrics:
     """Trains ``train.train_steps`` RL steps from ``checkpoint.load_dir`` (the SFT model), or
     from the HF weights of ``model.hf_path``; resumes from ``checkpoint.save_dir``. Returns the
-    last logged step's metrics. All ranks run it."""
+    last step's metrics. All ranks run it."""
     resolve_reward(job.rl.reward)  # a bad rl.reward fails before anything is built
     run = setup_rl(job)
-    state, last_step = run.state, job.train.train_steps
-    writer = MetricsWriter(tensorboard_dir(job), wandb_project=job.logging.wandb_project)
-    metrics: dict[str, float] = {}
-    stop = StopRequest()
-    start = state.progress["step"]
-    with Progress(last_step, description="rl", enabled=job.logging.progress, start=start) as bar:
-        for step in range(start + 1, last_step + 1):
-            step_metrics = rl_step(run, step=step)
-            state.progress["step"] = step
-            if step_metrics is not None:
-                metrics = step_metrics
-                writer.log(metrics, step=step)
-                if writer.tb is not None:
-                    run.longact.log_histograms(writer.tb, step=step)
-            bar.update(info="no group kept" if step_metrics is None else
-                       f"reward {metrics['rollout/reward_mean']:.3f} "
-                       f"acc {metrics['rollout/accuracy']:.2f}")  # fmt: skip
-            if save_point(state, job.checkpoint, stop, step=step, last_step=last_step,
-                          config_yaml=config_yaml,
-                          extra={"longact": run.longact.pipeline_state_dict()}):  # fmt: skip
-                break
-    writer.close()
-    return metrics
+    return run_loop(job, run.state, lambda step: rl_step(run, step=step), name="rl",
+                    describe=_describe, every=interval_callbacks(run),
+                    after_log=partial(_log_histograms, run),
+                    checkpoint_extra=lambda: {"longact": run.longact.pipeline_state_dict()},
+                    config_yaml=config_yaml)  # fmt: skip

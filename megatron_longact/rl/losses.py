@@ -55,6 +55,7 @@ from megatron_longact.config.schema import (
     KL_COV_RATIO,
     RLConfig,
 )
+from megatron_longact.errors import UserError
 
 # One set of defaults, shared with RLConfig (config/schema.py); the two below belong to one
 # algorithm each and have no config field of their own (rl.eps_* override them).
@@ -123,7 +124,7 @@ def _clipped_pg(
     """Per-token PPO-clip loss with optional dual clip, [B, T]; the [B, T] bool mask of tokens
     the PPO clip is active on; clip metrics."""
     if dual_clip_c is not None and dual_clip_c <= 1.0:
-        raise ValueError(f"dual_clip_c={dual_clip_c} must be > 1 (3 or 10), or None to disable")
+        raise UserError(f"dual_clip_c={dual_clip_c} must be > 1 (3 or 10), or None to disable")
     loss_unclipped = -advantages * ratio
     loss_clipped = -advantages * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     loss = torch.maximum(loss_unclipped, loss_clipped)
@@ -225,7 +226,7 @@ def grpo_loss(
     )
     if kl_beta > 0:
         if ref_logp is None:
-            raise ValueError(
+            raise UserError(
                 f"grpo_loss: kl_beta={kl_beta} needs ref_logp from the reference model; "
                 "pass ref_logp or set kl_beta=0"
             )
@@ -330,7 +331,7 @@ def clip_cov_loss(
     maskf = _check_inputs(logp, old_logp, advantages, mask)
     num_tokens = _require_count(num_global_tokens, "num_global_tokens", "clip_cov_loss")
     if not 0.0 <= clip_cov_ratio <= 1.0 or clip_cov_lb >= clip_cov_ub:
-        raise ValueError(
+        raise UserError(
             f"clip_cov_ratio={clip_cov_ratio} must lie in [0, 1] and clip_cov_lb={clip_cov_lb} "
             f"< clip_cov_ub={clip_cov_ub} (paper: 2e-4, 1, 5)"
         )
@@ -391,7 +392,7 @@ def kl_cov_loss(
     maskf = _check_inputs(logp, old_logp, advantages, mask)
     num_tokens = _require_count(num_global_tokens, "num_global_tokens", "kl_cov_loss")
     if not 0.0 <= kl_cov_ratio <= 1.0:
-        raise ValueError(f"kl_cov_ratio={kl_cov_ratio} must lie in [0, 1] (paper: 2e-4)")
+        raise UserError(f"kl_cov_ratio={kl_cov_ratio} must lie in [0, 1] (paper: 2e-4)")
     ratio = _ratio(logp, old_logp, log_ratio_clamp)
     abs_kl = (logp - old_logp).abs()
     per_token = -advantages * ratio
@@ -430,7 +431,7 @@ def get_loss_fn(name: str) -> LossFn:
     """The loss registered as ``name`` in ``LOSS_FNS``; ValueError listing the valid names."""
     fn = LOSS_FNS.get(name)
     if fn is None:
-        raise ValueError(f"unknown loss '{name}'; valid names: {', '.join(sorted(LOSS_FNS))}")
+        raise UserError(f"unknown loss '{name}'; valid names: {', '.join(sorted(LOSS_FNS))}")
     return fn
 
 

@@ -32,6 +32,7 @@ from megatron_longact.data.answers import (
     infer_answer_type,
     letter_regexes,
 )
+from megatron_longact.errors import UserError
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -324,7 +325,7 @@ def format_answer_reward(
     elif kind == "qa":
         ans = answer_qa_reward(response, gold, mode=mode)
     else:
-        raise ValueError(f"answer_type={answer_type!r}; use one of auto, mc, qa, number")
+        raise UserError(f"answer_type={answer_type!r}; use one of auto, mc, qa, number")
     return RewardResult(
         score=fmt.score + ans.score,
         format_ok=fmt.format_ok,
@@ -352,5 +353,5 @@ def compute_reward(name: str, response: str, gold: Gold, **kwargs: object) -> Re
     """
     fn = REWARD_FNS.get(name)
     if fn is None:
-        raise ValueError(f"unknown reward '{name}'; valid names: {', '.join(sorted(REWARD_FNS))}")
+        raise UserError(f"unknown reward '{name}'; valid names: {', '.join(sorted(REWARD_FNS))}")
     return fn(response, gold, **kwargs)

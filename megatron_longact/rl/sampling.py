@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import torch
 
+from megatron_longact.errors import UserError
+
 MAX_NUM_GEN_BATCHES = 10  # verl's DAPO scripts; <= 0 means unbounded
 OVERLONG_PENALTY_FACTOR = 1.0  # verl's DAPO 32B script (buffer 4096 with max length 20480)
 
@@ -76,7 +78,7 @@ class DynamicSamplingState:
         if self.train_batch_size <= 0:
             raise ValueError(f"train_batch_size={self.train_batch_size} must be positive")
         if self.on_exhausted not in ("error", "continue"):
-            raise ValueError(f"on_exhausted={self.on_exhausted!r}; use 'error' or 'continue'")
+            raise UserError(f"on_exhausted={self.on_exhausted!r}; use 'error' or 'continue'")
 
 
 def add_generation_batch(
@@ -149,7 +151,7 @@ def overlong_penalty(
         [N] float32 penalties (<= 0).
     """
     if not 0 < buffer_length <= max_response_length:
-        raise ValueError(
+        raise UserError(
             f"overlong buffer_length={buffer_length} must be in (0, max_response_length="
             f"{max_response_length}]"
         )

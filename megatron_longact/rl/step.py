@@ -1,7 +1,7 @@
 """One RL step: generate and score rollouts, old/reference log-probs, the policy update.
 
 :func:`setup_rl` builds what every step uses (an :class:`RLRun`); :func:`rl_step` is the step
-itself; ``rl/loop.py`` strings them together with logging and checkpoints.
+itself; ``rl/loop.py`` hands it to the loop skeleton (``runtime.loop``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from megatron_longact.checkpoint import preflight
 from megatron_longact.config.schema import JobConfig, check_rl_batch
 from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer, pad_id
 from megatron_longact.longact.controller import LongActController
@@ -29,7 +28,6 @@ from megatron_longact.rl.rollout.stops import resolve_stop_conditions
 from megatron_longact.rl.rollout.types import RolloutEngine
 from megatron_longact.runtime.batches import global_batch_indices
 from megatron_longact.runtime.distributed import init_distributed
-from megatron_longact.runtime.metrics import tensorboard_dir
 from megatron_longact.runtime.setup import TrainState, load_start_weights, setup_train_state
 from megatron_longact.runtime.train_step import train_step
 
@@ -63,13 +61,13 @@ class RLRun:
     reference: Any | None
     """Frozen reference model for the KL term (``rl.kl_beta`` > 0), else None."""
     records: list
-    """The RL prompt records; their order per step comes from ``progress['prompts_consumed']``."""
+    """The RL prompt records; their order per step comes from ``progress.prompts_consumed``."""
 
 
 def setup_rl(job: JobConfig) -> RLRun:
     """Distributed init, data, model, LongAct, start weights (resume / load / HF), reference
-    model, rollout engine and the preflight of the output folders. All ranks call it."""
-    rl, ckpt = job.rl, job.checkpoint
+    model and rollout engine. All ranks call it."""
+    rl = job.rl
     dims = init_distributed(job.parallel, seed=job.train.seed)
     check_rl_batch(job, dp=dims.dp)
     tokenizer = load_tokenizer(job.data.tokenizer_path or TINY_TOKENIZER_DIR)
@@ -78,14 +76,10 @@ def setup_rl(job: JobConfig) -> RLRun:
     state = setup_train_state(job, dims)
     longact = LongActController.from_train_state(job.longact, state)
     loaded = load_start_weights(job, state)
-    state.progress.setdefault("prompts_consumed", 0)
     if loaded is not None and loaded.progress:
-        state.progress.update(loaded.progress)
         longact.load_state_dict(loaded.extra.get("longact", {}))
     reference = build_reference_model(job, state) if rl.kl_beta > 0 else None
     engine = build_engine(job, state, tokenizer)
-    preflight(save_dir=ckpt.save_dir, other_dirs={"logging.tensorboard_dir": tensorboard_dir(job)},
-              model=state.model, with_optimizer=True)  # fmt: skip
     return RLRun(job=job, state=state, longact=longact, engine=engine, tokenizer=tokenizer,
                  reference=reference, records=records)  # fmt: skip
 
@@ -94,8 +88,8 @@ def _next_records(run: RLRun, n: int) -> list:
     """The next ``n`` prompt records of the seeded epoch order (the same on every rank)."""
     progress = run.state.progress
     order = global_batch_indices(len(run.records), batch_size=n, seed=run.job.rl.seed,
-                                 consumed=progress["prompts_consumed"])  # fmt: skip
-    progress["prompts_consumed"] += n
+                                 consumed=progress.prompts_consumed)  # fmt: skip
+    progress.prompts_consumed += n
     return [run.records[i] for i in order]
 
 

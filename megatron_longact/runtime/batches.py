@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from megatron_longact.errors import UserError
+
 
 def global_batch_indices(
     num_items: int, *, batch_size: int, consumed: int, seed: int, shuffle: bool = True
@@ -20,7 +22,7 @@ def global_batch_indices(
     Epoch ``e`` visits a permutation drawn with ``seed + e``; batches run across epoch ends.
     """
     if num_items == 0:
-        raise ValueError("the dataset is empty; check data.train_path")
+        raise UserError("the dataset is empty; check data.train_path")
     indices = []
     position = consumed
     while len(indices) < batch_size:
@@ -38,7 +40,7 @@ def global_batch_indices(
 def num_microbatches(*, global_batch_size: int, micro_batch_size: int, dp: int) -> int:
     """Micro-batches per DP rank; raises ValueError naming the fields when not whole."""
     if global_batch_size % (micro_batch_size * dp):
-        raise ValueError(
+        raise UserError(
             f"data.global_batch_size={global_batch_size} must be divisible by "
             f"data.micro_batch_size={micro_batch_size} x data-parallel size {dp}"
         )

@@ -4,7 +4,8 @@ megatron-core assumes a GPU in a few places: it asks ``torch.cuda.current_device
 creates tensors with ``device='cuda'``, forks a CUDA RNG tracker, checks
 ``param.type() == 'torch.cuda.FloatTensor'`` in its optimizers and calls
 ``torch.cuda.synchronize()``. This module, and only this module, bridges those to the
-CPU. :func:`enable` is a no-op when CUDA is available, so GPU runs never see it.
+CPU. :func:`enable` is a no-op when CUDA is available, so GPU runs never see it. The globals
+it replaces are registered in ``runtime.mcore_compat`` (the version fence).
 
 What it does, and why each piece is needed:
 
@@ -133,22 +134,26 @@ def _set_cpu_rng_state(new_state: torch.Tensor, *_args, **_kwargs) -> None:
 def _patch_rng() -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
-    mrandom._get_cuda_rng_state = _get_cpu_rng_state
-    mrandom._set_cuda_rng_state = _set_cpu_rng_state
-    mrandom.CudaRNGStatesTracker = CpuRNGStatesTracker
-    mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
-    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    from megatron_longact.runtime.mcore_compat import replace_global
+
+    replace_global(mrandom, "_get_cuda_rng_state", _get_cpu_rng_state)
+    replace_global(mrandom, "_set_cuda_rng_state", _set_cpu_rng_state)
+    replace_global(mrandom, "CudaRNGStatesTracker", CpuRNGStatesTracker)
+    replace_global(mrandom, "_CUDA_RNG_STATE_TRACKER", CpuRNGStatesTracker())
+    replace_global(mrandom, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True)
 
 
 def _patch_torch_cuda() -> None:
-    torch.cuda.current_device = lambda: 0
-    torch.cuda.synchronize = lambda *a, **k: None
-    torch.cuda.empty_cache = lambda: None
-    torch.cuda.set_device = lambda *a, **k: None
-    torch.cuda.manual_seed = lambda seed: None
-    torch.cuda.manual_seed_all = lambda seed: None
-    torch.cuda.get_rng_state = functools.partial(_get_cpu_rng_state)
-    torch.cuda.set_rng_state = _set_cpu_rng_state
+    from megatron_longact.runtime.mcore_compat import replace_global
+
+    replace_global(torch.cuda, "current_device", lambda: 0)
+    replace_global(torch.cuda, "synchronize", lambda *a, **k: None)
+    replace_global(torch.cuda, "empty_cache", lambda: None)
+    replace_global(torch.cuda, "set_device", lambda *a, **k: None)
+    replace_global(torch.cuda, "manual_seed", lambda seed: None)
+    replace_global(torch.cuda, "manual_seed_all", lambda seed: None)
+    replace_global(torch.cuda, "get_rng_state", functools.partial(_get_cpu_rng_state))
+    replace_global(torch.cuda, "set_rng_state", _set_cpu_rng_state)
 
 
 def enable() -> bool:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from megatron_longact.config.schema import ParallelConfig
 from megatron_longact.device import on_cuda
+from megatron_longact.errors import UserError
 from megatron_longact.runtime import cpu_compat
 
 
@@ -50,7 +51,7 @@ def check_world_size(world_size: int, parallel: ParallelConfig) -> int:
         * parallel.context_parallel_size
     )
     if world_size % model_parallel != 0:
-        raise ValueError(
+        raise UserError(
             f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size "
             f"({parallel.tensor_model_parallel_size}) x parallel.pipeline_model_parallel_size "
             f"({parallel.pipeline_model_parallel_size}) x parallel.context_parallel_size "

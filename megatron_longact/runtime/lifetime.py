@@ -87,6 +87,8 @@ def start_checkpoint_writer_queue() -> None:
     install_fork_guard()
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    from megatron_longact.runtime.mcore_compat import replace_global
+
     if filesystem_async._results_queue is not None:
         return
     import multiprocessing as mp
@@ -100,4 +102,4 @@ def start_checkpoint_writer_queue() -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     _writer_manager = manager
-    filesystem_async._results_queue = manager.Queue()
+    replace_global(filesystem_async, "_results_queue", manager.Queue())

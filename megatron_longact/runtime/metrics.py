@@ -9,6 +9,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megatron_longact.config.schema import JobConfig
+from megatron_longact.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class MetricsWriter:
             try:
                 import wandb
             except ImportError as err:
-                raise ValueError(
+                raise UserError(
                     "logging.wandb_project is set but wandb is not installed: "
                     "pip install -e '.[wandb]'"
                 ) from err

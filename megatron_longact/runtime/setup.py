@@ -8,12 +8,13 @@ optimizer over those buffers and the scheduler over the optimizer.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from megatron_longact.config.schema import JobConfig
+from megatron_longact.errors import UserError
 from megatron_longact.models.gpt import (
     build_gpt_model,
     load_architecture,
@@ -27,6 +28,30 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
+class TrainProgress:
+    """The counters a run advances, saves in every checkpoint (as a plain dict, see
+    :meth:`state_dict`) and resumes from."""
+
+    step: int = 0
+    """Optimizer steps done (1-based step ``step`` is the last one finished)."""
+    consumed_samples: int = 0
+    """SFT: packed samples taken from the training set (the data order resumes from it)."""
+    prompts_consumed: int = 0
+    """RL: prompt records drawn from the seeded epoch order (the next step's prompts)."""
+
+    def state_dict(self) -> dict[str, int]:
+        """The checkpoint's ``progress`` entry: ``{field: value}``."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, saved: dict) -> TrainProgress:
+        """From a checkpoint's ``progress`` dict; a counter an older checkpoint lacks is 0
+        (SFT checkpoints saved before RL existed hold no ``prompts_consumed``)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: int(v) for k, v in saved.items() if k in names})
+
+
+@dataclass(kw_only=True)
 class TrainState:
     """What a loop needs to run steps; the mutable counters live in ``progress``."""
 
@@ -36,14 +61,7 @@ class TrainState:
     optimizer: Any  # megatron MegatronOptimizer (DistributedOptimizer when configured)
     scheduler: Any  # megatron OptimizerParamScheduler
     dims: ParallelDims
-    progress: dict
-
-
-def warmup_steps(job: JobConfig) -> int:
-    """Warmup length in steps: ``optim.warmup_steps`` or ceil(ratio x train_steps)."""
-    if job.optim.warmup_steps is not None:
-        return job.optim.warmup_steps
-    return math.ceil(job.optim.warmup_ratio * job.train.train_steps)
+    progress: TrainProgress = dataclasses.field(default_factory=TrainProgress)
 
 
 def setup_train_state(job: JobConfig, dims: ParallelDims) -> TrainState:
@@ -59,7 +77,7 @@ def setup_train_state(job: JobConfig, dims: ParallelDims) -> TrainState:
 
     arch = load_architecture(job.model)
     if arch.vocab_size % dims.tp:
-        raise ValueError(
+        raise UserError(
             f"vocab_size={arch.vocab_size} is not divisible by tensor parallel size {dims.tp}"
         )
     tconfig = make_transformer_config(arch, model=job.model, parallel=job.parallel, train=job.train)
@@ -100,7 +118,7 @@ def setup_train_state(job: JobConfig, dims: ParallelDims) -> TrainState:
         init_lr=0.0,
         max_lr=job.optim.lr,
         min_lr=job.optim.min_lr,
-        lr_warmup_steps=warmup_steps(job),
+        lr_warmup_steps=job.lr_warmup_steps,
         lr_decay_steps=max(job.train.train_steps, 1),
         lr_decay_style=job.optim.lr_decay_style,
         start_wd=job.optim.weight_decay,
@@ -115,7 +133,6 @@ def setup_train_state(job: JobConfig, dims: ParallelDims) -> TrainState:
         optimizer=optimizer,
         scheduler=scheduler,
         dims=dims,
-        progress={"step": 0, "consumed_samples": 0},
     )
 
 
@@ -124,7 +141,7 @@ def init_source(job: JobConfig) -> str:
     if job.model.init == "auto":
         return "hf" if job.model.hf_path is not None else "random"
     if job.model.init == "hf" and job.model.hf_path is None:
-        raise ValueError(
+        raise UserError(
             "model.init=hf needs model.hf_path (a local Hugging Face folder with safetensors); "
             "set it, or model.init=random"
         )
@@ -158,6 +175,8 @@ def load_start_weights(job: JobConfig, state: TrainState):
         on_corrupt=ckpt.on_corrupt,
     )
     if loaded is not None:
+        if loaded.progress:  # a resume: the counters carry on (a weights-only load starts at 0)
+            state.progress = TrainProgress.from_state_dict(loaded.progress)
         what = "resumed" if loaded.optimizer_restored or loaded.progress else "loaded weights of"
         log("init: %s checkpoint %s (step %d)", what, loaded.path, loaded.step)
         return loaded

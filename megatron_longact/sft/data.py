@@ -11,6 +11,7 @@ from megatron_longact.config.schema import DataConfig
 from megatron_longact.data.chat import TokenizedSample, load_sft_dataset
 from megatron_longact.data.packing import PackedBin, collate, fill_bin, pack_samples
 from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer, pad_id
+from megatron_longact.errors import UserError
 
 
 @dataclass(kw_only=True)
@@ -49,24 +50,24 @@ def load_sft_data(data: DataConfig, *, pad_multiple: int = 1) -> SftData:
     Raises FileNotFoundError / DataFormatError naming the file (and line) on bad input.
     """
     if data.seq_length % pad_multiple:
-        raise ValueError(
+        raise UserError(
             f"data.seq_length={data.seq_length} must be divisible by 2 x context_parallel_size "
             f"({pad_multiple})"
         )
     if data.train_path is None:
-        raise ValueError(
+        raise UserError(
             "data.train_path is not set; point it at SFT conversations (JSONL, parquet or an HF folder)"
         )
     tokenizer = load_tokenizer(data.tokenizer_path or TINY_TOKENIZER_DIR)
     pad = pad_id(tokenizer)
     train = load_sft_dataset(data.train_path, tokenizer, max_length=data.seq_length)
     if len(train) == 0 and train.num_dropped == 0:
-        raise ValueError(
+        raise UserError(
             f"data.train_path={data.train_path} holds no samples (an empty file or folder); "
             "point it at a chat data file with at least one record"
         )
     if len(train) == 0:
-        raise ValueError(
+        raise UserError(
             f"{data.train_path}: no sample fits data.seq_length={data.seq_length}; raise it"
         )
     val = (

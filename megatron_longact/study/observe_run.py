@@ -19,6 +19,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from megatron_longact.errors import UserError
 from megatron_longact.longact.profile import SaliencyProfile, save_saliency
 from megatron_longact.study import probe_tasks
 from megatron_longact.study.hf_model import (
@@ -102,7 +103,7 @@ def run_observe(config: ObserveConfig) -> dict:
     if config.compare_model_dir:
         other, _, other_shape = load_hf(config.compare_model_dir)
         if other_shape != shape:
-            raise ValueError(f"--compare-model {config.compare_model_dir}: shape {other_shape} "
+            raise UserError(f"--compare-model {config.compare_model_dir}: shape {other_shape} "
                              f"differs from {shape}")  # fmt: skip
         print("observe: the compare model on the main prompts", flush=True)
         compared = profile_from_samples(per_sample_saliency(other, main_ids), shape)
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     values = {k: v for k, v in vars(args).items() if k not in ("model", "out", "compare_model")}
     if values["num_prompts"] < 2:
-        raise ValueError("--num-prompts must be at least 2 (two disjoint halves)")
+        raise UserError("--num-prompts must be at least 2 (two disjoint halves)")
     run_observe(ObserveConfig(model_dir=args.model, out_dir=args.out,
                               compare_model_dir=args.compare_model, **values))  # fmt: skip
     print(f"wrote {Path(args.out) / 'stats.md'}")

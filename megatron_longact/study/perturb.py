@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
+from megatron_longact.errors import UserError
 from megatron_longact.longact.profile import SaliencyProfile
 from megatron_longact.longact.selection import num_selected, random_generator, select_dims
 from megatron_longact.study.hf_model import projection_modules
@@ -37,7 +38,7 @@ def clamp_masks(profile: SaliencyProfile, *, arm: str, ratio: float, seed: int) 
     are the identity, bit for bit.
     """
     if arm not in ARMS:
-        raise ValueError(f"perturb arm {arm!r} is not one of {ARMS}")
+        raise UserError(f"perturb arm {arm!r} is not one of {ARMS}")
     masks: Masks = {}
     for layer, per in profile.saliency.items():
         masks[layer] = {}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_longact.errors import UserError
 from megatron_longact.longact.profile import save_saliency
 from megatron_longact.study import probe_tasks
 from megatron_longact.study.hf_model import (
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
     bad = [a for a in arms if a not in ARMS]
     if bad:
-        raise ValueError(f"--arms: {bad} not among {ARMS}")
+        raise UserError(f"--arms: {bad} not among {ARMS}")
     values = {k: v for k, v in vars(args).items() if k not in ("model", "out", "arms")}
     run_perturb(PerturbRunConfig(model_dir=args.model, out_dir=args.out, arms=arms, **values))
     print(f"wrote {Path(args.out) / 'perturb.md'}")

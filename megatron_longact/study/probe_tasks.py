@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from megatron_longact.data.synthetic import make_task
+from megatron_longact.errors import UserError
 
 RETRIEVAL_SUFFIX = " Answer with the number only."
 """Appended to the synthetic task's question: a chat model then answers in a short sentence."""
@@ -80,7 +81,7 @@ def perplexity_windows(tokenizer, *, num_windows: int, window_tokens: int) -> li
     """The first ``num_windows`` disjoint ``window_tokens``-token windows of that text."""
     ids = tokenizer(perplexity_text(), add_special_tokens=False)["input_ids"]
     if len(ids) < num_windows * window_tokens:
-        raise ValueError(
+        raise UserError(
             f"perplexity text has {len(ids)} tokens, fewer than {num_windows} x {window_tokens}; "
             "lower --ppl-windows or --ppl-tokens"
         )

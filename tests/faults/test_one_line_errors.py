@@ -125,3 +125,30 @@ def test_under_the_launcher_two_ranks_print_one_line(synthetic_data_dir, tmp_pat
         "config (JSONL, JSON list, parquet, or a Hugging Face dataset folder)"
     ]
     assert "ChildFailedError" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_longact_schedule_fields_fail_at_load():
+    # Found at load, not at the second optimizer step's selection refresh.
+    with pytest.raises(ConfigError, match=r"longact: every_n_steps=0 must be >= 1"):
+        load_config(JobConfig, None, ["longact.schedule=every_n_steps", "longact.every_n_steps=0"])
+    with pytest.raises(ConfigError, match=r"train: log_interval must be >= 1"):
+        load_config(JobConfig, None, ["train.log_interval=0"])
+
+
+def test_only_user_errors_are_one_line_and_other_errors_keep_their_traceback(monkeypatch, capsys):
+    import megatron_longact.data.make_synthetic as make_synthetic
+    from megatron_longact.errors import UserError
+
+    def user_mistake(_argv):
+        raise UserError("data.train_path=x.jsonl: not found; fix the path")
+
+    monkeypatch.setattr(make_synthetic, "main", user_mistake)
+    assert longact_main(["data"]) == 2
+    assert _one_line(capsys) == "longact: error: data.train_path=x.jsonl: not found; fix the path"
+
+    def broken_invariant(_argv):
+        raise ValueError("internal: 3 rows for 4 samples")
+
+    monkeypatch.setattr(make_synthetic, "main", broken_invariant)
+    with pytest.raises(ValueError, match="internal: 3 rows for 4 samples"):
+        longact_main(["data"])  # not swallowed into exit 2: the traceback reaches the user

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from megatron_longact.errors import UserError
 from megatron_longact.eval.metrics import (
     ruler_postprocess,
     string_match_all,
@@ -79,7 +80,7 @@ def generate_ruler_task(
     if depths is not None and not isinstance(cfg, NiahConfig):
         raise ValueError(f"depths= applies to NIAH tasks only, not {task!r}")
     if isinstance(cfg, QAConfig) and qa_pool is None:
-        raise ValueError(
+        raise UserError(
             f"RULER task {task} needs a qa_pool: ruler.qa.load_squad_pool(path) / load_hotpotqa_pool(path) "
             "for the official sets, or ruler.qa.synthetic_qa_pool() offline"
         )

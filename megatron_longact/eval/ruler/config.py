@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from megatron_longact.errors import UserError
+
 HaystackType = Literal["noise", "essay", "needle"]
 NeedleType = Literal["numbers", "words", "uuids"]
 
@@ -153,5 +155,5 @@ TABLE2_COLUMNS = (*TABLE2_GROUPS, "Avg")
 def task_config(task: str) -> TaskConfig:
     """The config of a RULER task name; ValueError naming the valid ones otherwise."""
     if task not in RULER_TASKS:
-        raise ValueError(f"unknown RULER task {task!r}; choose from {list(RULER_TASKS)}")
+        raise UserError(f"unknown RULER task {task!r}; choose from {list(RULER_TASKS)}")
     return RULER_TASKS[task]

@@ -13,6 +13,7 @@ import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from megatron_longact.errors import UserError
 from megatron_longact.eval.tokens import TextCodec
 
 # Filler units added to the empty haystack to measure the tokens one unit costs.
@@ -103,7 +104,7 @@ def fit_count(
     """
     f_lo = codec.count(build(minimum))
     if f_lo > budget:
-        raise ValueError(
+        raise UserError(
             f"RULER task {task or '?'}: the prompt without filler already has {f_lo} tokens, over the "
             f"budget of {budget}; raise max_seq_length"
         )

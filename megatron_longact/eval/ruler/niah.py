@@ -14,6 +14,7 @@ import random
 import string
 from collections.abc import Callable, Sequence
 
+from megatron_longact.errors import UserError
 from megatron_longact.eval.ruler.config import (
     NIAH_ANSWER_PREFIX,
     NIAH_NEEDLE,
@@ -57,7 +58,7 @@ def _haystack_stream(
         if essay_text is not None:
             sentences = split_sentences(essay_text)
             if not sentences:
-                raise ValueError("essay_text has no sentences; pass None to use generated filler")
+                raise UserError("essay_text has no sentences; pass None to use generated filler")
             # RULER repeats the essay as often as the context needs.
             cycle = itertools.cycle(sentences)
             return UnitStream(lambda k: list(itertools.islice(cycle, k))), " "

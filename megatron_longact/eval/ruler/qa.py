@@ -17,6 +17,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_longact.errors import UserError
 from megatron_longact.eval.ruler.config import QA_ANSWER_PREFIX, QA_DOCUMENT, QA_TEMPLATE
 from megatron_longact.eval.ruler.layout import Filled, fit_count, render
 from megatron_longact.eval.ruler.text import ADJECTIVES, NOUNS
@@ -76,7 +77,7 @@ def load_squad_pool(path: str | Path) -> QAPool:
                         )
                     )
     except (KeyError, TypeError) as err:
-        raise ValueError(
+        raise UserError(
             f"{path}: not in SQuAD v2 format (missing {err}); expected data/paragraphs/qas"
         ) from err
     return QAPool(documents=tuple(docs), items=tuple(items))
@@ -101,7 +102,7 @@ def load_hotpotqa_pool(path: str | Path) -> QAPool:
             for record in data
         )
     except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(
+        raise UserError(
             f"{path}: not in HotpotQA format ({err}); expected question/answer/context"
         ) from err
     return QAPool(documents=tuple(docs), items=items)
@@ -114,7 +115,7 @@ def _read_json(path: str | Path, what: str) -> object:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err.msg})") from err
+        raise UserError(f"{path}: not valid JSON ({err.msg})") from err
 
 
 def synthetic_qa_pool(*, seed: int = 0, num_items: int = 64) -> QAPool:
@@ -181,7 +182,7 @@ def generate_qa(
 ) -> tuple[Filled, list[str]]:
     """The QA prompt for pool item ``index`` with as many documents as fit ``budget`` tokens."""
     if not 0 <= index < len(pool.items):
-        raise ValueError(
+        raise UserError(
             f"RULER task {task}: sample {index} needs QA item {index}, but the pool has {len(pool.items)}; pass fewer samples or a larger pool"
         )
     item = pool.items[index]

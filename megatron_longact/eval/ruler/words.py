@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import string
 
+from megatron_longact.errors import UserError
 from megatron_longact.eval.ruler.config import (
     CWE_ANSWER_PREFIX,
     CWE_SHORT_CONTEXT,
@@ -104,7 +105,7 @@ def generate_fwe(
     """One FWE prompt fitting ``budget`` tokens; references are vocab ranks 2-4 (rank 1 is '...')."""
     vocab_size = cfg.vocab_size if cfg.vocab_size > 0 else budget // FWE_TOKENS_PER_VOCAB_WORD
     if vocab_size < FWE_NUM_ANSWERS + 1:
-        raise ValueError(
+        raise UserError(
             f"RULER task {task}: vocab_size {vocab_size} too small; raise max_seq_length or vocab_size"
         )
     vocab = _fwe_vocab(random.Random(f"{seed}:vocab"), vocab_size, cfg.coded_wordlen)

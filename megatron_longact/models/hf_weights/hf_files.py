@@ -11,6 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_longact.errors import UserError
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
@@ -36,7 +38,7 @@ def parse_size(text: str | int) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
     unit = match.group(2).upper() if match else None
     if match is None or unit not in _SIZE_UNITS:
-        raise ValueError(f"--max-shard-size={text!r}: write a size like 5GB, 500MB or 4096")
+        raise UserError(f"--max-shard-size={text!r}: write a size like 5GB, 500MB or 4096")
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
@@ -49,7 +51,7 @@ def open_safetensors(path: Path):
     try:
         return safe_open(path, framework="pt")
     except Exception as err:  # noqa: BLE001 - SafetensorError is not importable by name
-        raise ValueError(
+        raise UserError(
             f"{path}: not a readable safetensors file ({err}); it is truncated or corrupt: "
             "copy or download it again"
         ) from err
@@ -70,7 +72,7 @@ class HFWeights:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as err:
-                raise ValueError(f"{index}: not a safetensors index ({err!r})") from err
+                raise UserError(f"{index}: not a safetensors index ({err!r})") from err
             self.source = str(index)
         elif (self.model_dir / SINGLE_FILE).is_file():
             with open_safetensors(self.model_dir / SINGLE_FILE) as handle:
@@ -92,7 +94,7 @@ class HFWeights:
 
     def _handle(self, name: str):
         if name not in self.weight_map:
-            raise ValueError(f"{self.source}: no tensor named {name!r}")
+            raise UserError(f"{self.source}: no tensor named {name!r}")
         file = self.weight_map[name]
         if file not in self._handles:
             self._handles[file] = open_safetensors(self.model_dir / file)

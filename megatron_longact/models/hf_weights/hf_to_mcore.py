@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from megatron_longact.errors import UserError
 from megatron_longact.models.hf_config import HFArchitecture, parse_hf_config, read_hf_config
 from megatron_longact.models.hf_weights.hf_files import HFWeights
 from megatron_longact.models.hf_weights.mapping import (
@@ -194,7 +195,7 @@ def _copy(
     tp: int,
 ) -> None:
     if tensor.shape != param.shape:
-        raise ValueError(
+        raise UserError(
             f"{weights.source}: {source} gives shape {tuple(tensor.shape)} but megatron's "
             f"{name} holds {tuple(param.shape)} at TP={tp}; config.json and the weights "
             "disagree"
@@ -224,7 +225,7 @@ def load_hf_weights(
     """
     source = inspect_hf_dir(hf_dir)
     if source.arch != arch:
-        raise ValueError(
+        raise UserError(
             f"{source.model_dir}/config.json describes {source.arch} but the run was built as "
             f"{arch}; point model.hf_path at the folder the run's config came from"
         )

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from megatron_longact.errors import UserError
 from megatron_longact.models.hf_config import HFArchitecture
 from megatron_longact.models.qkv_layout import QKVLayout
 
@@ -169,20 +170,20 @@ def check_hf_tensors(
     expected = expected_hf_shapes(arch)
     missing = [n for n in expected if n not in shapes]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{source}: {len(missing)} tensor(s) the config implies are missing, e.g. "
             f"{missing[:3]}; the weights do not match config.json"
         )
     for name, shape in expected.items():
         if tuple(shapes[name]) != shape:
-            raise ValueError(
+            raise UserError(
                 f"{source}: {name} has shape {tuple(shapes[name])} but config.json implies "
                 f"{shape}; the weights do not match config.json"
             )
     allowed = set(expected) | {HF_LM_HEAD}  # tied checkpoints may still store lm_head
     extra = sorted(n for n in set(shapes) - allowed if not _IGNORED_HF.search(n))
     if extra:
-        raise ValueError(
+        raise UserError(
             f"{source}: tensor(s) with no place in the megatron model: {extra[:3]}"
             f"{' ...' if len(extra) > 3 else ''}; this converter maps Qwen3/Qwen2/Llama "
             "without o_proj or MLP biases"
@@ -197,12 +198,12 @@ def check_representable(hf: dict[str, Any], *, source: str) -> None:
     """
     model_type = hf.get("model_type")
     if model_type in ("llama", "qwen3") and hf.get("attention_bias"):
-        raise ValueError(
+        raise UserError(
             f"{source}: attention_bias=true on {model_type} also adds an o_proj bias, which "
             "megatron's GPT layer cannot hold; only attention_bias=false converts"
         )
     if hf.get("mlp_bias"):
-        raise ValueError(f"{source}: mlp_bias=true cannot be mapped; only mlp_bias=false converts")
+        raise UserError(f"{source}: mlp_bias=true cannot be mapped; only mlp_bias=false converts")
 
 
 def check_rope_parsed(hf: dict[str, Any], arch: HFArchitecture, *, source: str) -> None:
@@ -214,14 +215,14 @@ def check_rope_parsed(hf: dict[str, Any], arch: HFArchitecture, *, source: str) 
         return
     theta = params.get("rope_theta")
     if theta is not None and float(theta) != arch.rotary_base:
-        raise ValueError(
+        raise UserError(
             f"{source}: rope_parameters.rope_theta={theta} but the config was read with "
             f'rope_theta={arch.rotary_base}; add "rope_theta": {theta} at the top level of '
             "config.json"
         )
     kind = params.get("rope_type", "default")
     if kind != "default" and arch.llama3_rope_scaling is None:
-        raise ValueError(
+        raise UserError(
             f"{source}: rope_parameters.rope_type={kind!r} was not read; only llama3 scaling "
             "maps, given as a top-level rope_scaling block"
         )
@@ -253,19 +254,19 @@ def layer_to_hf(
         elif suffix in GATE_UP:
             parts = dict(zip(GATE_UP[suffix], split_gate_up(tensor)))
         else:
-            raise ValueError(
+            raise UserError(
                 f"checkpoint tensor decoder.layers.{suffix} has no Hugging Face name in "
                 "models/hf_weights/mapping.py"
             )
         out.update(parts)
     expected = hf_layer_shapes(arch)
     if set(out) != set(expected):
-        raise ValueError(
+        raise UserError(
             f"layer {layer}: checkpoint gives {sorted(out)}, config.json implies {list(expected)}"
         )
     for suffix, shape in expected.items():
         if tuple(out[suffix].shape) != shape:
-            raise ValueError(
+            raise UserError(
                 f"layer {layer}: {suffix} comes out {tuple(out[suffix].shape)} from the "
                 f"checkpoint but config.json implies {shape}; pass the source model's --hf-dir"
             )

@@ -30,7 +30,8 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megatron_longact.rl.rollout.kv_cache import has_local_attention, patched_methods
+from megatron_longact.rl.rollout.kv_cache import has_local_attention
+from megatron_longact.runtime.mcore_compat import patched_methods
 
 
 def _decode_forward(

@@ -29,8 +29,7 @@ masked softmax, so only the two matmuls' shapes change (the logits move within ~
 from __future__ import annotations
 
 import contextlib
-import types
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -40,6 +39,8 @@ from megatron.core.models.common.embeddings import rope_utils
 from megatron.core.transformer import attention as mcore_attention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+
+from megatron_longact.runtime.mcore_compat import patched_methods
 
 
 def _rotate_new(self, query, key, rotary_pos_emb, start: int, end: int):
@@ -162,19 +163,6 @@ def _grouped_attention_forward(
     context = torch.bmm(probs.view(batch * groups, per_group * sq, sk), values)
     context = context.view(batch, heads, sq, dim).permute(2, 0, 1, 3)
     return context.reshape(sq, batch, heads * dim)
-
-
-@contextlib.contextmanager
-def patched_methods(modules: list, name: str, pick: Callable) -> Iterator[None]:
-    """Inside it, each of ``modules`` has ``pick(module)`` bound as its method ``name`` (an
-    instance attribute shadowing the class's); outside it, the class's method is back."""
-    for module in modules:
-        setattr(module, name, types.MethodType(pick(module), module))
-    try:
-        yield
-    finally:
-        for module in modules:
-            delattr(module, name)
 
 
 def has_local_attention(attention) -> bool:

@@ -39,12 +39,12 @@ from collections.abc import Iterator
 
 import torch
 
+from megatron_longact.errors import UserError
 from megatron_longact.rl.rollout.decode_layer import lean_decode_layers
 from megatron_longact.rl.rollout.kv_cache import (
     attention_modules,
     grouped_query_attention,
     has_local_attention,
-    patched_methods,
     rotated_key_cache,
 )
 from megatron_longact.rl.rollout.stops import (
@@ -55,6 +55,7 @@ from megatron_longact.rl.rollout.stops import (
 )
 from megatron_longact.rl.rollout.types import Rollout, SamplingParams
 from megatron_longact.runtime import cpu_compat
+from megatron_longact.runtime.mcore_compat import patched_methods
 
 SYNC_EVERY_CUDA = 8
 """Decode steps between the host's looks at the "all rows stopped" flag on GPU."""
@@ -105,7 +106,7 @@ class NativeEngine:
         from megatron.core import parallel_state
 
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            raise ValueError(
+            raise UserError(
                 "rl.engine=native does not support pipeline parallel; use "
                 "parallel.pipeline_model_parallel_size=1 or rl.engine=vllm"
             )

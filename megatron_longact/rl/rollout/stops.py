@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_longact.errors import UserError
+
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>")
 """Chat end-of-turn tokens that stop generation when the tokenizer has them."""
 MAX_BYTES_PER_CHAR = 4
@@ -60,7 +62,7 @@ def resolve_stop_conditions(tokenizer, stop_strings: Sequence[str]) -> StopCondi
     for text in stop_strings:
         encoded = tokenizer.encode(text, add_special_tokens=False) if text else []
         if not encoded:
-            raise ValueError(
+            raise UserError(
                 f"rl.stop_strings: {text!r} encodes to no tokens; remove it or give a "
                 "non-empty string"
             )
@@ -68,7 +70,7 @@ def resolve_stop_conditions(tokenizer, stop_strings: Sequence[str]) -> StopCondi
         if text not in decoded:
             # e.g. characters the vocabulary maps to <unk>: the stop could never be generated,
             # and its token sequence would stop on unrelated text.
-            raise ValueError(
+            raise UserError(
                 f"rl.stop_strings: {text!r} decodes back as {decoded!r} with this tokenizer, "
                 "so no response can contain it; use a string the tokenizer can write"
             )
