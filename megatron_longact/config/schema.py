@@ -373,7 +373,10 @@ class EvalConfig:
     temperature: float = 0.0
     """0 is greedy decoding; the paper samples with seed 0."""
     seed: int = 0
-    max_new_tokens: int = 128
+    max_new_tokens: int | None = None
+    """Generation budget in tokens for every benchmark when set. None: each benchmark's own,
+    InfiniteBench's official per task (``eval.infinitebench.MAX_NEW_TOKENS``, e.g. 1200 for
+    En.Sum), ``eval.backends.DEFAULT_MAX_NEW_TOKENS`` (128) for the others."""
     batch_size: int = 16
     synthetic_kv_path: str | None = None
     longbench_v2_path: str | None = None

@@ -20,8 +20,11 @@ from megatron_longact.errors import UserError
 from megatron_longact.eval.runner import GenerateFn
 from megatron_longact.eval.suite import Suite
 
-CompleteFn = Callable[[list[str]], list[str]]
-"""Model inputs (chat template applied) -> completions, same length and order."""
+CompleteFn = Callable[..., list[str]]
+"""``complete(model_inputs, *, max_new_tokens)``: model inputs (chat template applied) ->
+completions of at most ``max_new_tokens`` tokens, same length and order."""
+DEFAULT_MAX_NEW_TOKENS = 128
+"""Generation budget of a suite without its own when ``eval.max_new_tokens`` is not set."""
 Backend = Callable[[JobConfig, object], CompleteFn]
 """(job, tokenizer) -> CompleteFn, as ``native_backend`` and ``vllm_backend``."""
 
@@ -42,13 +45,20 @@ def chat_prompt(tokenizer, text: str, *, system: str | None = None) -> str:
     return render_chat(tokenizer, messages, add_generation_prompt=True)
 
 
-def suite_generate(complete: CompleteFn, tokenizer, suite: Suite) -> GenerateFn:
-    """The runner's ``prompts -> responses`` for ``suite``: template, then ``complete``."""
+def suite_generate(
+    complete: CompleteFn, tokenizer, suite: Suite, *, max_new_tokens: int | None = None
+) -> GenerateFn:
+    """The runner's ``prompts -> responses`` for ``suite``: template, then ``complete`` with
+    the runner's per-sample budget, else ``max_new_tokens`` (``eval.max_new_tokens``), else
+    ``DEFAULT_MAX_NEW_TOKENS``."""
+    default = max_new_tokens if max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS
 
-    def generate(prompts: list[str]) -> list[str]:
+    def generate(prompts: list[str], *, max_new_tokens: int | None = None) -> list[str]:
+        budget = default if max_new_tokens is None else max_new_tokens
         if not suite.chat_template:
-            return complete(list(prompts))
-        return complete([chat_prompt(tokenizer, p, system=suite.system_prompt) for p in prompts])
+            return complete(list(prompts), max_new_tokens=budget)
+        inputs = [chat_prompt(tokenizer, p, system=suite.system_prompt) for p in prompts]
+        return complete(inputs, max_new_tokens=budget)
 
     return generate
 
@@ -72,20 +82,17 @@ def native_backend(job: JobConfig, tokenizer) -> CompleteFn:
                                load_dir=job.checkpoint.load_dir)  # fmt: skip
     pad = pad_id(tokenizer)
     engine = NativeEngine(model, pad_token_id=pad, batch_size=job.eval.batch_size)
-    params = SamplingParams(
-        temperature=job.eval.temperature,
-        max_new_tokens=job.eval.max_new_tokens,
-        stop_token_ids=stop_token_ids(tokenizer, []),
-        seed=job.eval.seed,
-    )
-    stops = set(params.stop_token_ids)
+    stops = stop_token_ids(tokenizer, [])
+    dropped = set(stops)
 
-    def generate(model_inputs: list[str]) -> list[str]:
+    def generate(model_inputs: list[str], *, max_new_tokens: int) -> list[str]:
+        params = SamplingParams(temperature=job.eval.temperature, max_new_tokens=max_new_tokens,
+                                stop_token_ids=stops, seed=job.eval.seed)  # fmt: skip
         ids = [tokenizer.encode(text, add_special_tokens=False) for text in model_inputs]
         outputs = engine.generate(ids, params)
         return [
             tokenizer.decode(
-                [t for t in out.response_ids if t not in stops], skip_special_tokens=False
+                [t for t in out.response_ids if t not in dropped], skip_special_tokens=False
             )  # fmt: skip
             for out in outputs
         ]
@@ -106,11 +113,11 @@ def vllm_backend(job: JobConfig, tokenizer) -> CompleteFn:
         tensor_parallel_size=job.parallel.tensor_model_parallel_size,
         seed=job.eval.seed,
     )
-    sampling = vllm.SamplingParams(
-        temperature=job.eval.temperature, max_tokens=job.eval.max_new_tokens, seed=job.eval.seed
-    )
 
-    def generate(model_inputs: list[str]) -> list[str]:
+    def generate(model_inputs: list[str], *, max_new_tokens: int) -> list[str]:
+        sampling = vllm.SamplingParams(
+            temperature=job.eval.temperature, max_tokens=max_new_tokens, seed=job.eval.seed
+        )
         outputs = llm.generate(list(model_inputs), sampling)
         return [o.outputs[0].text for o in outputs]
 

@@ -12,6 +12,7 @@ from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 from megatron_longact.errors import UserError
 from megatron_longact.eval import infinitebench, longbench_v2, ruler, synthetic_kv
 from megatron_longact.eval.backends import (
+    DEFAULT_MAX_NEW_TOKENS,
     Backend,
     chat_prompt,
     has_chat_template,
@@ -56,12 +57,15 @@ def context_window(job: JobConfig) -> int | None:
         return None
 
 
-def prompt_budget(job: JobConfig, tokenizer, *, official: int, system: str | None) -> int:
+def prompt_budget(
+    job: JobConfig, tokenizer, *, official: int, system: str | None, max_new_tokens: int
+) -> int:
     """Middle-truncation budget of one benchmark's prompts, in tokens.
 
     ``eval.max_prompt_tokens`` when set; else the benchmark's ``official`` budget, capped so the
-    prompt, its chat template (and ``system`` turn) and ``eval.max_new_tokens`` fit the model's
-    context window. Raises ValueError when nothing fits.
+    prompt, its chat template (and ``system`` turn) and ``max_new_tokens`` (the largest
+    generation budget of its samples) fit the model's context window. Raises UserError when
+    nothing fits.
     """
     if job.eval.max_prompt_tokens is not None:
         return job.eval.max_prompt_tokens
@@ -69,13 +73,12 @@ def prompt_budget(job: JobConfig, tokenizer, *, official: int, system: str | Non
     if window is None:
         return official
     scaffold = chat_prompt(tokenizer, "", system=system)
-    room = (
-        window - job.eval.max_new_tokens - len(tokenizer.encode(scaffold, add_special_tokens=False))
-    )
+    room = window - max_new_tokens - len(tokenizer.encode(scaffold, add_special_tokens=False))
     if room <= 0:
         raise UserError(
             f"the model's context window ({window} tokens) leaves no room for a prompt after "
-            f"eval.max_new_tokens={job.eval.max_new_tokens}; lower it or set eval.max_prompt_tokens"
+            f"{max_new_tokens} generated tokens; set eval.max_new_tokens lower or "
+            "eval.max_prompt_tokens"
         )
     return min(official, room)
 
@@ -127,7 +130,8 @@ def suite_runs(job: JobConfig, tokenizer) -> list[tuple[str, object, list]]:
                 raise UserError("eval.suites has longbench_v2: set eval.longbench_v2_path")
             style = "0shot" if ev.prompt_style == "official" else "answer_tag"
             budget = prompt_budget(job, tokenizer, system=None,
-                                   official=longbench_v2.DEFAULT_MAX_PROMPT_TOKENS)  # fmt: skip
+                                   official=longbench_v2.DEFAULT_MAX_PROMPT_TOKENS,
+                                   max_new_tokens=ev.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)  # fmt: skip
             suite = longbench_v2.make_suite(
                 style=style, tokenizer=tokenizer, max_prompt_tokens=budget
             )
@@ -137,13 +141,19 @@ def suite_runs(job: JobConfig, tokenizer) -> list[tuple[str, object, list]]:
             if ev.infinitebench_dir is None:
                 raise UserError("eval.suites has infinitebench: set eval.infinitebench_dir")
             chat = has_chat_template(tokenizer)
+            samples = infinitebench.load_infinitebench(ev.infinitebench_dir)
+            # The official per-task budgets unless eval.max_new_tokens overrides them all.
+            longest = ev.max_new_tokens or max(
+                (infinitebench.MAX_NEW_TOKENS[s.task] for s in samples), default=0
+            )
             budget = prompt_budget(job, tokenizer,
                                    system=infinitebench.CHAT_SYSTEM_MESSAGE if chat else None,
-                                   official=infinitebench.DEFAULT_MAX_PROMPT_TOKENS)  # fmt: skip
+                                   official=infinitebench.DEFAULT_MAX_PROMPT_TOKENS,
+                                   max_new_tokens=longest)  # fmt: skip
             suite = infinitebench.make_suite(templates="chat" if chat else "base",
-                                             tokenizer=tokenizer, max_prompt_tokens=budget)  # fmt: skip
-            runs.append(("infinitebench", suite,
-                         infinitebench.load_infinitebench(ev.infinitebench_dir)))  # fmt: skip
+                                             tokenizer=tokenizer, max_prompt_tokens=budget,
+                                             max_new_tokens=ev.max_new_tokens)  # fmt: skip
+            runs.append(("infinitebench", suite, samples))
         else:
             raise UserError(
                 f"eval.suites: unknown suite {name!r}; use synthetic_kv, ruler, longbench_v2, "
@@ -199,7 +209,9 @@ def run_eval(job: JobConfig, *, backend: Backend | None = None) -> list[Path]:
     is_writer = not dist.is_initialized() or dist.get_rank() == 0
     out_dir = Path(job.eval.out_dir)
     for _, suite, samples in runs:
-        generate = suite_generate(complete, tokenizer, suite)
+        generate = suite_generate(
+            complete, tokenizer, suite, max_new_tokens=job.eval.max_new_tokens
+        )
         scores = evaluate(suite, samples, generate, out_dir=out_dir if is_writer else
                           out_dir / f".rank{dist.get_rank()}", batch_size=job.eval.batch_size,
                           show_progress=is_writer and job.logging.progress)  # fmt: skip

@@ -300,11 +300,13 @@ def make_suite(
     max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS,
     tokenizer: Any = None,
     name: str | None = None,
+    max_new_tokens: int | None = None,
 ) -> Suite[InfiniteBenchSample]:
     """A runner suite over samples of any of the six tasks (ids are prefixed by the task).
 
     The "chat" templates come with the official system turn (``CHAT_SYSTEM_MESSAGE``), the
-    "base" ones (raw completion) without.
+    "base" ones (raw completion) without. Each sample is generated with its task's official
+    budget (``MAX_NEW_TOKENS``), or with ``max_new_tokens`` for all when given.
     """
     codec = budget_codec(tokenizer, max_prompt_tokens)
     return Suite(
@@ -316,4 +318,7 @@ def make_suite(
         score_sample=score_sample,
         aggregate=aggregate,
         system_prompt=CHAT_SYSTEM_MESSAGE if templates == "chat" else None,
+        max_new_tokens=(lambda s: MAX_NEW_TOKENS[s.task])
+        if max_new_tokens is None
+        else (lambda s: max_new_tokens),
     )

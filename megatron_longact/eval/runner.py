@@ -22,7 +22,8 @@ from megatron_longact.errors import UserError
 from megatron_longact.eval.suite import Record, Suite
 
 S = TypeVar("S")
-GenerateFn = Callable[[list[str]], list[str]]
+GenerateFn = Callable[..., list[str]]
+"""``(prompts) -> completions``, also called with ``max_new_tokens=`` (see :func:`evaluate`)."""
 
 DEFAULT_BATCH_SIZE = 8
 
@@ -75,13 +76,28 @@ def _write_json_atomic(path: Path, obj: object) -> None:
     os.replace(tmp, path)
 
 
-def _generate(generate_fn: GenerateFn, prompts: list[str]) -> list[str]:
-    outputs = list(generate_fn(prompts))
+def _generate(generate_fn: GenerateFn, prompts: list[str], max_new_tokens: int | None) -> list[str]:
+    if max_new_tokens is None:
+        outputs = list(generate_fn(prompts))
+    else:
+        outputs = list(generate_fn(prompts, max_new_tokens=max_new_tokens))
     if len(outputs) != len(prompts):
         raise ValueError(
             f"generate_fn returned {len(outputs)} completions for {len(prompts)} prompts"
         )
     return outputs
+
+
+def _batches(suite: Suite[S], todo: list[tuple[str, S]], batch_size: int):
+    """(generation budget, up to ``batch_size`` samples) in order; samples with different
+    budgets (``suite.max_new_tokens``) never share a batch. The budget is None without one."""
+    groups: dict[int | None, list[tuple[str, S]]] = {}
+    for item in todo:
+        budget = None if suite.max_new_tokens is None else suite.max_new_tokens(item[1])
+        groups.setdefault(budget, []).append(item)
+    for budget, items in groups.items():
+        for start in range(0, len(items), batch_size):
+            yield budget, items[start : start + batch_size]
 
 
 def evaluate(
@@ -99,7 +115,8 @@ def evaluate(
     Args:
         suite: the benchmark (see ``<benchmark>.make_suite``).
         samples: benchmark samples; their ``suite.sample_id`` must be unique.
-        generate_fn: list of prompts -> list of completions, same length and order.
+        generate_fn: list of prompts -> list of completions, same length and order; called
+            with ``max_new_tokens=`` as well when the suite sets per-sample budgets.
         out_dir: receives ``<suite.name>.predictions.jsonl`` and ``<suite.name>.scores.json``.
         batch_size: prompts per ``generate_fn`` call (and per flushed write).
         resume: skip samples already in the predictions file; False starts the file afresh.
@@ -133,15 +150,15 @@ def evaluate(
         disable=not show_progress,
     ) as progress:
         bar = progress.add_task(suite.name, total=len(ids), completed=len(done))
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            responses = _generate(generate_fn, [suite.build_prompt(s) for _, s in batch])
+        for budget, batch in _batches(suite, todo, batch_size):
+            responses = _generate(generate_fn, [suite.build_prompt(s) for _, s in batch], budget)
             first_turn: list[str] | None = None
             if suite.followup_prompt is not None:
                 first_turn = responses
                 responses = _generate(
                     generate_fn,
                     [suite.followup_prompt(s, r) for (_, s), r in zip(batch, first_turn)],
+                    budget,
                 )
             records = []
             for k, ((sample_id, sample), response) in enumerate(zip(batch, responses)):

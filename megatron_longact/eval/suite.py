@@ -32,6 +32,8 @@ class Suite(Generic[S]):
             (InfiniteBench's official chat message); None: no system turn.
         chat_template: False sends the prompt to the model as is, because it already holds
             the model's template (RULER's own generated files); True wraps it as a user turn.
+        max_new_tokens: the generation budget of a sample (InfiniteBench's official per-task
+            budgets); None: the backend's default for every sample.
     """
 
     name: str
@@ -42,6 +44,7 @@ class Suite(Generic[S]):
     followup_prompt: Callable[[S, str], str] | None = None
     system_prompt: str | None = None
     chat_template: bool = True
+    max_new_tokens: Callable[[S], int] | None = None
 
 
 def mean_percent(values: list[float]) -> float:

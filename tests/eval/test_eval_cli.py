@@ -29,10 +29,12 @@ class Recorder:
     def __init__(self, answer: str) -> None:
         self.answer = answer
         self.inputs: list[str] = []
+        self.budgets: list[int] = []  # max_new_tokens of each model input
 
     def __call__(self, job, tokenizer):
-        def complete(model_inputs: list[str]) -> list[str]:
+        def complete(model_inputs: list[str], *, max_new_tokens: int) -> list[str]:
             self.inputs += model_inputs
+            self.budgets += [max_new_tokens] * len(model_inputs)
             return [self.answer] * len(model_inputs)
 
         return complete
@@ -155,6 +157,27 @@ def test_infinitebench_chat_models_get_the_official_system_turn(tmp_path):
     assert all(x.startswith(_chat(tokenizer, [system])[:40]) for x in recorder.inputs)
     scores = json.loads((tmp_path / "out" / "infinitebench_chat.scores.json").read_text())
     assert scores["En.MC"] == 100.0  # "Fay" is the option text: official `pred in label`
+    assert recorder.budgets == [MAX_NEW] * 6  # eval.max_new_tokens set: it rules every task
+
+
+def test_infinitebench_uses_the_official_budget_of_each_task_by_default(tmp_path):
+    folder = tmp_path / "ib"
+    folder.mkdir()
+    for task in infinitebench.TASKS:
+        row = {"id": 0, "context": "The pass key is 123.", "input": "?", "answer": ["123"],
+               "options": ["123", "4", "5", "6"] if task == "longbook_choice_eng" else []}  # fmt: skip
+        (folder / f"{task}.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8")
+    recorder = Recorder("123")
+    job = load_config(JobConfig, None, [
+        "model.preset=micro-qwen3", f"eval.out_dir={tmp_path / 'out'}", "logging.progress=false",
+        "eval.suites=[infinitebench]", f"eval.infinitebench_dir={folder}",
+        "eval.max_prompt_tokens=200",  # the micro model's window cannot hold En.Sum's 1200
+    ])  # fmt: skip
+    run_eval(job, backend=recorder)
+    # eval_utils.DATA_NAME_TO_MAX_NEW_TOKENS: passkey 6, number_string 12, En.Sum 1200, the
+    # QA and choice tasks 40.
+    assert sorted(recorder.budgets) == [6, 12, 40, 40, 40, 1200]
+    assert infinitebench.MAX_NEW_TOKENS["longbook_sum_eng"] == 1200
 
 
 # ------------------------------------------------------------------------------------ RULER
