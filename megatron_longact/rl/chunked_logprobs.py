@@ -30,7 +30,11 @@ def _vocab_range(partition: int) -> tuple[int, int, object]:
     from megatron.core import parallel_state
 
     rank = parallel_state.get_tensor_model_parallel_rank()
-    return rank * partition, (rank + 1) * partition, parallel_state.get_tensor_model_parallel_group()
+    return (
+        rank * partition,
+        (rank + 1) * partition,
+        parallel_state.get_tensor_model_parallel_group(),
+    )
 
 
 def _shifted_chunk(logits_2d, start, end, temperature, row_max=None):
