@@ -125,11 +125,17 @@ class DataConfig:
     global_batch_size: int = 8
     packing: bool = True
     """Pack samples into ``seq_length`` bins (samples never attend across boundaries)."""
+    sequence_multiple: int = 16
+    """SFT samples are padded (no loss) to a multiple of this many tokens before packing, the
+    same at every parallel layout, so the bins are too; context parallel needs it divisible by
+    2 x context_parallel_size (16 covers CP <= 8)."""
     shuffle: bool = True
 
     def __post_init__(self) -> None:
         if self.seq_length < 8:
             raise ValueError(f"seq_length must be >= 8, got {self.seq_length}")
+        if self.sequence_multiple < 1:
+            raise ValueError(f"data.sequence_multiple must be >= 1, got {self.sequence_multiple}")
         if self.micro_batch_size < 1 or self.global_batch_size < self.micro_batch_size:
             raise ValueError(
                 f"need 1 <= micro_batch_size ({self.micro_batch_size}) <= global_batch_size "

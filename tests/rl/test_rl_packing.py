@@ -159,6 +159,7 @@ def test_cp2_packed_mask_and_thd_equal_one_process_padded(reference):
     _check_world(reference, run_local(world, 2, ["parallel.context_parallel_size=2"], cases))
 
 
+@pytest.mark.slow
 def test_dp2_partial_share_equals_one_process(reference):
     results = run_local(world, 2, [], ALL)
     _check_world(reference, results)
