@@ -31,6 +31,9 @@ KL_COV_COEF = 1.0
 # phase between two collectives, short enough that a stalled rank does not hold the job.
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
 
+LOGPROB_CHUNK_TOKENS = 4096
+"""Default tokens per chunk of the RL log-prob/entropy pass (``rl.logprob_chunk_tokens``; the
+planner's default too)."""
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -317,7 +320,7 @@ class RLConfig:
     """How a step's sequences are dealt to DP ranks: balanced token counts, balanced squared
     lengths (causal attention cost), or consecutive runs. Deterministic; the imbalance is
     logged as ``rl/dp_imbalance``."""
-    logprob_chunk_tokens: int = 4096
+    logprob_chunk_tokens: int = LOGPROB_CHUNK_TOKENS
     """Tokens per chunk of the log-prob/entropy computation (old, reference and policy
     passes): only one chunk's fp32 [chunk, vocab/TP] temporaries exist at a time. Exact at any
     size; <= 0 computes all tokens at once."""
