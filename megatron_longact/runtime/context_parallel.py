@@ -4,8 +4,9 @@ Every CP rank holds chunks ``r`` and ``2*CP-1-r`` of each sequence cut into ``2*
 (balanced causal work; :mod:`models.cp_layout`). Dense rows ([b, s] tensors) are cut with
 megatron's ``get_batch_on_this_cp_rank``; packed THD rows per segment by
 :func:`slice_thd_batch`, which needs every sample padded to a multiple of ``2*CP``
-(``sft.data`` pads them). Fields that are not [b, s] (``cu_seqlens``, ``max_seqlen``) stay
-whole. The attention that consumes these layouts is TE's (GPU) or
+(``sft.data`` and ``rl.batch`` pad them). Fields that are not [b, s] (``cu_seqlens``,
+``max_seqlen``, RL's per-sequence ``seq_tokens``) stay whole; :func:`gather_sequence` puts a
+per-token result back together on every CP rank. The attention that consumes these layouts is TE's (GPU) or
 :mod:`models.cp_attention` (local spec).
 """
 
