@@ -27,14 +27,14 @@ CASES = {
 }
 
 
-def samples(seed: int = 0) -> list:
+def samples(seed: int = 0, num: int = NUM_SAMPLES) -> list:
     """Scored samples of ragged lengths (prompts 3-24, responses 1-16 tokens, one truncated
     and filtered) with random advantages and engine log-probs (used as old-policy offsets)."""
     from megatron_longact.rl.experience import Sample
 
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for i in range(NUM_SAMPLES):
+    for i in range(num):
         prompt = int(torch.randint(3, 25, (1,), generator=gen))
         response = int(torch.randint(1, 17, (1,), generator=gen))
         ids = torch.randint(3, 1000, (prompt + response,), generator=gen).tolist()
@@ -61,7 +61,7 @@ def _full_grads(module) -> dict[str, torch.Tensor]:
     return grads
 
 
-def rl_update(overrides: list[str], *, thd: bool = False) -> dict:
+def rl_update(overrides: list[str], *, thd: bool = False, num: int = NUM_SAMPLES) -> dict:
     """One update on :func:`samples`; loss, count, grad norm, gradients (PP=1), M."""
     from dataclasses import replace
 
@@ -78,7 +78,8 @@ def rl_update(overrides: list[str], *, thd: bool = False) -> dict:
     if thd:
         layout = replace(layout, thd=True)
     controller = LongActController.from_train_state(job.longact, state)
-    updates, plan = step_micro_batches(job, state, samples(), pad_token_id=0, layout=layout)
+    updates, plan = step_micro_batches(job, state, samples(num=num), pad_token_id=0,
+                                       layout=layout)  # fmt: skip
     for batch in (b for u in updates for b in u):
         if "old_logp" in batch:  # a fixed offset per token so that ratios differ from 1
             batch["old_logp"] = batch["old_logp"] + batch["engine_logp"]
@@ -178,3 +179,18 @@ def test_tp2_sequence_parallel_equals_one_process(reference):
 def test_pp2_equals_one_process(reference):
     parallel = ["parallel.pipeline_model_parallel_size=2"]
     _check_world(reference, run_local(world, 2, parallel, ALL))
+
+
+def _one_sample(overrides: list[str]) -> dict:
+    return rl_update(overrides, num=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["padded", "packed"])
+def test_dp2_with_one_sample_runs_an_empty_micro_batch(case):
+    """A partial batch smaller than DP: the second rank runs one all-padding micro-batch."""
+    (want,) = run_local(_one_sample, 1, CASES[case])
+    results = run_local(_one_sample, 2, CASES[case])
+    for got in results:
+        assert got["num_micro"] == [1]
+        _assert_same(want, got, where=f"dp2 one sample {case}")
