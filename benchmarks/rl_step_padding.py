@@ -6,11 +6,11 @@ update), alternating which goes first so machine-load drift hits both alike, on 
 of a long-context length mix drawn from a fixed seed: prompts 30-100% of the prompt budget
 (``--max-seq-length`` minus ``--max-new-tokens``), responses 10-100% of ``--max-new-tokens``.
 
-    padded  rl.packing=false, data.micro_batch_size=1: each sequence a row padded to the
-            step's longest (the layout before packing)
-    packed  rl.packing=true, rl.max_tokens_per_microbatch = the padded row length of the step
-            (its longest sequence, rounded up): sequences packed into rows that never hold
-            more tokens than a padded row (on CPU megatron's local attention takes a dense
+    padded  rl.packing=false, data.micro_batch_size=``--rows`` (1): each sequence a row padded
+            to the step's longest (the layout before packing)
+    packed  rl.packing=true, rl.max_tokens_per_microbatch = ``--rows`` x the padded row length
+            of the step (its longest sequence, rounded up): sequences packed into rows that
+            never hold more tokens than a padded micro-batch (on CPU megatron's local attention takes a dense
             block-causal mask, whose cost grows with the square of the row length; on GPU TE's
             THD attention skips other sequences' blocks and the budget can be larger)
 
@@ -77,6 +77,9 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk", type=int, default=4096, help="rl.logprob_chunk_tokens")
+    parser.add_argument("--rows", type=int, default=1,
+                        help="padded rows per micro-batch; the packed budget is as many padded "
+                        "rows' tokens (the same tokens per micro-batch)")  # fmt: skip
     return parser.parse_args()
 
 
@@ -91,7 +94,7 @@ def main() -> None:
     common = [model, "model.attention_backend=local",
               "optim.warmup_steps=0", f"rl.max_seq_length={args.max_seq_length}",
               f"rl.max_new_tokens={args.max_new_tokens}", "longact.strategy=none",
-              "data.micro_batch_size=1", f"rl.logprob_chunk_tokens={args.chunk}",
+              f"data.micro_batch_size={args.rows}", f"rl.logprob_chunk_tokens={args.chunk}",
               f"train.train_steps={args.warmup + args.steps + 2}"]  # fmt: skip
     jobs = {
         "padded": load_config(JobConfig, None, [*common, "rl.packing=false"]),
@@ -110,7 +113,7 @@ def main() -> None:
         def run():
             job, state = jobs[name], states[name]
             if job.rl.packing:  # a packed row holds at most a padded row's tokens
-                budget = padded_length(samples)
+                budget = args.rows * padded_length(samples)
                 job = replace(job, rl=replace(job.rl, max_tokens_per_microbatch=budget))
             updates, _ = step_micro_batches(job, state, samples, pad_token_id=0)
             out["padding"] = padding_fraction([b for u in updates for b in u])
@@ -138,6 +141,7 @@ def main() -> None:
         peaks[name] = peak_bytes(step_fn(name, args.warmup + args.steps, info[name]))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"model {args.hf_path or args.preset}, {args.samples} sequences per step, "
+          f"{args.rows} padded row(s) per micro-batch, "
           f"rl.max_seq_length {args.max_seq_length}, rl.max_new_tokens {args.max_new_tokens}, seed {args.seed}, "
           f"{device}")  # fmt: skip
     for name in VARIANTS:
