@@ -10,9 +10,9 @@ of a long-context length mix drawn from a fixed seed: prompts 30-100% of the pro
             to the step's longest (the layout before packing)
     packed  rl.packing=true, rl.max_tokens_per_microbatch = ``--rows`` x the padded row length
             of the step (its longest sequence, rounded up): sequences packed into rows that
-            never hold more tokens than a padded micro-batch (on CPU megatron's local attention takes a dense
-            block-causal mask, whose cost grows with the square of the row length; on GPU TE's
-            THD attention skips other sequences' blocks and the budget can be larger)
+            never hold more tokens than a padded micro-batch (on CPU megatron's local
+            attention takes a dense block-causal mask, whose cost grows with the square of the
+            row length; on GPU TE's THD attention skips other sequences' blocks)
 
 Prints, per variant, real (non-padding) tokens per second of wall time and of this process's
 CPU time (single-threaded torch: the CPU-time figure is the one a busy shared machine does
