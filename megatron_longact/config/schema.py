@@ -35,6 +35,7 @@ LOGPROB_CHUNK_TOKENS = 4096
 """Default tokens per chunk of the RL log-prob/entropy pass (``rl.logprob_chunk_tokens``; the
 planner's default too)."""
 
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """Which model to build."""
