@@ -36,6 +36,10 @@ DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
 _REWARD_SPEC = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*(?::[A-Za-z_]\w*)?")
 """``rl.reward``: a built-in name, or ``package.module:function`` for a user reward."""
 
+LOGPROB_CHUNK_TOKENS = 4096
+"""Default tokens per chunk of the RL log-prob/entropy pass (``rl.logprob_chunk_tokens``; the
+planner's default too)."""
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -130,11 +134,17 @@ class DataConfig:
     global_batch_size: int = 8
     packing: bool = True
     """Pack samples into ``seq_length`` bins (samples never attend across boundaries)."""
+    sequence_multiple: int = 16
+    """SFT samples are padded (no loss) to a multiple of this many tokens before packing, the
+    same at every parallel layout, so the bins are too; context parallel needs it divisible by
+    2 x context_parallel_size (16 covers CP <= 8)."""
     shuffle: bool = True
 
     def __post_init__(self) -> None:
         if self.seq_length < 8:
             raise UserError(f"seq_length must be >= 8, got {self.seq_length}")
+        if self.sequence_multiple < 1:
+            raise UserError(f"data.sequence_multiple must be >= 1, got {self.sequence_multiple}")
         if self.micro_batch_size < 1 or self.global_batch_size < self.micro_batch_size:
             raise UserError(
                 f"need 1 <= micro_batch_size ({self.micro_batch_size}) <= global_batch_size "
@@ -327,8 +337,28 @@ class RLConfig:
     """DAPO: truncated responses get no loss (token mask 0) instead of shaping."""
     seed: int = 0
     """Seeds the prompt order and the rollout sampling (offset per rank and step)."""
+    packing: bool = True
+    """Pack each micro-batch's sequences into one THD row (``rl.batch``; each padded only to
+    2 x CP) instead of padding every sequence to the step's longest. Same losses either way."""
+    max_tokens_per_microbatch: int = 0
+    """Token budget of a micro-batch (real tokens, before layout padding): sequences are
+    grouped up to it instead of ``data.micro_batch_size`` per micro-batch; a longer sequence
+    runs alone. Every DP rank runs the same number of micro-batches. 0: off."""
+    dp_balance: Literal["tokens", "attention", "none"] = "tokens"
+    """How a step's sequences are dealt to DP ranks: balanced token counts, balanced squared
+    lengths (causal attention cost), or consecutive runs. Deterministic; the imbalance is
+    logged as ``rl/dp_imbalance``."""
+    logprob_chunk_tokens: int = LOGPROB_CHUNK_TOKENS
+    """Tokens per chunk of the log-prob/entropy computation (old, reference and policy
+    passes): only one chunk's fp32 [chunk, vocab/TP] temporaries exist at a time. Exact at any
+    size; <= 0 computes all tokens at once."""
 
     def __post_init__(self) -> None:
+        if self.max_tokens_per_microbatch < 0:
+            raise UserError(
+                f"rl.max_tokens_per_microbatch={self.max_tokens_per_microbatch} must be >= 0 "
+                "(0 turns the token budget off)"
+            )
         if self.rollouts_per_prompt < 1 or self.prompts_per_step < 1:
             raise UserError("prompts_per_step and rollouts_per_prompt must be >= 1")
         if self.max_new_tokens >= self.max_seq_length:
@@ -462,17 +492,16 @@ def check_sequence_length(*, seq_length: int, max_position_embeddings: int, fiel
 
 
 def check_rl_batch(job: JobConfig, *, dp: int) -> None:
-    """Raises ValueError unless an RL step's samples (rl.prompts_per_step x
-    rl.rollouts_per_prompt) split evenly over ``dp`` data-parallel ranks, micro-batches of
-    data.micro_batch_size and rl.num_minibatches optimizer steps."""
+    """Raises UserError unless an RL step's samples (rl.prompts_per_step x
+    rl.rollouts_per_prompt) give every one of rl.num_minibatches optimizer updates a sample.
+    Any count works otherwise: ``rl.batch.plan_step`` deals them to the ``dp`` ranks and
+    micro-batches without dropping any (ranks may get empty micro-batches)."""
+    del dp
     rl = job.rl
     samples = rl.prompts_per_step * rl.rollouts_per_prompt
-    unit = dp * job.data.micro_batch_size * rl.num_minibatches
-    if samples % unit:
+    if samples < rl.num_minibatches:
         raise UserError(
             f"the RL global batch rl.prompts_per_step x rl.rollouts_per_prompt = "
-            f"{rl.prompts_per_step} x {rl.rollouts_per_prompt} = {samples} samples is not "
-            f"divisible by data-parallel size {dp} x data.micro_batch_size "
-            f"{job.data.micro_batch_size} x rl.num_minibatches {rl.num_minibatches} = {unit}; "
-            "change one of them so that it divides"
+            f"{rl.prompts_per_step} x {rl.rollouts_per_prompt} = {samples} samples is smaller "
+            f"than rl.num_minibatches={rl.num_minibatches}; lower rl.num_minibatches"
         )

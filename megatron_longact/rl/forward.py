@@ -1,7 +1,10 @@
 """Forward steps for the RL phases: log-probs (old policy / reference) and the policy loss.
 
-Both read right-padded rows (see ``rl/batch.py``). Logits stay vocab-parallel across TP:
-log-probs come from megatron's vocab-parallel cross entropy, entropy from three TP all-reduces.
+Both read the micro-batches of ``rl/batch.py``, packed rows [1, T] or padded rows [b, L], cut
+for this rank by ``runtime.forward.model_batch`` (THD ``packed_seq_params`` or a dense mask,
+context-parallel chunks): the one place that decides the model's input layout. Logits stay
+vocab-parallel across TP; log-probs and entropy come from :mod:`rl.chunked_logprobs`, over
+chunks of ``rl.logprob_chunk_tokens`` tokens.
 """
 
 from __future__ import annotations
@@ -11,57 +14,40 @@ from functools import partial
 
 import torch
 
-from megatron_longact.runtime.context_parallel import (
-    cp_rank,
-    gather_dense_sequence,
-    slice_dense_batch,
-)
-from megatron_longact.runtime.forward import device_batch
+from megatron_longact.rl.chunked_logprobs import chunked_token_logprobs
+from megatron_longact.runtime.context_parallel import cp_rank, gather_sequence
+from megatron_longact.runtime.forward import device_batch, model_batch
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float):
     """log pi(label) per position: logits [b, s, V/tp] (vocab-parallel) -> [b, s] fp32."""
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    return -vocab_parallel_cross_entropy(logits.float() / temperature, labels)
+    return chunked_token_logprobs(logits, labels, temperature=temperature)[0]
 
 
-@torch.no_grad()
-def vocab_parallel_entropy(logits: torch.Tensor, *, temperature: float) -> torch.Tensor:
-    """Entropy of softmax(logits / T) per position, [b, s, V/tp] -> [b, s]; TP collective."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_tensor_model_parallel_group()
-    scaled = logits.float() / temperature
-    peak = scaled.max(dim=-1).values
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-    shifted = scaled - peak[..., None]
-    exp = shifted.exp()
-    sums = torch.stack([exp.sum(-1), (exp * shifted).sum(-1)])
-    dist.all_reduce(sums, group=group)
-    return sums[0].log() - sums[1] / sums[0]
+def _model_step(data_iterator, model):
+    """This rank's cut of the next micro-batch and the model's logits [b, s, V/tp] on it."""
+    batch, params = model_batch(device_batch(next(data_iterator)))
+    kwargs = {} if params is None else {"packed_seq_params": params}
+    logits = model(input_ids=batch["tokens"], position_ids=batch["position_ids"],
+                   attention_mask=batch.get("attention_mask"), **kwargs)  # fmt: skip
+    return batch, params, logits
 
 
-def _logits(batch, model):
-    return model(input_ids=batch["tokens"], position_ids=batch["position_ids"],
-                 attention_mask=None)  # fmt: skip
+def logprob_forward_step(temperature: float, *, chunk_tokens: int = 0) -> Callable:
+    """forward_step_func whose report carries ``logp``, shaped as the micro-batch's
+    ``tokens`` (forward-only use), whole on every CP rank like the rows it is stored next to."""
 
-
-def logprob_forward_step(temperature: float) -> Callable:
-    """forward_step_func whose report carries ``logp`` [b, s] (forward-only use)."""
-
-    def loss_func(batch, logits):
-        # Full [b, s] on every CP rank, like the rows it is stored next to.
-        logp = gather_dense_sequence(
-            token_logprobs(logits, batch["labels"], temperature=temperature)
-        )
+    def loss_func(batch, params, logits):
+        logp, _ = chunked_token_logprobs(logits, batch["labels"], temperature=temperature,
+                                         chunk_tokens=chunk_tokens)  # fmt: skip
+        # THD only carries packed rows, [1, T]: the gathered row is the micro-batch's shape.
+        whole = gather_sequence(logp, params)
         zero = logits.sum() * 0.0
-        return zero, torch.tensor(1, dtype=torch.int), {"logp": logp.detach().cpu()}
+        return zero, torch.tensor(1, dtype=torch.int), {"logp": whole.detach().cpu()}
 
     def step(data_iterator, model):
-        batch = slice_dense_batch(device_batch(next(data_iterator)))
-        return _logits(batch, model), partial(loss_func, batch)
+        batch, params, logits = _model_step(data_iterator, model)
+        return logits, partial(loss_func, batch, params)
 
     return step
 
@@ -70,21 +56,29 @@ def _report(value: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.stack([value.detach().double() * weight, weight.double()])
 
 
-def policy_forward_step(loss_fn: Callable, *, temperature: float, per_sequence: bool) -> Callable:
+def policy_forward_step(
+    loss_fn: Callable, *, temperature: float, per_sequence: bool, chunk_tokens: int = 0
+) -> Callable:
     """forward_step_func for a policy loss from ``rl/losses.py``.
 
     Returns (sum of per-token losses, token count) -- or (sum of per-sequence token means,
     sequence count) when ``per_sequence`` (GRPO's seq-mean-token-mean) -- so megatron's
     ``calculate_per_token_loss`` normalises by the global count. Reports: loss, the loss
-    function's metrics and entropy, each as [weighted sum, weight].
+    function's metrics and entropy, each as [weighted sum, weight]. A packed row's sequences
+    are told apart by ``sequence_ids`` (their whole-sequence counts come from ``seq_tokens``).
     """
 
     def loss_func(batch, logits):
-        logp = token_logprobs(logits, batch["labels"], temperature=temperature)
+        logp, entropy = chunked_token_logprobs(logits, batch["labels"], temperature=temperature,
+                                               chunk_tokens=chunk_tokens)  # fmt: skip
         mask = batch["response_mask"]
         extra = {"ref_logp": batch["ref_logp"]} if "ref_logp" in batch else {}
         if per_sequence:
-            extra["sequence_token_counts"] = batch["seq_tokens"]
+            seq_tokens = batch["seq_tokens"]
+            if "sequence_ids" in batch:  # each token's whole-sequence count, [b, s]
+                ids = batch["sequence_ids"].clamp(min=0)
+                seq_tokens = seq_tokens[ids] if seq_tokens.numel() else torch.zeros_like(mask)
+            extra["sequence_token_counts"] = seq_tokens
         loss, metrics = loss_fn(
             logp,
             batch["old_logp"],
@@ -100,7 +94,6 @@ def policy_forward_step(loss_fn: Callable, *, temperature: float, per_sequence: 
             count = (batch["seq_tokens"] > 0).sum() if cp_rank() == 0 else tokens * 0
         else:
             count = tokens
-        entropy = vocab_parallel_entropy(logits.detach(), temperature=temperature)
         report = {
             "loss": torch.stack([loss.detach().double(), count.double()]),
             "entropy": _report((entropy * mask).sum() / tokens.clamp(min=1), tokens),
@@ -110,7 +103,7 @@ def policy_forward_step(loss_fn: Callable, *, temperature: float, per_sequence: 
         return loss, count.to(torch.int), report
 
     def step(data_iterator, model):
-        batch = slice_dense_batch(device_batch(next(data_iterator)))
-        return _logits(batch, model), partial(loss_func, batch)
+        batch, _, logits = _model_step(data_iterator, model)
+        return logits, partial(loss_func, batch)
 
     return step

@@ -205,7 +205,8 @@ def grpo_loss(
         eps_low, eps_high: clip range; the paper's GRPO is symmetric (0.2).
         dual_clip_c: dual-clip constant c > 1, None disables.
         log_ratio_clamp: clamp on logp - old_logp before exp, None disables.
-        sequence_token_counts: [B] each sequence's valid tokens over the WHOLE sequence. With
+        sequence_token_counts: [B] each sequence's valid tokens over the WHOLE sequence, or
+            [B, T] each token's sequence's count (packed rows hold several sequences). With
             context parallel a rank holds chunks of each sequence; dividing its partial sums
             by the whole count keeps the CP-summed loss exact. None: count from ``mask``.
 
@@ -237,8 +238,11 @@ def grpo_loss(
     if sequence_token_counts is None:
         sequence_token_counts = maskf.sum(dim=-1)
     token_counts = sequence_token_counts.to(maskf.dtype).clamp(min=1)
-    per_sequence = (per_token * maskf).sum(dim=-1) / token_counts
-    loss = per_sequence.sum() / num_seqs
+    if token_counts.dim() == 2:  # per token: sum_i sum_t l m / n_i without a [B] reduction
+        loss = (per_token * maskf / token_counts).sum() / num_seqs
+    else:
+        per_sequence = (per_token * maskf).sum(dim=-1) / token_counts
+        loss = per_sequence.sum() / num_seqs
     metrics.update(_ratio_metrics(logp, old_logp, ratio, maskf))
     return loss, _detach(metrics)
 

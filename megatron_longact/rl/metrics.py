@@ -57,3 +57,37 @@ def experience_metrics(
         "rollout/kept_group_frac": len(exp.groups) / max(exp.num_groups_seen, 1),
         "rollout/engine_logprob_mismatch": logprob_mismatch(micro_batches),
     }
+
+
+def layout_metrics(micro_batches: list[dict[str, torch.Tensor]], *, plan) -> dict[str, float]:
+    """How the step's data was laid out: padding share of the rows' tokens (all DP ranks
+    together; collective over the DP group), DP imbalance and micro-batches per update."""
+    from megatron.core import parallel_state
+
+    total = torch.tensor([sum(b["tokens"].numel() for b in micro_batches),
+                          sum(float(b["token_mask"].sum()) for b in micro_batches)],
+                         dtype=torch.float64).to(current_device())  # fmt: skip
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return {
+        "rl/padding_frac": 1.0 - (total[1] / total[0].clamp(min=1)).item(),
+        "rl/dp_imbalance": plan.imbalance,
+        "rl/microbatches_per_update": statistics.fmean(len(u[0]) for u in plan.updates),
+        "rl/oversize_sequences": float(plan.num_oversize),
+    }
+
+
+def mean_results(results: list):
+    """One ``StepResult`` for the ``rl.num_minibatches`` updates of a step: loss, grad norm and
+    reported metrics averaged over the updates, token counts summed, the last lr."""
+    from dataclasses import replace
+
+    if len(results) == 1:
+        return results[0]
+    return replace(
+        results[-1],
+        loss=statistics.fmean(r.loss for r in results),
+        grad_norm=statistics.fmean(r.grad_norm for r in results),
+        num_tokens=sum(r.num_tokens for r in results),
+        update_successful=all(r.update_successful for r in results),
+        extras={k: statistics.fmean(r.extras[k] for r in results) for k in results[-1].extras},
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -15,13 +16,22 @@ from typing import Any
 from megatron_longact.config.schema import JobConfig, check_rl_batch
 from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer, pad_id
 from megatron_longact.longact.controller import LongActController
-from megatron_longact.rl.batch import SEQ_MULTIPLE, make_rows, padded_length, split_rows
+from megatron_longact.models.gpt import use_transformer_engine
+from megatron_longact.rl.batch import (
+    RowLayout,
+    StepPlan,
+    build_micro_batches,
+    padded_length,
+    plan_step,
+    row_layout,
+    sample_length,
+)
 from megatron_longact.rl.data import load_rl_records
 from megatron_longact.rl.experience import collect_experience
 from megatron_longact.rl.forward import policy_forward_step
 from megatron_longact.rl.logprobs import compute_logprobs
 from megatron_longact.rl.losses import policy_loss
-from megatron_longact.rl.metrics import experience_metrics
+from megatron_longact.rl.metrics import experience_metrics, layout_metrics, mean_results
 from megatron_longact.rl.reference import build_reference_model
 from megatron_longact.rl.rollout.factory import build_engine, sampling_params
 from megatron_longact.rl.rollout.stops import resolve_stop_conditions
@@ -93,25 +103,88 @@ def _next_records(run: RLRun, n: int) -> list:
     return [run.records[i] for i in order]
 
 
-def _micro_batches(run: RLRun, samples: list) -> list[dict]:
-    """This DP rank's contiguous share of the step's samples as micro-batches of
-    ``data.micro_batch_size`` rows [b, L] (L padded to a multiple of SEQ_MULTIPLE x CP), with
-    ``old_logp`` (and ``ref_logp``) [b, L] from the current (and reference) model."""
-    rl, dims = run.job.rl, run.state.dims
-    pad = pad_id(run.tokenizer)
-    share = len(samples) // dims.dp
-    mine = samples[dims.dp_rank * share : (dims.dp_rank + 1) * share]
-    rows = make_rows(mine, length=padded_length(samples, multiple=SEQ_MULTIPLE * dims.cp),
-                     pad_token_id=pad, overlong_filter=rl.overlong_filter)  # fmt: skip
-    micro = split_rows(rows, run.job.data.micro_batch_size)
-    models = {"old_logp": run.state.model, "ref_logp": [run.reference] if run.reference else None}
-    for key, model in models.items():
+def step_layout(job: JobConfig, dims) -> RowLayout:
+    """The micro-batch layout of an RL step at this parallel layout (``rl.packing``; THD for
+    Transformer Engine's attention, block-causal masks for megatron's local one)."""
+    return row_layout(packed=job.rl.packing, thd=use_transformer_engine(job.model),
+                      cp=dims.cp, tp=dims.tp,
+                      sequence_parallel=job.parallel.sequence_parallel)  # fmt: skip
+
+
+def step_micro_batches(
+    job: JobConfig,
+    state: TrainState,
+    samples: list,
+    *,
+    pad_token_id: int,
+    reference: Any | None = None,
+    layout: RowLayout | None = None,
+) -> tuple[list[list[dict]], StepPlan]:
+    """This DP rank's micro-batches of the step, per optimizer update, and the step's plan.
+
+    Which samples go together is :func:`rl.batch.plan_step` (all samples, balanced over DP,
+    the same at every TP/CP/PP layout); their layout :func:`step_layout` (packed THD rows, or
+    padded rows) unless ``layout`` is given. Each micro-batch gets ``old_logp`` (and
+    ``ref_logp`` from ``reference``) shaped like its ``tokens``. All ranks call it.
+    """
+    rl, dims = job.rl, state.dims
+    plan = plan_step([sample_length(s) for s in samples], dp=dims.dp,
+                     num_minibatches=rl.num_minibatches,
+                     micro_batch_size=job.data.micro_batch_size,
+                     max_tokens_per_microbatch=rl.max_tokens_per_microbatch,
+                     balance=rl.dp_balance)  # fmt: skip
+    if plan.num_oversize:
+        logger.warning("%d sequence(s) exceed rl.max_tokens_per_microbatch=%d; each runs in a "
+                       "micro-batch of its own", plan.num_oversize,
+                       rl.max_tokens_per_microbatch)  # fmt: skip
+    layout = layout or step_layout(job, dims)
+    mine = plan.mine(dims.dp_rank)
+    micro = build_micro_batches(samples, [g for update in mine for g in update], layout=layout,
+                                pad_token_id=pad_token_id, overlong_filter=rl.overlong_filter,
+                                padded_to=padded_length(samples, multiple=layout.row_multiple),
+                                same_length=dims.pp > 1)  # fmt: skip
+    for key, model in {"old_logp": state.model,
+                       "ref_logp": [reference] if reference else None}.items():  # fmt: skip
         if model is None:
             continue
-        for batch, logp in zip(micro, compute_logprobs(model, micro, temperature=rl.temperature)):
+        logps = compute_logprobs(model, micro, temperature=rl.temperature,
+                                 chunk_tokens=rl.logprob_chunk_tokens)  # fmt: skip
+        for batch, logp in zip(micro, logps):
             if logp is not None:
                 batch[key] = logp
-    return micro
+    updates, start = [], 0
+    for update in mine:
+        updates.append(micro[start : start + len(update)])
+        start += len(update)
+    return updates, plan
+
+
+def policy_updates(
+    job: JobConfig,
+    state: TrainState,
+    updates: list[list[dict]],
+    *,
+    step: int,
+    observe: Callable[[Iterator], Iterator] = lambda it: it,
+):
+    """One optimizer update per entry of ``updates`` (this rank's micro-batches); returns
+    their ``StepResult`` averaged (``rl.metrics.mean_results``). ``observe`` wraps each
+    update's data iterator (LongAct's meter). All ranks call it."""
+    rl = job.rl
+    forward = policy_forward_step(policy_loss(rl, step=step), temperature=rl.temperature,
+                                  per_sequence=rl.algorithm == "grpo",
+                                  chunk_tokens=rl.logprob_chunk_tokens)  # fmt: skip
+    results = []
+    for chunk in updates:
+        # Rows of one update share a shape under pipeline parallel (p2p shapes, rl.batch);
+        # without it megatron's schedule reads neither value.
+        results.append(train_step(state, forward_step_func=forward,
+                                  data_iterator=observe(iter(chunk)),
+                                  num_microbatches=len(chunk),
+                                  seq_length=max(b["tokens"].shape[1] for b in chunk),
+                                  micro_batch_size=max(b["tokens"].shape[0] for b in chunk),
+                                  report_keys=POLICY_REPORTS))  # fmt: skip
+    return mean_results(results)
 
 
 def rl_step(run: RLRun, *, step: int) -> dict[str, float] | None:
@@ -130,22 +203,16 @@ def rl_step(run: RLRun, *, step: int) -> dict[str, float] | None:
     if not samples:
         logger.warning("step %d: dynamic sampling kept no group; no update", step)
         return None
-    micro = _micro_batches(run, samples)
+    updates, plan = step_micro_batches(job, state, samples, pad_token_id=pad_id(run.tokenizer),
+                                       reference=run.reference)  # fmt: skip
+    micro = [batch for update in updates for batch in update]
     logprob_s = time.perf_counter() - tic - generate_s
-    forward = policy_forward_step(policy_loss(rl, step=step), temperature=rl.temperature,
-                                  per_sequence=rl.algorithm == "grpo")  # fmt: skip
-    per_update = len(micro) // rl.num_minibatches
-    for k in range(rl.num_minibatches):
-        chunk = micro[k * per_update : (k + 1) * per_update]
-        result = train_step(state, forward_step_func=forward,
-                            data_iterator=run.longact.observe(iter(chunk)),
-                            num_microbatches=len(chunk), seq_length=micro[0]["tokens"].shape[1],
-                            micro_batch_size=job.data.micro_batch_size,
-                            report_keys=POLICY_REPORTS)  # fmt: skip
+    result = policy_updates(job, state, updates, step=step, observe=run.longact.observe)
     elapsed = time.perf_counter() - tic
     tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
     return {
         **experience_metrics(exp, micro, rl=rl),
+        **layout_metrics(micro, plan=plan),
         "train/loss": result.loss,
         "train/grad_norm": result.grad_norm,
         "train/lr": result.lr,

@@ -59,3 +59,79 @@ def shard_microbatches(
     per_rank = len(items) // dp
     mine = items[dp_rank * per_rank : (dp_rank + 1) * per_rank]
     return [collate(mine[i : i + micro_batch_size]) for i in range(0, per_rank, micro_batch_size)]
+
+
+def contiguous_partition(num_items: int, *, parts: int) -> list[list[int]]:
+    """Items ``0..n-1`` in ``parts`` consecutive runs whose sizes differ by at most one (the
+    first ``n % parts`` runs one longer): nothing is dropped when ``parts`` does not divide."""
+    base, extra = divmod(num_items, parts)
+    out, start = [], 0
+    for part in range(parts):
+        size = base + (part < extra)
+        out.append(list(range(start, start + size)))
+        start += size
+    return out
+
+
+def balanced_partition(costs: Sequence[float], *, parts: int) -> list[list[int]]:
+    """Indices of ``costs`` in ``parts`` sets of nearly equal total cost, deterministically.
+
+    Longest-processing-time first: items by decreasing cost (ties by index) each go to the set
+    with the smallest total so far (ties by set index). When an item lands on the set that
+    ends up heaviest, that set was the lightest, so max - min total <= the largest cost (the
+    guarantee verl's ``seqlen_balancing`` and NeMo-RL's dynamic batching aim at too). A pure
+    function of ``costs``: every rank computes the same sets, and a resumed step too. Indices
+    within a set are ascending (the step's order).
+    """
+    totals = [0.0] * parts
+    sets: list[list[int]] = [[] for _ in range(parts)]
+    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        target = min(range(parts), key=lambda p: (totals[p], p))
+        sets[target].append(index)
+        totals[target] += costs[index]
+    return [sorted(s) for s in sets]
+
+
+def partition_imbalance(costs: Sequence[float], sets: Sequence[Sequence[int]]) -> float:
+    """max over sets of its total cost / mean total - 1 (0 = perfectly balanced)."""
+    totals = [sum(costs[i] for i in s) for s in sets]
+    mean = sum(totals) / max(len(totals), 1)
+    return max(totals) / mean - 1.0 if mean > 0 else 0.0
+
+
+def token_budget_groups(lengths: Sequence[int], *, max_tokens: int) -> list[list[int]]:
+    """Indices of ``lengths`` in groups of at most ``max_tokens`` tokens (first-fit
+    decreasing, ties by index; indices ascending within a group). An item longer than the
+    budget forms a group of its own (the caller logs it): it cannot be split."""
+    groups: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for g, free in enumerate(room):
+            if lengths[index] <= free:
+                groups[g].append(index)
+                room[g] -= lengths[index]
+                break
+        else:
+            groups.append([index])
+            room.append(max_tokens - lengths[index])
+    return [sorted(g) for g in groups]
+
+
+def extend_groups(
+    groups: list[list[int]], *, count: int, lengths: Sequence[int]
+) -> list[list[int]]:
+    """``groups`` grown to ``count`` groups: the group with the most tokens (of those with two
+    or more items; ties by position) is split in two halves by item count until ``count`` is
+    reached, then empty groups fill the rest. Splitting never exceeds a token budget the
+    groups met. Used so every DP rank runs the same number of micro-batches."""
+    groups = [list(g) for g in groups]
+    while len(groups) < count:
+        splittable = [i for i, g in enumerate(groups) if len(g) > 1]
+        if not splittable:
+            groups.extend([] for _ in range(count - len(groups)))
+            break
+        heaviest = max(splittable, key=lambda i: (sum(lengths[j] for j in groups[i]), -i))
+        items = groups[heaviest]
+        half = (len(items) + 1) // 2
+        groups[heaviest : heaviest + 1] = [items[:half], items[half:]]
+    return groups

@@ -4,8 +4,9 @@ Every CP rank holds chunks ``r`` and ``2*CP-1-r`` of each sequence cut into ``2*
 (balanced causal work; :mod:`models.cp_layout`). Dense rows ([b, s] tensors) are cut with
 megatron's ``get_batch_on_this_cp_rank``; packed THD rows per segment by
 :func:`slice_thd_batch`, which needs every sample padded to a multiple of ``2*CP``
-(``sft.data`` pads them). Fields that are not [b, s] (``cu_seqlens``, ``max_seqlen``) stay
-whole. The attention that consumes these layouts is TE's (GPU) or
+(``sft.data`` and ``rl.batch`` pad them). Fields that are not [b, s] (``cu_seqlens``,
+``max_seqlen``, RL's per-sequence ``seq_tokens``) stay whole; :func:`gather_sequence` puts a
+per-token result back together on every CP rank. The attention that consumes these layouts is TE's (GPU) or
 :mod:`models.cp_attention` (local spec).
 """
 
@@ -115,3 +116,31 @@ def gather_dense_sequence(local: torch.Tensor) -> torch.Tensor:
         first, second = part.chunk(2, dim=1)
         chunks[rank], chunks[2 * size - 1 - rank] = first, second
     return torch.cat(chunks, dim=1)  # type: ignore[arg-type]
+
+
+def gather_thd_sequence(local: torch.Tensor, params) -> torch.Tensor:
+    """Inverse of :func:`slice_thd_batch` for a [1, T/CP, ...] tensor: the full [1, T, ...] in
+    packed order on every CP rank (all-gather over the CP group). ``params`` is the batch's
+    THD ``PackedSeqParams``. A no-op without context parallel."""
+    size = cp_size()
+    if size == 1:
+        return local
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_longact.models.cp_layout import cp_gather_order
+
+    parts = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(parts, local.contiguous(), group=parallel_state.get_context_parallel_group())
+    order = cp_gather_order(params.cu_seqlens_q_padded, cp_size=size).to(local.device)
+    whole = torch.empty_like(torch.cat(parts, dim=1))
+    whole[:, order] = torch.cat(parts, dim=1)
+    return whole
+
+
+def gather_sequence(local: torch.Tensor, params) -> torch.Tensor:
+    """This CP rank's part of a per-token tensor back to the whole micro-batch on every CP
+    rank: THD (``params`` a ``PackedSeqParams``) or dense rows (``params`` None)."""
+    if params is None:
+        return gather_dense_sequence(local)
+    return gather_thd_sequence(local, params)

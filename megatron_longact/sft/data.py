@@ -30,13 +30,19 @@ def to_bins(samples: Sequence, *, data: DataConfig, pad_token_id: int) -> list[P
     return [fill_bin([s], seq_length=data.seq_length, pad_token_id=pad_token_id) for s in samples]
 
 
-def pad_to_multiple(sample: TokenizedSample, multiple: int, *, pad_token_id: int):
-    """``sample`` with pad tokens (no loss) appended up to a multiple of ``multiple`` tokens.
+def pad_to_multiple(
+    sample: TokenizedSample, multiple: int, *, pad_token_id: int, limit: int | None = None
+):
+    """``sample`` with pad tokens (no loss) appended up to a multiple of ``multiple`` tokens
+    (at most ``limit`` tokens in all, the bin length).
 
     Context parallel cuts every packed sample into 2 x CP chunks, so THD segments must be
     multiples of 2 x CP; trailing pads are causal-invisible to the sample's real tokens.
     """
-    extra = -len(sample.input_ids) % multiple
+    target = -(-len(sample.input_ids) // multiple) * multiple
+    if limit is not None:
+        target = max(min(target, limit), len(sample.input_ids))
+    extra = target - len(sample.input_ids)
     if extra == 0:
         return sample
     return TokenizedSample(input_ids=sample.input_ids + [pad_token_id] * extra,
@@ -44,8 +50,13 @@ def pad_to_multiple(sample: TokenizedSample, multiple: int, *, pad_token_id: int
 
 
 def load_sft_data(data: DataConfig, *, pad_multiple: int = 1) -> SftData:
-    """Tokenizes ``data.train_path`` (and ``val_path``) and bins them; with ``pad_multiple``
-    > 1 (context parallel: 2 x CP) every sample is padded to a multiple of it first.
+    """Tokenizes ``data.train_path`` (and ``val_path``) and bins them.
+
+    Every sample is padded to a multiple of ``data.sequence_multiple`` (capped at
+    ``data.seq_length``) before packing, whatever the layout: the bins, their order and so the
+    losses are the same at every TP/CP/PP/DP layout. ``pad_multiple`` is what the layout needs
+    (2 x CP under context parallel); it must divide ``data.sequence_multiple`` and
+    ``data.seq_length``.
 
     Raises FileNotFoundError / DataFormatError naming the file (and line) on bad input.
     """
@@ -53,6 +64,11 @@ def load_sft_data(data: DataConfig, *, pad_multiple: int = 1) -> SftData:
         raise UserError(
             f"data.seq_length={data.seq_length} must be divisible by 2 x context_parallel_size "
             f"({pad_multiple})"
+        )
+    if data.sequence_multiple % pad_multiple:
+        raise UserError(
+            f"data.sequence_multiple={data.sequence_multiple} must be divisible by 2 x "
+            f"context_parallel_size ({pad_multiple}); set it to a multiple of {pad_multiple}"
         )
     if data.train_path is None:
         raise UserError(
@@ -75,8 +91,9 @@ def load_sft_data(data: DataConfig, *, pad_multiple: int = 1) -> SftData:
         if data.val_path
         else []
     )
-    train_samples = [pad_to_multiple(x, pad_multiple, pad_token_id=pad) for x in train]
-    val_samples = [pad_to_multiple(x, pad_multiple, pad_token_id=pad) for x in val]
+    pad_kwargs = dict(pad_token_id=pad, limit=data.seq_length)
+    train_samples = [pad_to_multiple(x, data.sequence_multiple, **pad_kwargs) for x in train]
+    val_samples = [pad_to_multiple(x, data.sequence_multiple, **pad_kwargs) for x in val]
     return SftData(
         tokenizer=tokenizer,
         train_bins=to_bins(train_samples, data=data, pad_token_id=pad),

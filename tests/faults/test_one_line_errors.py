@@ -34,12 +34,14 @@ def test_seq_length_above_max_position_embeddings_is_refused():
                               field="data.seq_length")  # fmt: skip
 
 
-def test_rl_global_batch_that_does_not_divide_is_refused():
-    job = load_config(JobConfig, None, ["rl.prompts_per_step=3", "rl.rollouts_per_prompt=2",
-                                        "data.micro_batch_size=2"])  # fmt: skip
-    with pytest.raises(ValueError, match=r"3 x 2 = 6 samples is not divisible by .* = 4"):
+def test_rl_global_batch_smaller_than_the_updates_is_refused():
+    job = load_config(JobConfig, None, ["rl.prompts_per_step=1", "rl.rollouts_per_prompt=2",
+                                        "rl.num_minibatches=3"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"1 x 2 = 2 samples is smaller than rl.num_minibatches"):
         check_rl_batch(job, dp=2)
-    check_rl_batch(job, dp=3 // 3)  # 6 / (1 x 2 x 1)
+    # Any other count works: rl.batch.plan_step drops nothing (3 x 2 over DP 4 included).
+    check_rl_batch(load_config(JobConfig, None, ["rl.prompts_per_step=3",
+                                                 "rl.rollouts_per_prompt=2"]), dp=4)  # fmt: skip
 
 
 def test_empty_sft_file_says_empty(tmp_path):

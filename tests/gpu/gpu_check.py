@@ -21,6 +21,10 @@ Stages (figures in ``stages.<name>.figures``):
 - ``rollout_throughput``: ``benchmarks/rollout_throughput.py``: native engine vs transformers
   ``generate`` tokens/s.
 - ``dapo_longact``: 3 DAPO + LongAct steps with the native engine on CUDA after a short SFT.
+- ``rl_packing``: chunked log-probs on CUDA at the 152K vocabulary (values and gradients equal
+  unchunked, lower peak memory), then ``benchmarks/rl_step_padding.py`` on the 0.5B config:
+  packed vs padded real-token throughput, padding fraction, peak memory (target >= 1.5x,
+  <= 1x). Leave it out with ``--skip rl_packing``.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA_VERSION = 1
-TOTAL_BUDGET_S = 450.0
+TOTAL_BUDGET_S = 470.0
 """The whole check ends inside 8 minutes (the H200 lease allows 10 per command)."""
 BF16_LOSS_RTOL = 2e-2
 """bf16 keeps 8 mantissa bits: a loss of ~7 after a few matmuls agrees to about 1% with fp32."""
@@ -54,11 +58,12 @@ class Stage:
 
 STAGES = (
     Stage("sft_tiny", 70),
-    Stage("sft_0p5b", 90),
+    Stage("sft_0p5b", 80),
     Stage("master_reload", 60),
-    Stage("longact_overhead", 110),
-    Stage("rollout_throughput", 60),
+    Stage("longact_overhead", 90),
+    Stage("rollout_throughput", 50),
     Stage("dapo_longact", 60),
+    Stage("rl_packing", 60),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -323,6 +328,69 @@ def stage_dapo_longact(work: Path) -> dict:
 # --- the driver ---------------------------------------------------------------------------------
 
 
+def _chunked_logprobs_cuda() -> dict:
+    """Chunked vs unchunked log-probs on CUDA, bf16 logits [4096, 151936]: max differences of
+    values and gradients, and the peak memory of forward + backward of each."""
+    import torch
+
+    from megatron_longact.config.schema import ParallelConfig
+    from megatron_longact.rl.chunked_logprobs import chunked_token_logprobs
+    from megatron_longact.runtime.distributed import init_distributed, shutdown
+
+    init_distributed(ParallelConfig(), seed=0)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    tokens, vocab = 4096, QWEN3_0P5B["vocab_size"]
+    base = torch.randn(1, tokens, vocab, device="cuda", generator=gen).to(torch.bfloat16)
+    labels = torch.randint(0, vocab, (1, tokens), device="cuda", generator=gen)
+    out = {}
+    for chunk in (0, 512):
+        logits = base.clone().requires_grad_(True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        logp, entropy = chunked_token_logprobs(logits, labels, temperature=1.0,
+                                               chunk_tokens=chunk)  # fmt: skip
+        logp.sum().backward()
+        torch.cuda.synchronize()
+        out[chunk] = (
+            logp.detach(),
+            entropy,
+            logits.grad,
+            torch.cuda.max_memory_allocated() - start,
+        )
+    shutdown()
+    (logp0, ent0, grad0, peak0), (logp1, ent1, grad1, peak1) = out[0], out[512]
+    return {
+        "logp_max_diff": float((logp0 - logp1).abs().max()),
+        "entropy_max_diff": float((ent0 - ent1).abs().max()),
+        "grad_max_diff": float((grad0.float() - grad1.float()).abs().max()),
+        "peak_gib_unchunked": peak0 / 2**30,
+        "peak_gib_chunk512": peak1 / 2**30,
+    }
+
+
+def stage_rl_packing(work: Path) -> dict:
+    chunked = _chunked_logprobs_cuda()
+    hf = _write_hf_folder(work / "hf_0p5b", QWEN3_0P5B, seed=0, save_weights=False)
+    out = _script("rl_step_padding.py", ["--hf-path", str(hf), "--max-seq-length", "2048",
+                                         "--max-new-tokens", "512", "--samples", "16",
+                                         "--steps", "2", "--warmup", "1"])  # fmt: skip
+    wall = float(re.search(r"([0-9.]+)x by wall time", out).group(1))
+    memory = float(re.search(r"peak memory ([0-9.]+)x", out).group(1))
+    padding = [float(p) for p in re.findall(r"padding\s+([0-9.]+)%", out)]
+    return {
+        "figures": {**chunked, "throughput_ratio": wall, "peak_memory_ratio": memory,
+                    "padding_pct_padded_packed": padding, "output": out[-1500:]},
+        "checks": {
+            "chunked_logp_equal": chunked["logp_max_diff"] <= 1e-5,
+            "chunked_grad_equal": chunked["grad_max_diff"] <= 1e-5,
+            "chunked_peak_lower": chunked["peak_gib_chunk512"] < chunked["peak_gib_unchunked"],
+            "throughput_ratio_ge_1.5": wall >= 1.5,
+            "peak_memory_ratio_le_1": memory <= 1.0,
+        },
+    }  # fmt: skip
+
+
 def _env() -> dict:
     info = {"python": sys.version.split()[0]}
     try:
@@ -370,13 +438,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for the JSON and the log")
     parser.add_argument("--dry-run", action="store_true", help="check arguments and schema only")
     parser.add_argument("--stages", default=",".join(STAGE_NAMES), help="comma-separated subset")
+    parser.add_argument("--skip", default="", help="comma-separated stages to leave out")
     parser.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage's body
     args = parser.parse_args(argv)
     if args.stage:
         _child(args.stage, args.out)
         return 0
-    wanted = [s for s in args.stages.split(",") if s]
-    unknown = sorted(set(wanted) - set(STAGE_NAMES))
+    skipped = [s for s in args.skip.split(",") if s]
+    wanted = [s for s in args.stages.split(",") if s and s not in skipped]
+    unknown = sorted((set(wanted) | set(skipped)) - set(STAGE_NAMES))
     if unknown:
         parser.error(f"--stages: unknown {unknown}; choose from {','.join(STAGE_NAMES)}")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -43,3 +43,12 @@ def test_stage_budgets_fit_the_lease():
     from gpu_check import STAGES, TOTAL_BUDGET_S
 
     assert sum(s.budget_s for s in STAGES) <= TOTAL_BUDGET_S
+
+
+def test_skip_leaves_a_stage_out(tmp_path):
+    from gpu_check import STAGE_NAMES
+
+    subprocess.run(["python", str(GPU_DIR / "gpu_check.py"), "--out", str(tmp_path), "--dry-run",
+                    "--skip", "rl_packing"], check=True)  # fmt: skip
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert "rl_packing" in STAGE_NAMES and result["stages"]["rl_packing"]["status"] == "skipped"

@@ -62,13 +62,17 @@ def test_tiny_case_by_hand():
     # Logits: s * padded vocab * 8 B = 4 * 128 * 8.
     assert estimate.logits_gib * BYTES_PER_GIB == 4096
     assert estimate.total_gib * BYTES_PER_GIB == 6512 + 13024 + 39072 + 2432 + 4096
-    # The RL policy step's logits peak: 22 B per element (rl/forward.py).
+    # The RL policy step's logits peak: 4 B per element over the tokens plus 12 B over one
+    # log-prob chunk (rl/chunked_logprobs.py); here the 4 tokens fit one chunk.
     rl = _estimate(TINY, layout, overhead_gib=0.0, rl_policy_step=True)
-    assert rl.logits_gib * BYTES_PER_GIB == 4 * 128 * 22
+    assert rl.logits_gib * BYTES_PER_GIB == 4 * 128 * (4 + 12)
+    chunked = _estimate(TINY, layout, overhead_gib=0.0, rl_policy_step=True,
+                        logprob_chunk_tokens=1)  # fmt: skip
+    assert chunked.logits_gib * BYTES_PER_GIB == 128 * (4 * 4 + 1 * 12)
 
 
 def test_qwen3_8b_rl_layout_by_hand():
-    # The previously shipped TP 2 x CP 4: ~76 GiB of 80 once SwiGLU's 5sf and the RL logits
+    # TP 2 x CP 4 (shipped before chunked log-probs): ~76 GiB of 80 once SwiGLU's 5sf and the RL logits
     # peak are counted (the hand estimate), under the 10% headroom rule.
     estimate = _estimate(rollout=RolloutSpec(batch=4, max_tokens=32768))
     # Per TP rank and layer: qkv 4096*(2048 + 2*512) + o 2048*4096 + MLP 3*4096*6144 + norms
@@ -82,8 +86,10 @@ def test_qwen3_8b_rl_layout_by_hand():
     # KV cache: 36 layers * 2 * 4 KV heads per rank * 128 * 2 B = 73,728 B per token;
     # 4 sequences x 32768 tokens -> exactly 9 GiB.
     assert estimate.rollout_kv_gib == 9.0
-    assert 74.0 < estimate.total_gib < 78.0
-    assert estimate.logits_gib == pytest.approx(8192 * 152064 / 2 * 22 / BYTES_PER_GIB)
+    # Chunked log-probs (4096 tokens per chunk): 5.8 GiB of logits instead of 12.8 (22 B per
+    # element unchunked before), ~69 GiB in all.
+    assert 67.0 < estimate.total_gib < 71.0
+    assert estimate.logits_gib == pytest.approx(152064 / 2 * (8192 * 4 + 4096 * 12) / BYTES_PER_GIB)
 
 
 def test_rollout_kv_cache_formula_matches_the_brief():
