@@ -11,6 +11,7 @@ from functools import partial
 
 import torch
 
+from megatron_longact.rl.correction import ROLLOUT_WEIGHTS
 from megatron_longact.runtime.context_parallel import (
     cp_rank,
     gather_dense_sequence,
@@ -85,6 +86,8 @@ def policy_forward_step(loss_fn: Callable, *, temperature: float, per_sequence: 
         extra = {"ref_logp": batch["ref_logp"]} if "ref_logp" in batch else {}
         if per_sequence:
             extra["sequence_token_counts"] = batch["seq_tokens"]
+        if ROLLOUT_WEIGHTS in batch:  # rollout correction (rl.correction), when on
+            extra["token_weights"] = batch[ROLLOUT_WEIGHTS]
         loss, metrics = loss_fn(
             logp,
             batch["old_logp"],

@@ -17,6 +17,7 @@ from megatron_longact.config.schema import JobConfig, check_rl_batch
 from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer, pad_id
 from megatron_longact.longact.controller import LongActController
 from megatron_longact.rl.batch import SEQ_MULTIPLE, make_rows, padded_length, split_rows
+from megatron_longact.rl.correction import apply_rollout_correction
 from megatron_longact.rl.data import load_rl_records
 from megatron_longact.rl.experience import collect_experience
 from megatron_longact.rl.forward import policy_forward_step
@@ -137,6 +138,7 @@ def rl_step(run: RLRun, *, step: int) -> dict[str, float] | None:
         logger.warning("step %d: dynamic sampling kept no group; no update", step)
         return None
     micro = _micro_batches(run, samples)
+    correction = apply_rollout_correction(micro, rl=rl)
     logprob_s = time.perf_counter() - tic - generate_s
     forward = policy_forward_step(policy_loss(rl, step=step), temperature=rl.temperature,
                                   per_sequence=rl.algorithm == "grpo")  # fmt: skip
@@ -157,6 +159,8 @@ def rl_step(run: RLRun, *, step: int) -> dict[str, float] | None:
         "train/lr": result.lr,
         **{f"train/{k}": v for k, v in result.extras.items()},
         **run.longact.metrics(),
+        **correction,
+        **(run.engine.metrics() if hasattr(run.engine, "metrics") else {}),
         "perf/tokens_per_s": tokens / elapsed,
         "perf/step_s": elapsed,
         "perf/generate_s": generate_s,
