@@ -366,7 +366,9 @@ class EvalConfig:
     model_name: str = "model"
     """Row label in the results tables."""
     backend: Literal["native", "vllm"] = "native"
-    """native: the megatron model from ``checkpoint.load_dir``; vllm: ``hf_dir``."""
+    """native: the megatron model from ``checkpoint.load_dir``; vllm: vLLM (``longact eval
+    --backend vllm``) on ``hf_dir``, else on ``checkpoint.load_dir`` exported to Hugging Face
+    layout; the same prompts, stop tokens and scoring either way."""
     hf_dir: str | None = None
     out_dir: str = "runs/eval"
     temperature: float = 0.0

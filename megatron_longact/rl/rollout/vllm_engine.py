@@ -191,25 +191,30 @@ def model_folder(config_dir: Path, tokenizer_dir: Path | None, out: Path) -> Pat
 
 
 def engine_kwargs(
-    *, folder: Path, dtype: str, tp: int, max_model_len: int, seed: int, stop_strings: bool,
-    memory_fraction: float, cpu_kv_cache_gib: float, cuda: bool,
+    *, folder: Path | str, dtype: str, tp: int, max_model_len: int | None, seed: int,
+    stop_strings: bool, memory_fraction: float, cpu_kv_cache_gib: float, cuda: bool,
+    load_format: str = "dummy", external_launcher: bool = True, sleep_mode: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
-    """``vllm.LLM`` keyword arguments of the colocated engine (module docstring)."""
+    """``vllm.LLM`` keyword arguments (module docstring). The colocated engine's defaults:
+    dummy weights (the first wake refits every tensor), external launcher, sleep mode on
+    CUDA; evaluation loads real weights and may run in one process."""
     kwargs: dict[str, Any] = dict(
         model=str(folder),
-        load_format="dummy",  # the first wake() refits every tensor from the trainer
+        load_format=load_format,
         skip_tokenizer_init=not stop_strings,  # prompts arrive as ids; text only for stops
         dtype=dtype,
         tensor_parallel_size=tp,
-        distributed_executor_backend="external_launcher",
         enable_prefix_caching=True,  # the rollouts of a prompt share its long context
-        max_model_len=max_model_len,
         disable_custom_all_reduce=True,  # its IPC buffers do not mix with the trainer's
         seed=seed,
         logprobs_mode="processed_logprobs",
     )
+    if external_launcher:
+        kwargs["distributed_executor_backend"] = "external_launcher"
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
     if cuda:
-        kwargs.update(enable_sleep_mode=True, gpu_memory_utilization=memory_fraction)
+        kwargs.update(enable_sleep_mode=sleep_mode, gpu_memory_utilization=memory_fraction)
     else:
         kwargs.update(enforce_eager=True, kv_cache_memory_bytes=int(cpu_kv_cache_gib * 2**30))
     return kwargs
