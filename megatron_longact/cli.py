@@ -50,8 +50,13 @@ def _job_command(name: str, argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=f"longact {name}", description=COMMANDS[name])
     parser.add_argument("--config", help="YAML recipe (see examples/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2e-5")
+    if name == "eval":
+        parser.add_argument("--backend", choices=["native", "vllm"],
+                            help="eval.backend: the megatron model or vLLM")  # fmt: skip
     args = parser.parse_args(argv)
-    job = load_config(JobConfig, args.config, args.overrides)
+    backend = getattr(args, "backend", None)
+    overrides = args.overrides + ([f"eval.backend={backend}"] if backend else [])
+    job = load_config(JobConfig, args.config, overrides)
     config_yaml = to_yaml(job)
     from megatron_longact.runtime.lifetime import die_with_parent, install_fork_guard
     from megatron_longact.runtime.signals import STOP_EXIT_CODE, stopped_step

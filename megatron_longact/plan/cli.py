@@ -78,13 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--rollout-mem-fraction",
         type=float,
-        default=0.0,
-        help="GPU memory fraction the rollout engine reserves for its KV pool (0: what it needs)",
+        help="GPU memory fraction the rollout engine reserves for its KV pool (0: what it needs; "
+        "default from an RL config with rl.engine=vllm: rl.vllm_memory_fraction, else 0)",
     )
     parser.add_argument(
         "--rollout-sleep",
         action="store_true",
-        help="the engine frees its KV pool during the training step (vLLM sleep mode)",
+        help="the engine frees its KV pool during the training step (vLLM sleep mode; implied "
+        "by an RL config with rl.engine=vllm)",
     )
     parser.add_argument("--no-flash-attention", action="store_true")
     parser.add_argument(
@@ -232,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
             rollout = RolloutSpec(
                 batch=rollout_batch,
                 max_tokens=args.rollout_tokens or seq_length,
-                memory_fraction=args.rollout_mem_fraction,
-                sleep=args.rollout_sleep,
+                memory_fraction=_pick(
+                    args.rollout_mem_fraction, inputs.rollout_memory_fraction, 0.0
+                ),
+                sleep=args.rollout_sleep or bool(inputs.rollout_sleep),
             )
         estimate = estimate_memory(
             spec,

@@ -45,6 +45,10 @@ class ConfigInputs:
     generation_sequences: int | None = None
     generation_batch_size: int | None = None
     attention_backend: str | None = None
+    rollout_memory_fraction: float | None = None
+    """``rl.vllm_memory_fraction`` under ``rl.engine=vllm``: the GPU share vLLM reserves."""
+    rollout_sleep: bool | None = None
+    """True under ``rl.engine=vllm``: its pool is freed while megatron trains (sleep mode)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +84,7 @@ def read_plan_inputs(config: PlanConfig) -> ConfigInputs:
     seq_length = job.data.seq_length
     global_batch = job.data.global_batch_size
     rollout_sequences = generation_sequences = generation_batch_size = None
+    rollout_memory_fraction = rollout_sleep = None
     if written.get("rl"):
         rl = job.rl
         seq_length = rl.max_seq_length
@@ -88,6 +93,8 @@ def read_plan_inputs(config: PlanConfig) -> ConfigInputs:
         generation_sequences = rollout_sequences * multiplier
         if rl.engine == "native":
             generation_batch_size = rl.generation_batch_size
+        elif rl.engine == "vllm":
+            rollout_memory_fraction, rollout_sleep = rl.vllm_memory_fraction, True
 
     # model.hf_path wins over model.preset, as in the training CLI; a preset is either one of the
     # planner's Qwen3 presets or a config shipped in the package's assets. An hf_path without a
@@ -117,4 +124,6 @@ def read_plan_inputs(config: PlanConfig) -> ConfigInputs:
         generation_sequences=generation_sequences,
         generation_batch_size=generation_batch_size,
         attention_backend=job.model.attention_backend,
+        rollout_memory_fraction=rollout_memory_fraction,
+        rollout_sleep=rollout_sleep,
     )

@@ -15,6 +15,7 @@ from functools import partial
 import torch
 
 from megatron_longact.rl.chunked_logprobs import chunked_token_logprobs
+from megatron_longact.rl.correction import ROLLOUT_WEIGHTS
 from megatron_longact.runtime.context_parallel import cp_rank, gather_sequence
 from megatron_longact.runtime.forward import device_batch, model_batch
 
@@ -79,6 +80,8 @@ def policy_forward_step(
                 ids = batch["sequence_ids"].clamp(min=0)
                 seq_tokens = seq_tokens[ids] if seq_tokens.numel() else torch.zeros_like(mask)
             extra["sequence_token_counts"] = seq_tokens
+        if ROLLOUT_WEIGHTS in batch:  # rollout correction (rl.correction), when on
+            extra["token_weights"] = batch[ROLLOUT_WEIGHTS]
         loss, metrics = loss_fn(
             logp,
             batch["old_logp"],

