@@ -17,21 +17,25 @@ the spread measured below; rollout outcomes (rewards, lengths, LongAct selection
 exactly, because none of the measured perturbations changed a sampled token (see
 ``SAMPLED_NOTE``).
 
-The measured spread (Intel Xeon, AVX512, MKL 2024.2, oneDNN 3.12, torch 2.13.0+cpu, 2026-12-06):
-this run repeated under ``MKL_ENABLE_INSTRUCTIONS=AVX2``, ``MKL_CBWR=COMPATIBLE``,
-``ATEN_CPU_CAPABILITY=avx2``, ``ATEN_CPU_CAPABILITY=default``, 2 threads per rank instead of 1,
-all of MKL / ATen / oneDNN at AVX2 together, and three runs whose initial weights were moved by
-one ulp each (random signs, seeds 1-3), against the unperturbed run. Every one left the
-unperturbed trajectory by step 3-9, like the AMD EPYC (AVX512) machine of issue 26 (SFT step 3,
-loss relative 2.7e-8). The largest relative difference of any of them, per band of steps:
+The measured spread (Intel Xeon, torch CPU capability AVX512, MKL 2024.2, oneDNN 3.12, torch
+2.13.0+cpu, 1 thread per rank, 2026-12-06): this run repeated under ``MKL_ENABLE_INSTRUCTIONS=
+AVX2``, ``MKL_CBWR=COMPATIBLE``, ``ATEN_CPU_CAPABILITY=avx2``, ``ATEN_CPU_CAPABILITY=default``,
+2 threads per rank, MKL + ATen + oneDNN all at AVX2, and with every initial weight moved by one
+ulp (random signs), against the plain run. The kernel and thread variants left the plain
+trajectory at SFT step 4 or 9, as the AMD EPYC (AVX512) machine of issue 26 left the pinned one
+at step 3 (loss relative 2.7e-8): MKL's kernel choice (by vendor and instruction set), ATen's
+vector kernels and the thread count each change the rounding. None changed a sampled token or a
+LongAct selection. Largest relative difference of any of them, per band of steps:
 
-    SFT loss       steps 1-20: 1.3e-7   21-50: 1.7e-6   51-150: 3.1e-5
-    SFT grad norm  steps 1-20: 2.4e-6   21-50: 6.3e-5   51-150: 7.9e-4
-    RL  grad norm  1.2e-3        RL entropy  4.7e-5       RL loss  0 (advantages only)
+    SFT loss       steps 1-20: 9.0e-8   21-50: 1.9e-6   51-150: 3.3e-5
+    SFT grad norm  steps 1-20: 3.0e-6   21-50: 6.3e-5   51-150: 8.2e-4
+    RL  grad norm  2.4e-3        RL entropy  6.8e-5       RL loss  0 (advantages only)
 
-The tolerances are about 10x these (``FP_TOLERANCES``). A regression moves step 1 itself: a wrong
-loss mask or packing changes ``train/loss_tokens`` (exact) or the step-1 loss by far more than
-1e-6 relative.
+The tolerances are 10-17x these (``FP_TOLERANCES``). To measure again, re-pin under one of those
+settings (``MKL_ENABLE_INSTRUCTIONS=AVX2 LONGACT_PIN_REFERENCE=1 python -m pytest
+tests/reference``): ``git diff`` of trajectory.json shows every value that moved; check it out
+again after. A regression moves the early steps by far more: a wrong loss mask or packing
+changes ``train/loss_tokens`` (exact) or the step-1 loss beyond 1e-6 relative.
 """
 
 from __future__ import annotations
@@ -63,10 +67,10 @@ ENGINE_MISMATCH_ABS = 5e-6
 """``rollout/engine_logprob_mismatch`` is itself fp32 noise (~3e-7, moved 0.2-0.8 relative under
 every perturbation); it is held to its meaning: the rollout engine agrees with the trainer."""
 FP_TOLERANCES = {  # stage: [(last step of the band, rel tol of grad norms, rel tol of the rest)]
-    "sft": [(20, 3e-5, 1e-6), (50, 1e-3, 2e-5), (150, 1e-2, 3e-4)],
-    "rl": [(3, 2e-2, 1e-3)],
+    "sft": [(20, 5e-5, 1e-6), (50, 1e-3, 3e-5), (150, 1e-2, 5e-4)],
+    "rl": [(3, 3e-2, 1e-3)],
 }
-"""Relative tolerances of rounding-sensitive values, ~10x the spread measured (module doc)."""
+"""Relative tolerances of rounding-sensitive values, >= 10x the spread measured (module doc)."""
 FP_ABS = 1e-9
 """Absolute floor for values pinned at 0 (the KL terms on-policy)."""
 PACKAGES = ("torch", "megatron-core", "numpy", "transformers", "tokenizers")
