@@ -64,8 +64,8 @@ EXACT_SUFFIXES = ("trainable_frac",)
 LR_REL = 1e-12
 """``train/lr``: megatron's scheduler in Python doubles (``math.cos``: libm's last bit only)."""
 ENGINE_MISMATCH_ABS = 5e-6
-"""``rollout/engine_logprob_mismatch`` is itself fp32 noise (~3e-7, moved 0.2-0.8 relative under
-every perturbation); it is held to its meaning: the rollout engine agrees with the trainer."""
+"""``rollout/engine_logprob_mismatch`` is itself fp32 noise (~3e-7, moved 0.05-1.1 relative under
+the perturbations); it is held to its meaning: the rollout engine agrees with the trainer."""
 FP_TOLERANCES = {  # stage: [(last step of the band, rel tol of grad norms, rel tol of the rest)]
     "sft": [(20, 5e-5, 1e-6), (50, 1e-3, 3e-5), (150, 1e-2, 5e-4)],
     "rl": [(3, 3e-2, 1e-3)],
@@ -101,7 +101,8 @@ def _mismatch(stage: str, step: int, key: str, got, want) -> str | None:
         return None if got == pytest.approx(want, rel=LR_REL) else f"rel tol {LR_REL}"
     if key == "rollout/engine_logprob_mismatch":
         return None if got == pytest.approx(want, abs=ENGINE_MISMATCH_ABS) else "abs tol"
-    band = next(b for b in FP_TOLERANCES[stage] if step <= b[0])
+    bands = FP_TOLERANCES[stage]
+    band = next((b for b in bands if step <= b[0]), bands[-1])
     rel = band[1] if key == "train/grad_norm" else band[2]
     return None if got == pytest.approx(want, rel=rel, abs=FP_ABS) else f"rel tol {rel:g}"
 
