@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+from equivalence import ADAM_EPS_OVERRIDE
 
 from megatron_longact.config import JobConfig, load_config
 
@@ -20,9 +21,11 @@ PerLayer = dict[int, dict[str, torch.Tensor]]
 SEQ = 32
 GLOBAL_ROWS = 4
 SEED = 1234
+LR = 1e-3
 BASE = [
     "model.preset=micro-qwen3",
-    "optim.lr=1e-3",
+    f"optim.lr={LR}",
+    ADAM_EPS_OVERRIDE,  # parallel vs single-process parameters stay comparable (tests/equivalence.py)
     "optim.warmup_steps=0",
     "optim.lr_decay_style=constant",
     "optim.weight_decay=0.1",
