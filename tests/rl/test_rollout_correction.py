@@ -74,9 +74,14 @@ def test_apply_adds_weights_only_when_configured():
     torch.testing.assert_close(micro[0][ROLLOUT_WEIGHTS],
                                truncated_is_weights(OLD, ENGINE, cap=1.5) * MASK)  # fmt: skip
     assert metrics["correction/truncated_frac"] == pytest.approx(1 / 5)
-    packed = {k: v[MASK > 0] for k, v in batch.items()} | {"seq_index": ROWS[MASK > 0]}
+    # Packed as rl.batch lays them out: one row [1, T], sequences told apart by sequence_ids
+    # (-1 on a padding token, which has response_mask 0).
+    pad = {"old_logp": 0.0, "engine_logp": 0.0, "response_mask": 0.0}
+    packed = {k: torch.cat([v[MASK > 0], torch.tensor([pad[k]])])[None] for k, v in batch.items()}
+    packed["sequence_ids"] = torch.cat([ROWS[MASK > 0], torch.tensor([-1])])[None]
     apply_rollout_correction([packed], rl=RLConfig(rollout_is=True, rollout_is_cap=1.5))
-    torch.testing.assert_close(packed[ROLLOUT_WEIGHTS], micro[0][ROLLOUT_WEIGHTS][MASK > 0])
+    torch.testing.assert_close(packed[ROLLOUT_WEIGHTS][0, :-1], micro[0][ROLLOUT_WEIGHTS][MASK > 0])
+    assert packed[ROLLOUT_WEIGHTS][0, -1] == 0
 
 
 @pytest.mark.parametrize("name", sorted(LOSS_FNS))
