@@ -12,6 +12,7 @@ depend on megatron.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from megatron_longact.config.schema import JobConfig
 from megatron_longact.data.chat_template import render_chat, resolve_chat_template
@@ -19,8 +20,10 @@ from megatron_longact.data.tokenizer import pad_id
 from megatron_longact.eval.runner import GenerateFn
 from megatron_longact.eval.suite import Suite
 
-CompleteFn = Callable[[list[str]], list[str]]
-"""Model inputs (chat template applied) -> completions, same length and order."""
+CompleteFn = Callable[..., list[str]]
+"""Model inputs (chat template applied) -> completions, same length and order. Keywords
+``temperature`` and ``seed`` override ``eval.temperature`` / ``eval.seed`` for one call (the
+sampled pass of ``eval.num_samples``)."""
 Backend = Callable[[JobConfig, object], CompleteFn]
 """(job, tokenizer) -> CompleteFn, as ``native_backend`` and ``vllm_backend``."""
 
@@ -44,10 +47,12 @@ def chat_prompt(tokenizer, text: str, *, system: str | None = None) -> str:
 def suite_generate(complete: CompleteFn, tokenizer, suite: Suite) -> GenerateFn:
     """The runner's ``prompts -> responses`` for ``suite``: template, then ``complete``."""
 
-    def generate(prompts: list[str]) -> list[str]:
+    def generate(prompts: list[str], **sampling) -> list[str]:
         if not suite.chat_template:
-            return complete(list(prompts))
-        return complete([chat_prompt(tokenizer, p, system=suite.system_prompt) for p in prompts])
+            return complete(list(prompts), **sampling)
+        return complete(
+            [chat_prompt(tokenizer, p, system=suite.system_prompt) for p in prompts], **sampling
+        )
 
     return generate
 
@@ -79,9 +84,12 @@ def native_backend(job: JobConfig, tokenizer) -> CompleteFn:
     )
     stops = set(params.stop_token_ids)
 
-    def generate(model_inputs: list[str]) -> list[str]:
+    def generate(model_inputs: list[str], *, temperature: float | None = None,
+                 seed: int | None = None) -> list[str]:  # fmt: skip
         ids = [tokenizer.encode(text, add_special_tokens=False) for text in model_inputs]
-        outputs = engine.generate(ids, params)
+        outputs = engine.generate(ids, replace(
+            params, temperature=params.temperature if temperature is None else temperature,
+            seed=params.seed if seed is None else seed))  # fmt: skip
         return [
             tokenizer.decode(
                 [t for t in out.response_ids if t not in stops], skip_special_tokens=False
@@ -109,8 +117,16 @@ def vllm_backend(job: JobConfig, tokenizer) -> CompleteFn:
         temperature=job.eval.temperature, max_tokens=job.eval.max_new_tokens, seed=job.eval.seed
     )
 
-    def generate(model_inputs: list[str]) -> list[str]:
-        outputs = llm.generate(list(model_inputs), sampling)
+    def generate(model_inputs: list[str], *, temperature: float | None = None,
+                 seed: int | None = None) -> list[str]:  # fmt: skip
+        if temperature is None and seed is None:
+            outputs = llm.generate(list(model_inputs), sampling)
+        else:  # one seed per request: equal prompts in one call must draw different samples
+            base = job.eval.seed if seed is None else seed
+            outputs = llm.generate(list(model_inputs), [vllm.SamplingParams(
+                temperature=job.eval.temperature if temperature is None else temperature,
+                max_tokens=job.eval.max_new_tokens, seed=base + i)
+                for i in range(len(model_inputs))])  # fmt: skip
         return [o.outputs[0].text for o in outputs]
 
     return generate
