@@ -22,10 +22,10 @@ from megatron_longact.eval.report import (
     INFINITEBENCH_TABLE,
     LONGBENCH_V2_TABLE,
     TableSpec,
+    add_sampled_columns,
     load_scores,
     ruler_row,
     ruler_table,
-    with_sampled,
     write_report,
 )
 from megatron_longact.eval.ruler import files as ruler_files
@@ -183,13 +183,9 @@ def _tables(job: JobConfig, runs) -> list[Path]:
             "ruler": ruler_table([s.removeprefix("ruler-") for s in suites]),
         }[table]
         if table != "ruler" and ev.num_samples > 0:  # mean@k ± SE columns beside greedy
-            sampled, extended = sampled_suite_name(suites[0], ev.sample_temperature), spec
-            for label, folder in dirs.items():
-                if scores_path(folder, sampled).is_file():
-                    extended, rows[label] = with_sampled(
-                        spec, rows[label], load_scores(scores_path(folder, sampled))
-                    )
-            spec = extended
+            suite = next(s for t, s, _ in runs if t == table)
+            name = sampled_suite_name(suite.name, ev.sample_temperature)
+            spec = add_sampled_columns(spec, rows, dirs, suite=suite, name=name)
         # Difference rows are "this model vs the first compared one" (e.g. RL vs SFT).
         baseline = next(iter(rows)) if len(rows) > 1 else None
         md, _ = write_report(rows, spec, out_path=Path(ev.out_dir) / f"table_{table}",

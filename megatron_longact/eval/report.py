@@ -18,10 +18,19 @@ from pathlib import Path
 from megatron_longact.eval.infinitebench import TABLE3_COLUMNS
 from megatron_longact.eval.longbench_v2 import TABLE1_COLUMNS
 from megatron_longact.eval.ruler.config import TABLE2_COLUMNS
+from megatron_longact.eval.runner import (
+    paired_difference,
+    predictions_path,
+    read_predictions,
+    scores_path,
+)
+from megatron_longact.eval.suite import Suite
 
 Scores = Mapping[str, float]
 DECIMALS = 2  # the paper reports percentages with two decimals
 MISSING = "-"
+PAIRED = "paired"
+"""Suffix of a row's key holding the paired standard error of its difference to the baseline."""
 # The paper's Table 2 context lengths, as (label, tokens).
 PAPER_RULER_LENGTHS = (("128k", 131072), ("64k", 65536))
 
@@ -33,9 +42,10 @@ class TableSpec:
     title: str
     columns: tuple[str, ...]
     errors: tuple[tuple[str, str], ...] = ()
-    """(column, key of its standard error in the rows): shown as ``value ± error``; a
-    difference row's error is sqrt(e1^2 + e2^2) (independent errors: conservative for two
-    models scored on the same prompts)."""
+    """(column, key of its standard error in the rows): shown as ``value ± error``. A difference
+    row's error is the row's ``"<error key> paired"`` when it holds one (the SE of the per-prompt
+    differences to the baseline on the same prompts, :func:`runner.paired_difference`), else
+    sqrt(e1^2 + e2^2) (independent errors: conservative for models scored on the same prompts)."""
 
 
 def with_sampled(spec: TableSpec, scores: Scores, sampled: Scores | None) -> tuple[TableSpec, dict]:
@@ -114,7 +124,9 @@ def _with_deltas(
         }
         for e in errors.values():
             both = values[e] is not None and base[e] is not None
-            deltas[e] = math.hypot(values[e], base[e]) if both else None
+            deltas[e] = _value(rows[name], f"{e} {PAIRED}")
+            if deltas[e] is None:
+                deltas[e] = math.hypot(values[e], base[e]) if both else None
         table.append((f"{name} vs {baseline}", deltas, True))
     return table
 
@@ -193,3 +205,33 @@ def write_report(
     md_path.write_text(render_markdown(rows, spec, baseline=baseline), encoding="utf-8")
     csv_path.write_text(render_csv(rows, spec, baseline=baseline), encoding="utf-8")
     return md_path, csv_path
+
+
+def add_sampled_columns(
+    spec: TableSpec,
+    rows: dict[str, dict[str, float]],
+    dirs: Mapping[str, Path],
+    *,
+    suite: Suite,
+    name: str,
+) -> TableSpec:
+    """Extends ``spec`` and, in place, every row whose folder in ``dirs`` holds the sampled pass
+    ``name`` (``runner.sampled_suite_name``) by its ``mean@k`` ± SE columns (:func:`with_sampled`);
+    rows after the first also get the paired SE of their difference to it (:data:`PAIRED`)."""
+    extended = spec
+    for label, folder in dirs.items():
+        file = scores_path(folder, name)
+        if file.is_file():
+            extended, rows[label] = with_sampled(spec, rows[label], load_scores(file))
+    baseline, *others = list(rows)
+    base_file = predictions_path(dirs[baseline], name)
+    for label in others:
+        file = predictions_path(dirs[label], name)
+        if not (base_file.is_file() and file.is_file()):
+            continue
+        mine, base = read_predictions(file), read_predictions(base_file)
+        for column, error in extended.errors:
+            if " mean@" in column:
+                source = column.split(" mean@")[0]
+                rows[label][f"{error} {PAIRED}"] = paired_difference(suite, mine, base, source)[1]
+    return extended

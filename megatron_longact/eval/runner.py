@@ -281,3 +281,19 @@ def evaluate_sampled(
                             temperature=temperature)  # fmt: skip
     _write_json_atomic(scores_path(out, name), scores)
     return scores
+
+
+def paired_difference(
+    suite: Suite, records: Sequence[Record], baseline: Sequence[Record], column: str
+) -> tuple[float, float, int]:
+    """Mean and standard error of the per-prompt difference ``records - baseline`` of one
+    ``suite.aggregate`` column, over the prompts both sampled files hold (their third value).
+
+    Two models scored on the same prompts share each prompt's difficulty; the paired error
+    removes it (Student's paired t), the independent sqrt(e1^2 + e2^2) does not.
+    """
+    base = {r["id"]: suite.aggregate(r["samples"]).get(column, float("nan")) for r in baseline}
+    diffs = [suite.aggregate(r["samples"]).get(column, float("nan")) - base[r["id"]]
+             for r in records if r["id"] in base]  # fmt: skip
+    mean, se = mean_and_se(diffs)
+    return mean, se, len(diffs)

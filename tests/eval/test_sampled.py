@@ -126,3 +126,49 @@ def test_eval_config_rejects_bad_sampling():
         EvalConfig(num_samples=-1)
     with pytest.raises(ValueError, match="sample_temperature"):
         EvalConfig(num_samples=8, sample_temperature=0.0)
+
+
+def test_longact_eval_tables_greedy_and_mean_at_k_with_paired_errors(tmp_path):
+    """``run_eval`` with a coin-flip backend (the only stand-in): two models on the same 12
+    prompts; the RL row's difference error is the paired one, recomputed here by hand."""
+    from megatron_longact.config import JobConfig, load_config
+    from megatron_longact.data.rl_data import write_rl_jsonl
+    from megatron_longact.eval.cli import run_eval
+    from megatron_longact.eval.runner import paired_difference
+
+    data = tmp_path / "kv.jsonl"
+    write_rl_jsonl(_records(12), data)
+
+    def backend(shift: int):
+        def make(job, tokenizer):
+            sample = _coin_sampler([])
+
+            def complete(model_inputs, *, temperature=None, seed=None):
+                if temperature is None:  # greedy: right on every other prompt
+                    return [f"<answer>{1000 + i if i % 2 else 0}</answer>"
+                            for i in range(len(model_inputs))]  # fmt: skip
+                return sample(model_inputs, temperature=temperature, seed=seed + shift)
+
+            return complete
+
+        return make
+
+    common = ["eval.suites=[synthetic_kv]", f"eval.synthetic_kv_path={data}",
+              "eval.num_samples=8", "eval.batch_size=4", "logging.progress=false"]  # fmt: skip
+    sft, rl = tmp_path / "sft", tmp_path / "rl"
+    run_eval(load_config(JobConfig, None, [*common, f"eval.out_dir={sft}", "eval.model_name=SFT"]),
+             backend=backend(0))  # fmt: skip
+    (table,) = run_eval(load_config(JobConfig, None, [
+        *common, f"eval.out_dir={rl}", "eval.model_name=RL", f"eval.compare=[{sft}]"]),
+        backend=backend(1))  # fmt: skip
+    md = table.read_text()
+    assert "KV-Acc mean@8" in md and "pass@8" in md and "| RL vs SFT |" in md
+    name = sampled_suite_name("synthetic_kv", 1.0)
+    mean, se, n = paired_difference(
+        synthetic_kv.make_suite(),
+        read_predictions(predictions_path(rl, name)),
+        read_predictions(predictions_path(sft, name)),
+        "KV-Acc",
+    )
+    delta_row = next(line for line in md.splitlines() if line.startswith("| RL vs SFT"))
+    assert n == 12 and f"{mean:+.2f} ± {se:.2f}" in delta_row, (delta_row, mean, se)
