@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -61,6 +62,8 @@ HELDOUT_SE_KEY = "heldout/accuracy_se"
 GREEDY_KEY = "heldout/greedy_accuracy"
 DONE_FILE = "done"
 """Written into a stage's folder when it finished, so a resumed study skips it."""
+CLAIM_FILE = "claimed"
+"""The pid of the driver training a run (:func:`claim`)."""
 
 
 @dataclass(kw_only=True)
@@ -176,8 +179,32 @@ def _rl_command(config: StudyConfig, arm: str, seed: int, *, sft: Path, run: Pat
                     f"logging.tensorboard_dir={run / 'tb'}")  # fmt: skip
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(run: Path) -> bool:
+    """Whether this driver may train ``run``: no other live process holds its ``claimed`` file
+    (a pid). Lets several drivers (one per node, or a second one on a busy machine) share one
+    ``--out``; a claim of a dead process is taken over, so a killed study still resumes."""
+    run.mkdir(parents=True, exist_ok=True)
+    file = run / CLAIM_FILE
+    if file.is_file():
+        pid = int(file.read_text().strip() or 0)
+        if pid not in (0, os.getpid()) and _alive(pid):
+            return False
+    file.write_text(f"{os.getpid()}\n")
+    return True
+
+
 def _train_rl(config: StudyConfig, arm: str, seed: int, *, sft: Path, run: Path) -> None:
-    if not (run / DONE_FILE).is_file():
+    if not (run / DONE_FILE).is_file() and claim(run):
         _run(_rl_command(config, arm, seed, sft=sft, run=run), log=run / "rl.log")
         (run / DONE_FILE).write_text("")
 

@@ -11,6 +11,7 @@ from megatron_longact.study.harness import (
     StudyConfig,
     _rl_command,
     arm_summaries,
+    claim,
     collect,
     details_table,
     read_accuracy,
@@ -108,3 +109,21 @@ def test_readers(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="KV-Acc"):
         read_accuracy(tmp_path / "bad.json")
+
+
+def test_a_run_claimed_by_a_live_process_is_left_to_it(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "rl" / "dense-s1"
+    assert claim(run) and (run / "claimed").read_text().strip() == str(os.getpid())
+    assert claim(run)  # our own claim
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (run / "claimed").write_text(f"{other.pid}\n")
+        assert not claim(run)
+    finally:
+        other.kill()
+        other.wait()
+    assert claim(run)  # the holder died: taken over
