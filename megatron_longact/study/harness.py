@@ -357,6 +357,8 @@ def plot_study(result: StudyResult, path: Path, *, num_samples: int = 8) -> None
         bars.scatter([index] * s.n, [100 * v for v in s.values], color="black", s=10, zorder=3)
     for axis in (heldout_ax, bars):
         axis.axhline(100 * result.sft_accuracy, color="gray", linestyle="--", label="SFT")
+    lowest = min([result.sft_accuracy, *(v for s in summaries.values() for v in s.values)])
+    bars.set_ylim(bottom=max(0.0, 100 * lowest - 10))  # the differences, not the zero line
     bars.set_xticks(range(len(result.curves)), list(result.curves), rotation=30)
     bars.set_ylabel(f"held-out mean@{num_samples} (%)")
     bars.set_title("after RL (mean ± 95% CI, dots = seeds)")
