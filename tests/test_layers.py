@@ -15,7 +15,7 @@ from pathlib import Path
 import megatron_longact
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors",),  # UserError, the one type for user mistakes
+    ("errors", "stats"),  # UserError for user mistakes; sampled-evaluation statistics
     ("device", "config"),  # the one CPU/CUDA answer; typed configs (plain data)
     ("models", "data"),  # GPTModel from HF configs, HF <-> megatron weights; formats, packing
     ("checkpoint",),  # dist_checkpointing saves and loads

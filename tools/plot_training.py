@@ -3,7 +3,8 @@
     python tools/plot_training.py --sft runs/quickstart/sft/tensorboard/metrics.jsonl \
         --rl runs/quickstart/rl/tensorboard/metrics.jsonl --out runs/quickstart/curves.png
 
-Panels: SFT train/val loss; RL reward mean (with format rate and accuracy); RL response length
+Panels: SFT train/val loss; RL reward mean (with format rate, accuracy and, when the run logged
+it, the held-out mean@k accuracy with its standard error); RL response length
 and entropy; LongAct's trainable Q/K row fraction and mask overlap (Jaccard) between steps.
 """
 
@@ -20,12 +21,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """Records of a metrics.jsonl; a resumed run's repeated steps keep the last record."""
+    """Records of a metrics.jsonl, one per step: a step's lines are merged (the RL loop logs its
+    held-out evaluation as a line of its own), later values win (a resumed run's repeats)."""
     by_step: dict[int, dict] = {}
     for line in path.read_text().splitlines():
         if line.strip():
             record = json.loads(line)
-            by_step[record["step"]] = record
+            by_step.setdefault(record["step"], {}).update(record)
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -65,6 +67,12 @@ def plot(sft: Path | None, rl: Path | None, out: Path) -> Path:
         ax.plot(*_series(records, "rollout/reward_mean"), label="reward (format + answer)")
         ax.plot(*_series(records, "rollout/format_rate"), "--", label="format rate")
         ax.plot(*_series(records, "rollout/accuracy"), ":", label="accuracy")
+        # The held-out evaluation (rl.eval_interval): mean@k, SE bars, beside the reward.
+        steps, held = _series(records, "heldout/accuracy")
+        if steps:
+            errors = [r["heldout/accuracy_se"] for r in records if "heldout/accuracy" in r]
+            ax.errorbar(steps, held, yerr=errors, fmt="o-", capsize=3,
+                        label="held-out accuracy (mean@k ± SE)")  # fmt: skip
         ax.set(title="RL: DAPO + LongAct", xlabel="step", ylim=(-0.05, 2.05))
         ax.legend(fontsize=8)
         ax = axes["length"]

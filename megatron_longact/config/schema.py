@@ -368,6 +368,13 @@ class RLConfig:
     """Tokens per chunk of the log-prob/entropy computation (old, reference and policy
     passes): only one chunk's fp32 [chunk, vocab/TP] temporaries exist at a time. Exact at any
     size; <= 0 computes all tokens at once."""
+    eval_interval: int = 0
+    """Held-out evaluation every this many steps, before the first and after the last
+    (``rl.heldout``): ``eval.num_samples`` samples per prompt of ``eval.synthetic_kv_path`` at
+    ``eval.sample_temperature`` plus a greedy pass, scored with ``rl.reward``, logged as
+    ``heldout/*`` beside the reward curve. 0: never."""
+    eval_num_prompts: int | None = None
+    """Prompts of that held-out evaluation: the file's first N (None: all)."""
 
     def __post_init__(self) -> None:
         if self.max_tokens_per_microbatch < 0:
@@ -375,6 +382,8 @@ class RLConfig:
                 f"rl.max_tokens_per_microbatch={self.max_tokens_per_microbatch} must be >= 0 "
                 "(0 turns the token budget off)"
             )
+        if self.eval_interval < 0:
+            raise UserError(f"rl.eval_interval must be >= 0 (0: off), got {self.eval_interval}")
         if self.rollouts_per_prompt < 1 or self.prompts_per_step < 1:
             raise UserError("prompts_per_step and rollouts_per_prompt must be >= 1")
         if self.max_new_tokens >= self.max_seq_length:
@@ -465,6 +474,19 @@ class EvalConfig:
     generated essay-like filler."""
     compare: list[str] = field(default_factory=list)
     """Other ``out_dir``s whose scores join the tables as extra rows (e.g. the SFT model)."""
+    num_samples: int = 0
+    """k > 0 adds a sampled pass beside the ``temperature`` one: k responses per prompt at
+    ``sample_temperature``, seeded by ``seed``; tables then show mean@k ± its standard error over
+    prompts, and scores hold pass@j (unbiased, Chen et al. 2021). 0: no sampled pass."""
+    sample_temperature: float = 1.0
+    """Temperature of the sampled pass (``num_samples``); 1 samples the policy as RL does."""
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 0 or self.sample_temperature <= 0:
+            raise ValueError(
+                f"eval.num_samples={self.num_samples} must be >= 0 and eval.sample_temperature="
+                f"{self.sample_temperature} > 0"
+            )
 
 
 @dataclass(kw_only=True)

@@ -21,8 +21,10 @@ from megatron_longact.eval.runner import GenerateFn
 from megatron_longact.eval.suite import Suite
 
 CompleteFn = Callable[..., list[str]]
-"""``complete(model_inputs, *, max_new_tokens)``: model inputs (chat template applied) ->
-completions of at most ``max_new_tokens`` tokens, same length and order."""
+"""``complete(model_inputs, *, max_new_tokens, temperature=None, seed=None)``: model
+inputs (chat template applied) -> completions of at most ``max_new_tokens`` tokens, same
+length and order. ``temperature`` and ``seed`` override ``eval.temperature`` /
+``eval.seed`` for one call (the sampled pass of ``eval.num_samples``)."""
 DEFAULT_MAX_NEW_TOKENS = 128
 """Generation budget of a suite without its own when ``eval.max_new_tokens`` is not set."""
 Backend = Callable[[JobConfig, object], CompleteFn]
@@ -53,12 +55,11 @@ def suite_generate(
     ``DEFAULT_MAX_NEW_TOKENS``."""
     default = max_new_tokens if max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS
 
-    def generate(prompts: list[str], *, max_new_tokens: int | None = None) -> list[str]:
+    def generate(prompts: list[str], *, max_new_tokens: int | None = None, **sampling) -> list[str]:
         budget = default if max_new_tokens is None else max_new_tokens
-        if not suite.chat_template:
-            return complete(list(prompts), max_new_tokens=budget)
-        inputs = [chat_prompt(tokenizer, p, system=suite.system_prompt) for p in prompts]
-        return complete(inputs, max_new_tokens=budget)
+        if suite.chat_template:
+            prompts = [chat_prompt(tokenizer, p, system=suite.system_prompt) for p in prompts]
+        return complete(list(prompts), max_new_tokens=budget, **sampling)
 
     return generate
 
@@ -85,9 +86,13 @@ def native_backend(job: JobConfig, tokenizer) -> CompleteFn:
     stops = stop_token_ids(tokenizer, [])
     dropped = set(stops)
 
-    def generate(model_inputs: list[str], *, max_new_tokens: int) -> list[str]:
-        params = SamplingParams(temperature=job.eval.temperature, max_new_tokens=max_new_tokens,
-                                stop_token_ids=stops, seed=job.eval.seed)  # fmt: skip
+    def generate(model_inputs: list[str], *, max_new_tokens: int, temperature: float | None = None,
+                 seed: int | None = None) -> list[str]:  # fmt: skip
+        params = SamplingParams(
+            temperature=job.eval.temperature if temperature is None else temperature,
+            max_new_tokens=max_new_tokens, stop_token_ids=stops,
+            seed=job.eval.seed if seed is None else seed,
+        )  # fmt: skip
         ids = [tokenizer.encode(text, add_special_tokens=False) for text in model_inputs]
         outputs = engine.generate(ids, params)
         return [
@@ -135,9 +140,15 @@ def vllm_backend(job: JobConfig, tokenizer) -> CompleteFn:
     stop_ids = stop_token_ids(tokenizer, [])
     stops = set(stop_ids)
 
-    def generate(model_inputs: list[str], *, max_new_tokens: int) -> list[str]:
-        params = SamplingParams(temperature=job.eval.temperature, max_new_tokens=max_new_tokens,
-                                stop_token_ids=stop_ids, seed=job.eval.seed)  # fmt: skip
+    def generate(model_inputs: list[str], *, max_new_tokens: int, temperature: float | None = None,
+                 seed: int | None = None) -> list[str]:  # fmt: skip
+        # Each request draws from its own seed (request_seed(seed, i)): k copies of one prompt
+        # in a call sample differently.
+        params = SamplingParams(
+            temperature=job.eval.temperature if temperature is None else temperature,
+            max_new_tokens=max_new_tokens, stop_token_ids=stop_ids,
+            seed=job.eval.seed if seed is None else seed,
+        )  # fmt: skip
         requests = [{"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
                     for text in model_inputs]  # fmt: skip
         sampling = [vllm.SamplingParams(**vllm_sampling_kwargs(params, index=i))

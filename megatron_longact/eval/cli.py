@@ -24,6 +24,7 @@ from megatron_longact.eval.report import (
     INFINITEBENCH_TABLE,
     LONGBENCH_V2_TABLE,
     TableSpec,
+    add_sampled_columns,
     load_scores,
     ruler_row,
     ruler_table,
@@ -31,7 +32,12 @@ from megatron_longact.eval.report import (
 )
 from megatron_longact.eval.ruler import files as ruler_files
 from megatron_longact.eval.ruler.qa import load_hotpotqa_pool, load_squad_pool
-from megatron_longact.eval.runner import evaluate, scores_path
+from megatron_longact.eval.runner import (
+    evaluate,
+    evaluate_sampled,
+    sampled_suite_name,
+    scores_path,
+)
 from megatron_longact.models.hf_config import read_hf_config, resolve_model_dir
 
 logger = logging.getLogger(__name__)
@@ -187,6 +193,10 @@ def _tables(job: JobConfig, runs) -> list[Path]:
             "infinitebench": INFINITEBENCH_TABLE,
             "ruler": ruler_table([s.removeprefix("ruler-") for s in suites]),
         }[table]
+        if table != "ruler" and ev.num_samples > 0:  # mean@k ± SE columns beside greedy
+            suite = next(s for t, s, _ in runs if t == table)
+            name = sampled_suite_name(suite.name, ev.sample_temperature)
+            spec = add_sampled_columns(spec, rows, dirs, suite=suite, name=name)
         # Difference rows are "this model vs the first compared one" (e.g. RL vs SFT).
         baseline = next(iter(rows)) if len(rows) > 1 else None
         md, _ = write_report(rows, spec, out_path=Path(ev.out_dir) / f"table_{table}",
@@ -216,6 +226,14 @@ def run_eval(job: JobConfig, *, backend: Backend | None = None) -> list[Path]:
                           out_dir / f".rank{dist.get_rank()}", batch_size=job.eval.batch_size,
                           show_progress=is_writer and job.logging.progress)  # fmt: skip
         logger.info("%s: %s", suite.name, scores)
+        if job.eval.num_samples > 0 and suite.followup_prompt is None:
+            scores = evaluate_sampled(suite, samples, generate, num_samples=job.eval.num_samples,
+                                      temperature=job.eval.sample_temperature, seed=job.eval.seed,
+                                      out_dir=out_dir if is_writer else
+                                      out_dir / f".rank{dist.get_rank()}",
+                                      batch_size=job.eval.batch_size,
+                                      show_progress=is_writer and job.logging.progress)  # fmt: skip
+            logger.info("%s sampled: %s", suite.name, scores)
     if not is_writer:
         return []
     (out_dir / "model_name.txt").write_text(job.eval.model_name + "\n")

@@ -19,10 +19,19 @@ from megatron_longact.errors import UserError
 from megatron_longact.eval.infinitebench import TABLE3_COLUMNS
 from megatron_longact.eval.longbench_v2 import TABLE1_COLUMNS
 from megatron_longact.eval.ruler.config import TABLE2_COLUMNS
+from megatron_longact.eval.runner import (
+    paired_difference,
+    predictions_path,
+    read_predictions,
+    scores_path,
+)
+from megatron_longact.eval.suite import Suite
 
 Scores = Mapping[str, float]
 DECIMALS = 2  # the paper reports percentages with two decimals
 MISSING = "-"
+PAIRED = "paired"
+"""Suffix of a row's key holding the paired standard error of its difference to the baseline."""
 # The paper's Table 2 context lengths, as (label, tokens).
 PAPER_RULER_LENGTHS = (("128k", 131072), ("64k", 65536))
 
@@ -33,6 +42,29 @@ class TableSpec:
 
     title: str
     columns: tuple[str, ...]
+    errors: tuple[tuple[str, str], ...] = ()
+    """(column, key of its standard error in the rows): shown as ``value ± error``. A difference
+    row's error is the row's ``"<error key> paired"`` when it holds one (the SE of the per-prompt
+    differences to the baseline on the same prompts, :func:`runner.paired_difference`), else
+    sqrt(e1^2 + e2^2) (independent errors: conservative for models scored on the same prompts)."""
+
+
+def with_sampled(spec: TableSpec, scores: Scores, sampled: Scores | None) -> tuple[TableSpec, dict]:
+    """``spec`` and one row's ``scores`` extended by a sampled pass (``runner.sampled_scores``):
+    ``<column> mean@k`` ± SE for every column, then ``pass@k``. ``sampled`` None: unchanged."""
+    if sampled is None:
+        return spec, dict(scores)
+    k = int(sampled["samples_per_prompt"])
+    row, columns, errors = dict(scores), list(spec.columns), list(spec.errors)
+    for name in [*spec.columns, f"pass@{k}"]:
+        if name not in sampled:
+            continue
+        label = name if name.startswith("pass@") else f"{name} mean@{k}"
+        row[label], row[f"{label} SE"] = sampled[name], sampled.get(f"{name} SE", math.nan)
+        columns.append(label)
+        errors.append((label, f"{label} SE"))
+    title = f"{spec.title}; mean@{k} and pass@{k}: {k} samples at T={sampled['temperature']:g}"
+    return TableSpec(title, tuple(columns), tuple(errors)), row
 
 
 LONGBENCH_V2_TABLE = TableSpec("Evaluation results (%) on LongBench v2", TABLE1_COLUMNS)
@@ -74,8 +106,11 @@ def _value(scores: Scores, column: str) -> float | None:
 def _with_deltas(
     rows: Mapping[str, Scores], spec: TableSpec, baseline: str | None
 ) -> list[tuple[str, dict[str, float | None], bool]]:
-    """(name, values, is_delta) for every row, delta rows after the models."""
-    table = [(name, {c: _value(s, c) for c in spec.columns}, False) for name, s in rows.items()]
+    """(name, values, is_delta) for every row, delta rows after the models; values hold the
+    columns and their error keys."""
+    errors = dict(spec.errors)
+    keys = [*spec.columns, *errors.values()]
+    table = [(name, {c: _value(s, c) for c in keys}, False) for name, s in rows.items()]
     if baseline is None:
         return table
     if baseline not in rows:
@@ -88,6 +123,11 @@ def _with_deltas(
             c: (values[c] - base[c]) if values[c] is not None and base[c] is not None else None
             for c in spec.columns
         }
+        for e in errors.values():
+            both = values[e] is not None and base[e] is not None
+            deltas[e] = _value(rows[name], f"{e} {PAIRED}")
+            if deltas[e] is None:
+                deltas[e] = math.hypot(values[e], base[e]) if both else None
         table.append((f"{name} vs {baseline}", deltas, True))
     return table
 
@@ -110,6 +150,7 @@ def render_markdown(
     The best model value of each column is bold (as in the paper); delta rows show signs.
     """
     table = _with_deltas(rows, spec, baseline)
+    errors = dict(spec.errors)
     best = {}
     for c in spec.columns:
         values = [v[c] for _, v, is_delta in table if not is_delta and v[c] is not None]
@@ -128,22 +169,23 @@ def render_markdown(
                 and round(values[c], DECIMALS) == round(best[c], DECIMALS)
             ):
                 text = f"**{text}**"
+            if c in errors and values[c] is not None and values[errors[c]] is not None:
+                text += f" ± {values[errors[c]]:.{DECIMALS}f}"
             cells.append(text)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def render_csv(rows: Mapping[str, Scores], spec: TableSpec, *, baseline: str | None = None) -> str:
-    """CSV with header ``Model,<columns>``; values rounded to two decimals, missing cells empty."""
+    """CSV with header ``Model,<columns>`` (a column's error key after it); values rounded to two
+    decimals, missing cells empty."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["Model", *spec.columns])
+    keys = [k for c in spec.columns for k in (c, dict(spec.errors).get(c)) if k is not None]
+    writer.writerow(["Model", *keys])
     for name, values, _ in _with_deltas(rows, spec, baseline):
         writer.writerow(
-            [
-                name,
-                *("" if values[c] is None else f"{values[c]:.{DECIMALS}f}" for c in spec.columns),
-            ]
+            [name, *("" if values[k] is None else f"{values[k]:.{DECIMALS}f}" for k in keys)]
         )
     return buffer.getvalue()
 
@@ -164,3 +206,33 @@ def write_report(
     md_path.write_text(render_markdown(rows, spec, baseline=baseline), encoding="utf-8")
     csv_path.write_text(render_csv(rows, spec, baseline=baseline), encoding="utf-8")
     return md_path, csv_path
+
+
+def add_sampled_columns(
+    spec: TableSpec,
+    rows: dict[str, dict[str, float]],
+    dirs: Mapping[str, Path],
+    *,
+    suite: Suite,
+    name: str,
+) -> TableSpec:
+    """Extends ``spec`` and, in place, every row whose folder in ``dirs`` holds the sampled pass
+    ``name`` (``runner.sampled_suite_name``) by its ``mean@k`` ± SE columns (:func:`with_sampled`);
+    rows after the first also get the paired SE of their difference to it (:data:`PAIRED`)."""
+    extended = spec
+    for label, folder in dirs.items():
+        file = scores_path(folder, name)
+        if file.is_file():
+            extended, rows[label] = with_sampled(spec, rows[label], load_scores(file))
+    baseline, *others = list(rows)
+    base_file = predictions_path(dirs[baseline], name)
+    for label in others:
+        file = predictions_path(dirs[label], name)
+        if not (base_file.is_file() and file.is_file()):
+            continue
+        mine, base = read_predictions(file), read_predictions(base_file)
+        for column, error in extended.errors:
+            if " mean@" in column:
+                source = column.split(" mean@")[0]
+                rows[label][f"{error} {PAIRED}"] = paired_difference(suite, mine, base, source)[1]
+    return extended

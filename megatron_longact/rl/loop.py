@@ -10,6 +10,7 @@ from __future__ import annotations
 from functools import partial
 
 from megatron_longact.config.schema import JobConfig
+from megatron_longact.rl.heldout import HeldOutEval
 from megatron_longact.rl.reward_spec import resolve_reward
 from megatron_longact.rl.step import RLRun, rl_step, setup_rl
 from megatron_longact.runtime.loop import Every, Metrics, run_loop
@@ -27,9 +28,13 @@ def _log_histograms(run: RLRun, writer: MetricsWriter, step: int) -> None:
         run.longact.log_histograms(writer.tb, step=step)
 
 
-def interval_callbacks(run: RLRun) -> list[Every]:
-    """What runs every N RL steps besides the step (held-out evaluation hooks in here)."""
-    return []
+def interval_callbacks(run: RLRun, held_out: HeldOutEval | None) -> list[Every]:
+    """What runs every N RL steps besides the step: the held-out evaluation
+    (``rl.eval_interval``), also on the start model (step 0) and after the last step."""
+    if held_out is None:
+        return []
+    return [Every(held_out.interval, lambda step: held_out.evaluate(run), at_start=True,
+                  at_last=True)]  # fmt: skip
 
 
 def run_rl(job: JobConfig, *, config_yaml: str = "") -> Metrics:
@@ -37,9 +42,10 @@ def run_rl(job: JobConfig, *, config_yaml: str = "") -> Metrics:
     from the HF weights of ``model.hf_path``; resumes from ``checkpoint.save_dir``. Returns the
     last step's metrics. All ranks run it."""
     resolve_reward(job.rl.reward)  # a bad rl.reward fails before anything is built
+    held_out = HeldOutEval.from_job(job)  # None unless rl.eval_interval > 0; checks its file
     run = setup_rl(job)
     return run_loop(job, run.state, lambda step: rl_step(run, step=step), name="rl",
-                    describe=_describe, every=interval_callbacks(run),
+                    describe=_describe, every=interval_callbacks(run, held_out),
                     after_log=partial(_log_histograms, run),
                     checkpoint_extra=lambda: {"longact": run.longact.pipeline_state_dict()},
                     config_yaml=config_yaml)  # fmt: skip

@@ -29,14 +29,23 @@ no update (RL: dynamic sampling kept no group); it advances its own data counter
 @dataclass(frozen=True)
 class Every:
     """A callback run after every ``interval``-th step (0 or less: never), on all ranks: the
-    metrics ``fn(step)`` returns join that step's row (SFT's validation loss; a held-out RL
-    evaluation fits here too)."""
+    metrics ``fn(step)`` returns join that step's row, which is then logged whatever
+    ``train.log_interval`` says (SFT's validation loss; RL's held-out evaluation)."""
 
     interval: int
     fn: Callable[[int], Metrics]
+    at_start: bool = False
+    """Also before the first step of a run that starts at step 0 (logged as step 0)."""
+    at_last: bool = False
+    """Also after the last step, ``train.train_steps``."""
 
-    def due(self, step: int) -> bool:
-        return self.interval > 0 and step % self.interval == 0
+    def due(self, step: int, *, last_step: int) -> bool:
+        """Whether ``fn`` runs after step ``step`` (0: before the first)."""
+        if self.interval <= 0:
+            return False
+        if step == 0:
+            return self.at_start
+        return step % self.interval == 0 or (self.at_last and step == last_step)
 
 
 def run_loop(
@@ -55,9 +64,9 @@ def run_loop(
     metrics that were not None.
 
     Per step, in this order: ``step_fn(step)``; ``progress.step = step``; the due ``every``
-    callbacks; every ``train.log_interval`` steps the row is written and ``after_log(writer,
-    step)`` runs (e.g. histograms); the progress bar shows ``describe(metrics or None)``; the
-    save point (``checkpoint_extra()`` is saved beside the state; it runs every step, on every
+    callbacks; every ``train.log_interval`` steps, or when a callback ran, the row is written,
+    and every ``train.log_interval`` steps ``after_log(writer, step)`` runs (e.g. histograms);
+    the progress bar shows ``describe(metrics or None)``; the save point (``checkpoint_extra()`` is saved beside the state; it runs every step, on every
     rank, since it may be collective). A stop requested by any rank ends the loop after the
     step's save. All ranks must call it.
     """
@@ -69,21 +78,22 @@ def run_loop(
     try:
         stop = StopRequest()
         start = state.progress.step
+        if start == 0 and (first := _callbacks(every, 0, last_step=last_step)):
+            writer.log(first, step=0)  # the start model: a curve's first point
         with Progress(last_step, description=name, enabled=job.logging.progress,
                       start=start) as bar:  # fmt: skip
             for step in range(start + 1, last_step + 1):
                 step_metrics = step_fn(step)
                 state.progress.step = step
-                row = dict(step_metrics or {})
-                for callback in every:
-                    if callback.due(step):
-                        row.update(callback.fn(step))
+                fired = _callbacks(every, step, last_step=last_step)
+                row = {**(step_metrics or {}), **fired}
                 if row:
                     metrics = row
-                    if step % job.train.log_interval == 0:
+                    log_due = step % job.train.log_interval == 0
+                    if log_due or fired:
                         writer.log(row, step=step)
-                        if after_log is not None:
-                            after_log(writer, step)
+                    if log_due and after_log is not None:
+                        after_log(writer, step)
                 bar.update(info=describe(step_metrics))
                 extra = checkpoint_extra() if checkpoint_extra is not None else None
                 if save_point(state, job.checkpoint, stop, step=step, last_step=last_step,
@@ -92,3 +102,12 @@ def run_loop(
     finally:
         writer.close()
     return metrics
+
+
+def _callbacks(every: Sequence[Every], step: int, *, last_step: int) -> Metrics:
+    """The metrics of the callbacks due after ``step``, merged in order."""
+    row: Metrics = {}
+    for callback in every:
+        if callback.due(step, last_step=last_step):
+            row.update(callback.fn(step))
+    return row

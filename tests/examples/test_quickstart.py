@@ -32,3 +32,10 @@ def test_quickstart_sft_model_retrieves_held_out_facts(tmp_path):
     # would mean it only learned the reply template, as every quickstart before this one did.
     assert sft > 0.0
     assert (out / "hf" / "config.json").is_file() and (out / "curves.png").is_file()
+    # The sampled pass beside greedy: mean@8 with its standard error, and the table row of the
+    # RL model's difference to the SFT model with the paired error (README's quickstart table).
+    for stage in ("sft", "rl"):
+        sampled = json.loads((out / "eval" / stage / "synthetic_kv.T1.scores.json").read_text())
+        assert sampled["samples_per_prompt"] == 8 and sampled["KV-Acc SE"] > 0, sampled
+    table = (out / "eval" / "rl" / "table_synthetic_kv.md").read_text()
+    assert "KV-Acc mean@8" in table and "vs SFT" in table, table

@@ -33,7 +33,7 @@ def _logged(tmp_path) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
-def test_rows_are_written_every_log_interval_with_callbacks_joining_their_step(tmp_path):
+def test_rows_are_written_every_log_interval_and_with_each_callback(tmp_path):
     calls = []
 
     def step_fn(step: int):
@@ -43,9 +43,19 @@ def test_rows_are_written_every_log_interval_with_callbacks_joining_their_step(t
     last = run_loop(_job(tmp_path, "train.log_interval=2"), _state(), step_fn, name="t",
                     describe=lambda m: "", every=[Every(3, lambda s: {"val/x": 10.0 * s})])  # fmt: skip
     assert calls == [1, 2, 3, 4, 5, 6]
-    assert _logged(tmp_path) == [{"step": 2, "train/loss": 2.0}, {"step": 6, "train/loss": 6.0,
-                                                                   "val/x": 60.0}]  # fmt: skip
+    # Step 3's callback row is written off the log interval: an evaluation is never dropped.
+    assert _logged(tmp_path) == [{"step": 2, "train/loss": 2.0},
+                                 {"step": 3, "train/loss": 3.0, "val/x": 30.0},
+                                 {"step": 6, "train/loss": 6.0, "val/x": 60.0}]  # fmt: skip
     assert last == {"train/loss": 6.0, "val/x": 60.0}
+
+
+def test_callbacks_at_start_and_after_the_last_step(tmp_path):
+    every = Every(4, lambda s: {"heldout/acc": float(s)}, at_start=True, at_last=True)
+    run_loop(_job(tmp_path, "train.log_interval=100"), _state(), lambda s: {"m": 1.0}, name="t",
+             describe=lambda m: "", every=[every])  # fmt: skip
+    assert [(row["step"], row["heldout/acc"]) for row in _logged(tmp_path)] == [
+        (0, 0.0), (4, 4.0), (6, 6.0)]  # fmt: skip
 
 
 def test_a_resumed_state_runs_only_the_remaining_steps(tmp_path):

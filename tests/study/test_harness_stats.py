@@ -9,8 +9,11 @@ import pytest
 
 from megatron_longact.study.harness import (
     StudyConfig,
-    StudyResult,
+    _rl_command,
     arm_summaries,
+    claim,
+    collect,
+    details_table,
     read_accuracy,
     read_curve,
     write_report,
@@ -42,24 +45,58 @@ def test_mean_curve_over_seeds_with_ragged_steps():
     assert curve[3][0] == 0.25 and math.isnan(curve[3][1])
 
 
-def test_table_and_report(tmp_path):
-    result = StudyResult(
-        sft_accuracy=0.25,
-        accuracy={"dense": {1: 0.3, 2: 0.5}, "massive": {1: 0.6, 2: 0.6}},
-        curves={"dense": {1: {1: 0.1, 2: 0.2}, 2: {1: 0.3, 2: 0.4}},
-                "massive": {1: {1: 0.5}, 2: {1: 0.7}}},
-    )  # fmt: skip
+def _write_run(root, arm: str, seed: int, *, heldout: dict, rewards: dict, greedy: float) -> None:
+    """A finished RL run's metrics.jsonl as rl/loop.py writes it (step and held-out lines)."""
+    run = root / "rl" / f"{arm}-s{seed}"
+    (run / "tb").mkdir(parents=True)
+    lines = [{"step": s, "rollout/reward_mean": r} for s, r in rewards.items()]
+    lines += [{"step": s, "heldout/accuracy": a, "heldout/accuracy_se": 0.02,
+               "heldout/greedy_accuracy": greedy if s else 0.5} for s, a in heldout.items()]  # fmt: skip
+    (run / "tb" / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (run / "done").write_text("")
+
+
+def test_collect_table_and_report(tmp_path):
+    rewards = {s: 1.0 + 0.01 * s for s in range(1, 21)}
+    for arm, seed, final in (("dense", 1, 0.3), ("dense", 2, 0.5), ("massive", 1, 0.6),
+                             ("massive", 2, 0.6)):  # fmt: skip
+        _write_run(tmp_path, arm, seed, heldout={0: 0.25, 10: 0.3, 20: final}, rewards=rewards,
+                   greedy=0.55)  # fmt: skip
+    _write_run(tmp_path, "min", 1, heldout={0: 0.25}, rewards={}, greedy=0.5)
+    (tmp_path / "rl" / "min-s1" / "done").unlink()  # unfinished: left out
+    result = collect(tmp_path, arms=["dense", "massive", "min"], seeds=range(1, 4))
+    assert result.sft_accuracy == 0.25 and result.sft_greedy == 0.5
+    assert result.accuracy == {"dense": {1: 0.3, 2: 0.5}, "massive": {1: 0.6, 2: 0.6}}
+    assert result.greedy["dense"] == {1: 0.55, 2: 0.55}
     summaries = arm_summaries(result)
     assert [s.arm for s in summaries] == ["dense", "massive"]
     table = format_table(summaries, metric="acc")
     assert "| dense | 2 | 40.0 ± 127.1 | 30.0, 50.0 |" in table  # 12.706 * 0.1414 / 1.414
     assert "| massive | 2 | 60.0 ± 0.0 | 60.0, 60.0 |" in table
+    # Gain 0.6 - 0.25; rewards 1.01..1.10 first ten steps, 1.11..1.20 last ten.
+    assert "| massive | +35.0 ± 0.0 | 55.0 ± 0.0 | 2.0 | 1.055 -> 1.155 |" in details_table(result)
     config = StudyConfig(sft_config="a", rl_config="b", eval_data="c", out_dir=str(tmp_path))
     write_report(result, out=tmp_path, config=config)
     saved = json.loads((tmp_path / "study.json").read_text())
     assert saved["summary"][1]["mean"] == pytest.approx(0.6)
     assert (tmp_path / "study.png").stat().st_size > 0
-    assert "SFT model (start of every RL run): 25.0%" in (tmp_path / "study.md").read_text()
+    assert (
+        "SFT model (step 0 of every RL run): 25.0% held-out mean@8, 50.0% greedy"
+        in (tmp_path / "study.md").read_text()
+    )
+    with pytest.raises(ValueError, match="no finished RL run"):
+        collect(tmp_path, arms=["random"], seeds=[1])
+
+
+def test_rl_command_sets_arm_seed_and_held_out_evaluation(tmp_path):
+    config = StudyConfig(sft_config="a", rl_config="b.yaml", eval_data="val.jsonl",
+                         out_dir=str(tmp_path), eval_interval=20, num_samples=4, eval_prompts=50,
+                         rl_overrides=["train.train_steps=100"])  # fmt: skip
+    command = _rl_command(config, "massive-0.1", 3, sft=tmp_path / "sft", run=tmp_path / "r")
+    for expected in ("longact.strategy=massive", "longact.ratio=0.1", "rl.seed=3",
+                     "rl.eval_interval=20", "eval.num_samples=4", "rl.eval_num_prompts=50",
+                     "eval.synthetic_kv_path=val.jsonl", "train.train_steps=100"):  # fmt: skip
+        assert expected in command, (expected, command)
 
 
 def test_readers(tmp_path):
@@ -72,3 +109,21 @@ def test_readers(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="KV-Acc"):
         read_accuracy(tmp_path / "bad.json")
+
+
+def test_a_run_claimed_by_a_live_process_is_left_to_it(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "rl" / "dense-s1"
+    assert claim(run) and (run / "claimed").read_text().strip() == str(os.getpid())
+    assert claim(run)  # our own claim
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (run / "claimed").write_text(f"{other.pid}\n")
+        assert not claim(run)
+    finally:
+        other.kill()
+        other.wait()
+    assert claim(run)  # the holder died: taken over
