@@ -21,8 +21,9 @@ amplification is bounded by ``lr / eps``. :func:`param_atol` is that bound over 
 spread, tests/reference/test_reference_run.py). Differences between parameters feed back into
 the next steps' gradients; that second-order term is inside the 10x (measured below).
 
-Measured with it (micro-qwen3, 3 steps, lr 1e-3): test_cp_sft CP=2 padded, largest |param
-difference| 4.9e-5 at eps 1e-8, 1.1e-6 at eps 1e-6.
+Measured (tests/runtime/test_cp_sft.py, padded rows, 3 steps at lr 1e-3), the largest |param
+difference| from CP=1: CP=2 4.9e-5 at eps 1e-8, 1.1e-6 at eps 1e-6, 1.3e-7 at eps 1e-5;
+TP=2 x CP=2 4.9e-5 at eps 1e-8, 4.4e-7 at eps 1e-5. ``param_atol(lr=1e-3, steps=3)`` is 9e-5.
 """
 
 from __future__ import annotations

@@ -129,10 +129,11 @@ def machine_facts() -> dict[str, str | int]:
     import torch
 
     config = torch.__config__.show()
-    cpu = ""
-    if Path("/proc/cpuinfo").exists():
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = found.group(1).strip() if found else ""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+
+    def cpu_field(name: str) -> str:
+        found = re.search(rf"^{name}\s*:\s*(.+)$", cpuinfo, re.M)
+        return found.group(1).strip() if found else ""
 
     def version(name: str) -> str:
         try:
@@ -147,7 +148,8 @@ def machine_facts() -> dict[str, str | int]:
     env = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS",
            "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")  # fmt: skip
     return {
-        "cpu": cpu or platform.processor() or platform.machine(),
+        "cpu": cpu_field("model name") or platform.processor() or platform.machine(),
+        "cpu_vendor": cpu_field("vendor_id"),  # MKL picks its kernels by vendor, then by ISA
         "machine": platform.machine(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "blas": built_with(r"BLAS_INFO=(\w+)"),
