@@ -380,3 +380,10 @@ class VLLMEngine:
     def metrics(self) -> dict[str, float]:
         """The last refit's numbers (``refit/*``), for the step's log."""
         return self.last_refit.metrics()
+
+    def close(self) -> None:
+        """Shuts vLLM's engine down (its process groups included) while torch.distributed is
+        still up. Without it vLLM's own finalizer runs at interpreter exit, after the run's
+        ``runtime.distributed.shutdown``, and reports "Invalid process group specified"
+        (``v1/engine/core_client.py:383,401-403`` -> ``v1/engine/core.py:839``). All ranks."""
+        self.llm.llm_engine.engine_core.shutdown()
