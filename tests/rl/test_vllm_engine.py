@@ -23,6 +23,7 @@ from megatron_longact.rl.rollout.refit import (
 )
 from megatron_longact.rl.rollout.types import SamplingParams
 from megatron_longact.rl.rollout.vllm_engine import (
+    check_cpu_shm,
     check_tp_group,
     request_seed,
     to_rollout,
@@ -201,6 +202,15 @@ def test_fingerprint_sees_every_single_element_change():
     bumped[5] = 2.0
     assert changed_rows(row_fingerprints(norm), row_fingerprints(bumped)).tolist() == [5]
     assert changed_rows(None, row_fingerprints(norm)).tolist() == list(range(8))
+
+
+def test_stale_cpu_shared_memory_is_a_one_line_error(tmp_path):
+    check_cpu_shm([0, 1], shm_dir=tmp_path)  # nothing there
+    (tmp_path / "-tp:0-[0-1]-cpushm_0").write_bytes(b"")
+    check_cpu_shm([2, 3], shm_dir=tmp_path)  # another TP group's
+    check_cpu_shm([0], shm_dir=tmp_path)  # TP=1 uses none
+    with pytest.raises(ValueError, match=r"cpushm_0 already exists .* remove it"):
+        check_cpu_shm([1, 0], shm_dir=tmp_path)
 
 
 def test_tp_group_must_be_consecutive():

@@ -66,6 +66,7 @@ change detection are pure torch + megatron (tests/rl/test_vllm_engine.py).
 from __future__ import annotations
 
 import gc
+import glob
 import logging
 import os
 import tempfile
@@ -132,6 +133,23 @@ def check_tp_group(tp_ranks: list[int], *, rank: int) -> None:
             f"rank {rank}: megatron's TP group is {sorted(tp_ranks)} but vLLM (external_launcher) "
             f"would use {expected}; rl.engine=vllm needs consecutive TP ranks (megatron's default "
             "rank order)"
+        )
+
+
+def check_cpu_shm(tp_ranks: list[int], *, shm_dir: Path = Path("/dev/shm")) -> None:
+    """On CPU at TP > 1 vLLM's TP group talks through POSIX shared memory named only by the
+    group (``distributed/device_communicators/cpu_communicator.py:236-243``; under the
+    external launcher the instance id is constant, ``v1/worker/cpu_worker.py:148-152``), so
+    segments left by a killed run, or a concurrent run on this machine, make it fail with
+    "create shm in SHMManager failed. errno: 17". Raises that as a one-line ValueError."""
+    if len(tp_ranks) < 2:
+        return
+    name = f"-tp:0-[{'-'.join(str(r) for r in sorted(tp_ranks))}]-cpushm"
+    stale = sorted(p.name for p in shm_dir.glob(glob.escape(name) + "_*"))
+    if stale:
+        raise ValueError(
+            f"vLLM's CPU shared memory {', '.join(stale)} already exists in {shm_dir} (a killed "
+            "or concurrent rl.engine=vllm run at TP > 1 on this machine): remove it, or wait"
         )
 
 
@@ -287,6 +305,10 @@ class VLLMEngine:
             rank=dist.get_rank(),
         )
         cuda = on_cuda()
+        if not cuda:
+            check_cpu_shm(
+                dist.get_process_group_ranks(parallel_state.get_tensor_model_parallel_group())
+            )
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
         scratch = tempfile.TemporaryDirectory(prefix="longact_vllm_")
         folder = model_folder(
@@ -381,3 +403,10 @@ class VLLMEngine:
     def metrics(self) -> dict[str, float]:
         """The last refit's numbers (``refit/*``), for the step's log."""
         return self.last_refit.metrics()
+
+    def close(self) -> None:
+        """Shuts vLLM's engine down (its process groups included) while torch.distributed is
+        still up. Without it vLLM's own finalizer runs at interpreter exit, after the run's
+        ``runtime.distributed.shutdown``, and reports "Invalid process group specified"
+        (``v1/engine/core_client.py:383,401-403`` -> ``v1/engine/core.py:839``). All ranks."""
+        self.llm.llm_engine.engine_core.shutdown()
