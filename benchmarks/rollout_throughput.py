@@ -48,7 +48,7 @@ ratio is the median of the paired runs; greedy outputs identical across the thre
 (8/8 rows). A SmolLM2 run under that load did not finish within 25 minutes. Rerun on an idle
 machine before quoting.
 
-The native engine went from 0.5x at the start: rotated-key cache, on-device stop checks, grouped-query
+The native engine, from 0.5x at the start: rotated-key cache, on-device stop checks, grouped-query
 attention on the cache's views, TP=1 linears without TP wrappers, decode matmuls in 512-row
 weight tiles (``rl.rollout.native._linear``, the largest single gain: 0.87x -> ~1.0x), decode
 steps under ``torch.inference_mode`` (~6%) and through each layer's modules without
