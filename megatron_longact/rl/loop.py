@@ -44,8 +44,11 @@ def run_rl(job: JobConfig, *, config_yaml: str = "") -> Metrics:
     resolve_reward(job.rl.reward)  # a bad rl.reward fails before anything is built
     held_out = HeldOutEval.from_job(job)  # None unless rl.eval_interval > 0; checks its file
     run = setup_rl(job)
-    return run_loop(job, run.state, lambda step: rl_step(run, step=step), name="rl",
-                    describe=_describe, every=interval_callbacks(run, held_out),
-                    after_log=partial(_log_histograms, run),
-                    checkpoint_extra=lambda: {"longact": run.longact.pipeline_state_dict()},
-                    config_yaml=config_yaml)  # fmt: skip
+    try:
+        return run_loop(job, run.state, lambda step: rl_step(run, step=step), name="rl",
+                        describe=_describe, every=interval_callbacks(run, held_out),
+                        after_log=partial(_log_histograms, run),
+                        checkpoint_extra=lambda: {"longact": run.longact.pipeline_state_dict()},
+                        config_yaml=config_yaml)  # fmt: skip
+    finally:
+        run.engine.close()

@@ -128,6 +128,9 @@ class NativeEngine:
     def wake(self) -> None:
         """Nothing to do: the engine reads the trainer's parameters directly."""
 
+    def close(self) -> None:
+        """Nothing to do: the engine holds no resources of its own."""
+
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
         """One response per prompt, in input order; batches of ``batch_size``. All TP ranks of
         a replica call it with the same prompts and params (TP collectives in the forward)."""

@@ -49,3 +49,8 @@ class RolloutEngine(Protocol):
     def wake(self) -> None:
         """Re-acquires memory and picks up the trainer's current weights."""
         ...
+
+    def close(self) -> None:
+        """Releases what the engine holds beyond the run (vLLM's engine core and process
+        groups) while torch.distributed is still up. All ranks, once, at the end of a run."""
+        ...

@@ -142,13 +142,13 @@ def check_cpu_shm(tp_ranks: list[int], *, shm_dir: Path = Path("/dev/shm")) -> N
     group (``distributed/device_communicators/cpu_communicator.py:236-243``; under the
     external launcher the instance id is constant, ``v1/worker/cpu_worker.py:148-152``), so
     segments left by a killed run, or a concurrent run on this machine, make it fail with
-    "create shm in SHMManager failed. errno: 17". Raises that as a one-line ValueError."""
+    "create shm in SHMManager failed. errno: 17". Raises that as a one-line UserError."""
     if len(tp_ranks) < 2:
         return
     name = f"-tp:0-[{'-'.join(str(r) for r in sorted(tp_ranks))}]-cpushm"
     stale = sorted(p.name for p in shm_dir.glob(glob.escape(name) + "_*"))
     if stale:
-        raise ValueError(
+        raise UserError(
             f"vLLM's CPU shared memory {', '.join(stale)} already exists in {shm_dir} (a killed "
             "or concurrent rl.engine=vllm run at TP > 1 on this machine): remove it, or wait"
         )
