@@ -1,4 +1,4 @@
-"""Import a Hugging Face Qwen3/Qwen2/Llama folder into our megatron checkpoint at any TP/PP.
+"""Import a Hugging Face Qwen3/Qwen3-MoE/Qwen2/Llama folder into our checkpoint at any TP/PP/EP.
 
 Every rank builds its own GPTModel chunk (no optimizer, no random init), reads only the HF
 tensors (or slices of them) its parameters need, one at a time, copies them in, and all ranks
@@ -9,6 +9,7 @@ the result with ``checkpoint.load_dir=<out> checkpoint.load_weights_only=true``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +19,19 @@ import torch
 
 from megatron_longact.convert.hf_files import HFWeights, has_tokenizer
 from megatron_longact.convert.mapping import (
+    EXPERT_FC1,
     GATE_UP,
     HF_EMBEDDING,
+    HF_EXPERT_DOWN,
+    HF_EXPERT_GATE_UP,
     HF_FINAL_NORM,
     HF_LM_HEAD,
+    HF_ROUTER,
     MCORE_EMBEDDING,
     MCORE_FINAL_NORM,
     MCORE_LAYER_PREFIX,
     MCORE_OUTPUT,
+    MCORE_ROUTER,
     NORMS,
     QKV,
     ROW_PARALLEL,
@@ -33,6 +39,7 @@ from megatron_longact.convert.mapping import (
     check_hf_tensors,
     check_representable,
     check_rope_parsed,
+    expert_param,
     hf_layer_name,
     padded_vocab_size,
     tp_block,
@@ -42,6 +49,29 @@ from megatron_longact.models.hf_config import HFArchitecture, parse_hf_config, r
 from megatron_longact.models.qkv_layout import QKVLayout
 
 ImportDtype = Literal["auto", "fp32", "bf16"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpertShard:
+    """Where this rank's experts sit (MoE): global index of local expert 0 and the
+    expert-tensor-parallel rank (megatron's expert grid, ``parallel_state``)."""
+
+    first_expert: int = 0
+    etp_rank: int = 0
+
+    @classmethod
+    def of_chunk(cls, gpt: torch.nn.Module) -> ExpertShard:
+        """This rank's coordinates, from megatron's parallel state (set by init)."""
+        from megatron.core import parallel_state
+
+        experts = getattr(gpt.config, "num_moe_experts", None)
+        if not experts:
+            return cls()
+        ep = parallel_state.get_expert_model_parallel_world_size()
+        return cls(
+            first_expert=parallel_state.get_expert_model_parallel_rank() * (experts // ep),
+            etp_rank=parallel_state.get_expert_tensor_parallel_rank(),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,12 +149,31 @@ def _layer_tensor(
     layout: QKVLayout,
     tp_rank: int,
     tp: int,
+    experts: ExpertShard,
 ) -> torch.Tensor:
     """This rank's part of one megatron layer parameter, read from the HF tensors."""
 
     def name(hf_suffix: str) -> str:
         return hf_layer_name(layer, hf_suffix)
 
+    if suffix == MCORE_ROUTER:
+        return weights.read(name(HF_ROUTER))
+    if (expert := expert_param(suffix)) is not None:
+        index, which = expert
+        index += experts.first_expert
+        if which == EXPERT_FC1:  # [gate; up] rows of this expert-TP rank
+            rows = local_shape[0] // 2
+            start = experts.etp_rank * rows
+            gate, up = (
+                weights.read(name(n.format(index)), dim=0, start=start, stop=start + rows)
+                for n in HF_EXPERT_GATE_UP
+            )
+            return torch.cat([gate, up])
+        cols = local_shape[ROW_PARALLEL_DIM]
+        start = experts.etp_rank * cols
+        return weights.read(
+            name(HF_EXPERT_DOWN.format(index)), dim=ROW_PARALLEL_DIM, start=start, stop=start + cols
+        )
     if suffix in NORMS:
         return weights.read(name(NORMS[suffix]))
     if suffix in ROW_PARALLEL:
@@ -187,6 +236,7 @@ def load_hf_into_chunk(
             )
         _copy(param, tensor, name=param_name, source=hf_name, weights=weights, tp=tp)
     layout = QKVLayout.from_hf(arch)
+    experts = ExpertShard.of_chunk(gpt)
     for layer_module in gpt.decoder.layers:
         layer = layer_module.layer_number - 1  # megatron numbers from 1, globally over PP
         for suffix, param in layer_module.named_parameters():
@@ -198,6 +248,7 @@ def load_hf_into_chunk(
                 layout=layout,
                 tp_rank=tp_rank,
                 tp=tp,
+                experts=experts,
             )
             name = f"{MCORE_LAYER_PREFIX}{layer}.{suffix}"
             _copy(param, tensor, name=name, source=f"layer {layer}", weights=weights, tp=tp)
@@ -261,7 +312,15 @@ def load_hf_weights(
     return source
 
 
-def import_job_config(source: HFSource, *, tp: int, pp: int, precision: str):
+def import_world_size(*, tp: int, pp: int, ep: int = 1, etp: int | None = None) -> int:
+    """Smallest world that holds both grids: TP x PP for the dense part and
+    expert-TP x EP x PP for the experts (megatron carves EP out of data parallel)."""
+    return math.lcm(tp, (etp or tp) * ep) * pp
+
+
+def import_job_config(
+    source: HFSource, *, tp: int, pp: int, precision: str, ep: int = 1, etp: int | None = None
+):
     """The JobConfig written as the checkpoint's ``config.yaml`` (export reads it back)."""
     from megatron_longact.config.schema import (
         DataConfig,
@@ -274,7 +333,12 @@ def import_job_config(source: HFSource, *, tp: int, pp: int, precision: str):
     model_dir = str(source.model_dir.resolve())
     return JobConfig(
         model=ModelConfig(hf_path=model_dir),
-        parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+        parallel=ParallelConfig(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=etp,
+        ),
         train=TrainConfig(precision=precision),
         data=DataConfig(tokenizer_path=model_dir if has_tokenizer(source.model_dir) else None),
     )
@@ -286,12 +350,16 @@ def import_hf_checkpoint(
     out_dir: str | Path,
     tp: int = 1,
     pp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
     dtype: ImportDtype = "auto",
     show_progress: bool = True,
 ) -> Path:
     """Converts the HF folder ``hf_dir`` into a megatron checkpoint under ``out_dir``.
 
-    All ranks of a world of tp*pp (x any DP) processes must call it: it initialises
+    All ranks of a world of :func:`import_world_size` processes (x any DP) must call it
+    (``ep``/``etp``: expert parallel and expert-tensor parallel sizes of MoE models; the saved
+    checkpoint loads at any other layout, dist_checkpointing reshards). It initialises
     torch.distributed and megatron's parallel state if needed (collective), builds this rank's
     chunk in fp32 or bf16 (see :func:`resolve_precision`), loads its slices and saves. The
     vocabulary is padded with zero rows to a multiple of ``tp`` when needed. Returns the
@@ -312,16 +380,18 @@ def import_hf_checkpoint(
     source = inspect_hf_dir(hf_dir)
     check_out_dir(out_dir)
     precision = resolve_precision(dtype, weights_dtype=source.weights_dtype)
-    job = import_job_config(source, tp=tp, pp=pp, precision=precision)
+    job = import_job_config(source, tp=tp, pp=pp, precision=precision, ep=ep, etp=etp)
     dims = init_distributed(job.parallel, seed=job.train.seed)
     world_layout = (
         parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_expert_model_parallel_world_size(),
     )
-    if world_layout != (tp, pp):
+    if world_layout != (tp, pp, ep):
         raise ValueError(
-            f"this world is already set up at TP={world_layout[0]} PP={world_layout[1]}, not the "
-            f"requested --tp {tp} --pp {pp}; run the import in its own processes"
+            f"this world is already set up at TP={world_layout[0]} PP={world_layout[1]} "
+            f"EP={world_layout[2]}, not the requested --tp {tp} --pp {pp} --ep {ep}; run the "
+            "import in its own processes"
         )
     dist.barrier()  # every rank checked --out before rank 0 creates anything there
     padded = dataclasses.replace(

@@ -11,7 +11,8 @@ What it does, and why each piece is needed:
 * a :class:`torch.overrides.TorchFunctionMode` that rewrites ``device='cuda'`` to CPU in
   factory calls, ``Tensor.cuda()``/``.to('cuda')`` to no-ops, and reports CPU tensors as
   ``torch.cuda.*Tensor`` from ``Tensor.type()`` (megatron's optimizer dispatch reads it);
-* ``torch.cuda.current_device``/``synchronize``/``empty_cache``/``set_device`` as no-ops;
+* ``torch.cuda.current_device``/``synchronize``/``empty_cache``/``set_device`` as no-ops, and
+  streams as a synchronous stand-in (:class:`_CpuStream`, for the MoE token dispatcher);
 * a CPU RNG tracker in place of megatron's ``CudaRNGStatesTracker`` (dropout and init under
   ``get_cuda_rng_tracker().fork()`` draw from seeded CPU generator states), and CPU RNG
   get/set for activation recomputation.
@@ -140,7 +141,34 @@ def _patch_rng() -> None:
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
+class _CpuStream:
+    """Stand-in for ``torch.cuda.Stream``/``Event`` on the CPU, where work is synchronous.
+
+    megatron's all-to-all MoE token dispatcher makes a side stream for its device-to-host
+    copies of the split sizes and waits on an event recorded there
+    (``transformer/moe/token_dispatcher.py`` ~444-445 and ~862-900).
+    """
+
+    def __init__(self, *_, **__):
+        pass
+
+    def wait_stream(self, _stream) -> None:
+        pass
+
+    def record_event(self, *_):
+        return self
+
+    def synchronize(self) -> None:
+        pass
+
+
+_CPU_STREAM = _CpuStream()
+
+
 def _patch_torch_cuda() -> None:
+    torch.cuda.Stream = _CpuStream
+    torch.cuda.current_stream = lambda *a, **k: _CPU_STREAM
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
     torch.cuda.current_device = lambda: 0
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.empty_cache = lambda: None
@@ -149,6 +177,22 @@ def _patch_torch_cuda() -> None:
     torch.cuda.manual_seed_all = lambda seed: None
     torch.cuda.get_rng_state = functools.partial(_get_cpu_rng_state)
     torch.cuda.set_rng_state = _set_cpu_rng_state
+
+
+def _split_sizes_to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """megatron's ``maybe_move_tensor_to_cpu`` for tensors that are already on the CPU: the
+    all-to-all dispatcher asks for its split sizes ``as_numpy`` (``token_dispatcher.py``
+    ~874-882), and gloo's ``all_to_all_single`` takes sequences, not tensors. The stock
+    function converts only CUDA tensors (``transformer/moe/moe_utils.py`` ~1069-1099)."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
+def _patch_moe_dispatcher() -> None:
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.maybe_move_tensor_to_cpu = _split_sizes_to_host
 
 
 def enable() -> bool:
@@ -164,6 +208,7 @@ def enable() -> bool:
         return True
     _patch_torch_cuda()
     _patch_rng()
+    _patch_moe_dispatcher()
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()
     _ENABLED = True

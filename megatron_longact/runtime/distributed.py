@@ -32,6 +32,12 @@ class ParallelDims:
     pp_rank: int
     cp_rank: int
     dp_rank: int
+    ep: int = 1
+    """Expert parallel size (MoE); the experts' ranks are a sub-grid of DP x CP x TP."""
+    ep_rank: int = 0
+    etp: int = 1
+    """Expert tensor parallel size (MoE; = tp unless parallel.expert_tensor_parallel_size)."""
+    etp_rank: int = 0
 
     @property
     def is_last_pipeline_stage(self) -> bool:
@@ -56,6 +62,17 @@ def check_world_size(world_size: int, parallel: ParallelConfig) -> int:
             f"({parallel.pipeline_model_parallel_size}) x parallel.context_parallel_size "
             f"({parallel.context_parallel_size}) = {model_parallel}; change the layout or the "
             "number of processes"
+        )
+    ep = parallel.expert_model_parallel_size
+    etp = parallel.expert_tensor_parallel_size or parallel.tensor_model_parallel_size
+    expert_model_parallel = etp * ep * parallel.pipeline_model_parallel_size
+    if ep * etp > 1 and world_size % expert_model_parallel:
+        # megatron's expert grid is ETP x EP x expert-DP x PP (parallel_state.py ~788-795).
+        raise ValueError(
+            f"world size {world_size} is not divisible by parallel.expert_tensor_parallel_size "
+            f"({etp}) x parallel.expert_model_parallel_size ({ep}) x "
+            f"parallel.pipeline_model_parallel_size ({parallel.pipeline_model_parallel_size}) = "
+            f"{expert_model_parallel}; change the expert layout or the number of processes"
         )
     return world_size // model_parallel
 
@@ -94,6 +111,8 @@ def init_distributed(parallel: ParallelConfig, *, seed: int) -> ParallelDims:
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
             context_parallel_size=parallel.context_parallel_size,
+            expert_model_parallel_size=parallel.expert_model_parallel_size,
+            expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
             # megatron's groups take their own timeout (parallel_state.py ~561 and ~819,
             # megatron-core 0.16.1: timedelta(minutes=...), so a fraction of a minute works).
             distributed_timeout_minutes=parallel.collective_timeout_s / 60,
@@ -112,6 +131,10 @@ def init_distributed(parallel: ParallelConfig, *, seed: int) -> ParallelDims:
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         cp_rank=parallel_state.get_context_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
+        ep=parallel_state.get_expert_model_parallel_world_size(),
+        ep_rank=parallel_state.get_expert_model_parallel_rank(),
+        etp=parallel_state.get_expert_tensor_parallel_world_size(),
+        etp_rank=parallel_state.get_expert_tensor_parallel_rank(),
     )
 
 
