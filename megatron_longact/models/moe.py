@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from megatron_longact.config.schema import ModelConfig, ParallelConfig
+from megatron_longact.device import on_cuda
 from megatron_longact.models.hf_config import HFArchitecture
 
 LOAD_BALANCING_METRIC = "moe/load_balancing_loss"
@@ -76,6 +77,14 @@ def check_expert_layout(arch: HFArchitecture, parallel: ParallelConfig) -> None:
             f"{arch.num_experts}; pick a divisor"
         )
     etp = parallel.expert_tensor_parallel_size or parallel.tensor_model_parallel_size
+    if etp > 1 and not on_cuda():
+        # The dispatcher all-gathers a different token count from each expert-TP rank
+        # (token_dispatcher.py ~696, mappings.py ~143-150); gloo's all_gather needs equal sizes.
+        raise ValueError(
+            f"expert tensor parallel size {etp} (parallel.expert_tensor_parallel_size, default "
+            "tensor_model_parallel_size) needs GPUs: gloo cannot all-gather uneven token "
+            "counts; on CPU set parallel.expert_tensor_parallel_size=1"
+        )
     if arch.moe_ffn_hidden_size % etp:
         raise ValueError(
             f"expert tensor parallel size {etp} (parallel.expert_tensor_parallel_size, default "
@@ -104,6 +113,15 @@ def moe_transformer_config_kwargs(
         return {}
     _router_gemm_without_te()
     coeff = aux_loss_coeff(arch, model)
+    # Under calculate_per_token_loss megatron attaches each rank's aux loss scaled by its own
+    # token count (router.py ~456-466). With sequence or context parallel a TP x CP rank holds
+    # 1/(TP x CP) of the tokens, and the ranks' losses sum to the whole sequence's, so the
+    # aux-loss gradient comes out 1/(TP x CP) of the same run at TP = CP = 1 (measured on CPU:
+    # EP=2 x TP=2 with SP drifts from EP=1 only with the aux loss on). Scaling the coefficient
+    # back makes every layout train the same model; the logged loss divides it out again.
+    token_split = parallel.context_parallel_size * (
+        parallel.tensor_model_parallel_size if parallel.sequence_parallel else 1
+    )
     return {
         "num_moe_experts": arch.num_experts,
         "moe_ffn_hidden_size": arch.moe_ffn_hidden_size,
@@ -112,7 +130,7 @@ def moe_transformer_config_kwargs(
         "moe_router_pre_softmax": not arch.moe_norm_topk_prob,
         "moe_router_dtype": "fp32",
         "moe_router_load_balancing_type": model.moe_load_balancing if coeff > 0 else "none",
-        "moe_aux_loss_coeff": coeff,
+        "moe_aux_loss_coeff": coeff * token_split,
         "moe_token_dispatcher_type": model.moe_token_dispatcher,
         "moe_grouped_gemm": use_grouped_gemm(model, use_te=use_te),
         "moe_permute_fusion": False,
@@ -126,8 +144,8 @@ def moe_step_metrics(transformer_config, *, num_microbatches: int) -> dict[str, 
 
     Returns ``{"moe/load_balancing_loss": value, ...}`` for each tracked loss (empty for a
     dense model or when no aux loss is on): the unscaled loss (coefficient divided out) summed
-    over layers, divided by the number of MoE layers and micro-batches, averaged over all
-    ranks. The same on every rank. All ranks must call it (collective over the world; gloo has
+    over layers (and the TP x CP ranks' tokens), divided by the number of MoE layers and
+    micro-batches, averaged over data-parallel replicas. The same on every rank. All ranks must call it (collective over the world; gloo has
     no AVG, so a SUM and a division, unlike megatron's ``reduce_aux_losses_tracker_across_ranks``
     which averages over DP, ``moe_utils.py`` ~910-952).
     """
@@ -145,9 +163,11 @@ def moe_step_metrics(transformer_config, *, num_microbatches: int) -> dict[str, 
     if not names:
         return {}
     totals = torch.stack([tracker[n]["values"].float().sum() for n in names]).double()
-    # Each layer lives on one pipeline stage: sum stages, then average the replicas.
+    # Each layer lives on one pipeline stage, and under sequence/context parallel each TP x CP
+    # rank holds the loss of its own tokens (megatron sums those, moe_utils.py ~940): sum over
+    # the world, then average the data-parallel replicas.
     dist.all_reduce(totals)
-    replicas = dist.get_world_size() // parallel_state.get_pipeline_model_parallel_world_size()
+    replicas = parallel_state.get_data_parallel_world_size()
     totals /= replicas * transformer_config.num_layers * max(num_microbatches, 1)
     clear_aux_losses_tracker()
     return {_TRACKER_NAMES[n]: float(v) for n, v in zip(names, totals.tolist())}

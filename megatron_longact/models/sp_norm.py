@@ -24,9 +24,19 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
+class HeadRMSNorm(torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` for Q/K norm under sequence parallel (it normalises each head of
+    the full-sequence q/k, after the linear's gather): not marked, as its TP all-reduce is by
+    name (``q_layernorm``/``k_layernorm``, ``finalize_model_grads.py`` ~354-356)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused) -> None:
+        super().__init__(normalized_shape=hidden_size, eps=eps)
+
+
 def sequence_parallel_block(layer_spec, config, *, pp_rank: int | None = None):
     """A ``TransformerBlockSubmodules`` for GPTModel: ``layer_spec`` (the local GPT layer spec)
-    with :class:`SequenceParallelRMSNorm` as its input and pre-MLP norms, this pipeline stage's
+    with :class:`SequenceParallelRMSNorm` as its input and pre-MLP norms (:class:`HeadRMSNorm`
+    as Q/K norms), this pipeline stage's
     number of layers, and the same norm as the final layer norm (the block's default would be
     the asserting local one, ``transformer/transformer_block.py`` ~255-259)."""
     from megatron.core.transformer.transformer_block import (
@@ -36,6 +46,9 @@ def sequence_parallel_block(layer_spec, config, *, pp_rank: int | None = None):
 
     layer_spec.submodules.input_layernorm = SequenceParallelRMSNorm
     layer_spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+    attention = layer_spec.submodules.self_attention.submodules
+    if attention.q_layernorm is not None:
+        attention.q_layernorm = attention.k_layernorm = HeadRMSNorm
     num_layers = get_num_layers_to_build(config, pp_rank=pp_rank)
     return TransformerBlockSubmodules(
         layer_specs=[layer_spec] * num_layers, layer_norm=SequenceParallelRMSNorm

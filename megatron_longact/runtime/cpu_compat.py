@@ -189,6 +189,37 @@ def _split_sizes_to_host(tensor, as_numpy: bool = False, record_stream: bool = F
     return tensor
 
 
+def _under_mode(backward):
+    """``backward`` of an autograd Function, run under the CUDA->CPU mode."""
+
+    @functools.wraps(backward)
+    def wrapped(*args, **kwargs):
+        with _CudaToCpuMode(inner=True):
+            return backward(*args, **kwargs)
+
+    return staticmethod(wrapped)
+
+
+def _patch_collective_backwards() -> None:
+    """The autograd engine runs ``Function.backward`` without the caller's Python function
+    modes, so a backward that allocates on ``torch.cuda.current_device()`` fails on the CPU.
+    megatron's communication Functions do (``tensor_parallel/mappings.py``: the all-to-all of
+    the MoE dispatcher ~439, the sequence-parallel gathers ~143; ``tensor_parallel/layers.py``
+    ~549: the linears' sequence-parallel reduce-scatter); their backwards run under the mode.
+    The dense path without SP allocates nothing there (its reduces are in place)."""
+    from megatron.core.tensor_parallel import layers, mappings
+
+    for module in (mappings, layers):
+        for value in vars(module).values():
+            if (
+                isinstance(value, type)
+                and issubclass(value, torch.autograd.Function)
+                and "backward" in vars(value)
+                and value.__module__ == module.__name__
+            ):
+                value.backward = _under_mode(vars(value)["backward"].__func__)
+
+
 def _patch_moe_dispatcher() -> None:
     from megatron.core.transformer.moe import token_dispatcher
 
@@ -209,6 +240,7 @@ def enable() -> bool:
     _patch_torch_cuda()
     _patch_rng()
     _patch_moe_dispatcher()
+    _patch_collective_backwards()
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()
     _ENABLED = True
