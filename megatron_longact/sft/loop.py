@@ -98,6 +98,7 @@ def run_sft(job: JobConfig, *, config_yaml: str = "") -> dict[str, float]:
                 "train/grad_norm": result.grad_norm,
                 "train/tokens_per_s": tokens / elapsed,
                 "train/loss_tokens": result.num_tokens,
+                **{f"train/{k}": v for k, v in result.extras.items()},  # MoE aux loss
             }
             if job.train.eval_interval and data.val_bins and step % job.train.eval_interval == 0:
                 # The same first eval_batches global batches of the validation set every time.
