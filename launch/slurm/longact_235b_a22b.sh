@@ -41,7 +41,7 @@ PLAN_MODEL=qwen3-235b-a22b
 # NOT fit 8 nodes x 8 x 80 GiB with fp32 grads and fp32 Adam: its 227B expert parameters need
 # 227B x 12 B / 64 GPUs = 42 GiB of optimizer state per GPU whatever the EP, and the best
 # 8-node layout (TP 8 x PP 2 x CP 4 x EP 32) comes to 100 GiB. On 16 nodes:
-#   RL 32K: TP 8 x PP 2 x CP 4 x EP 32 x DP 2, full recompute: 67.6 GiB incl. an 11.8 GiB
+#   RL 32K: TP 8 x PP 2 x CP 4 x EP 32 x DP 4, full recompute: 67.6 GiB incl. an 11.8 GiB
 #   rollout KV cache (94 layers: PP 2 is the only even split; PP > 1 needs rl.engine=vllm).
 # SFT uses the same layout.
 SFT_TP=${SFT_TP:-8} SFT_PP=${SFT_PP:-2} SFT_CP=${SFT_CP:-4} SFT_RECOMPUTE=${SFT_RECOMPUTE:-full}
