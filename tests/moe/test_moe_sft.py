@@ -93,6 +93,12 @@ def _metrics(run_dir: Path) -> dict[int, dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: at EP=2 the resumed run's step 3 loss differs (6.36 vs 6.54 measured), "
+    "most likely the expert optimizer's state (a separate DistributedOptimizer over expert-DP "
+    "in megatron's ChainedOptimizer) is not restored by checkpoint/dist_ckpt.py; see report",
+)
 def test_resume_at_expert_parallel_2_is_exact(tiny_moe, synthetic_data_dir, tmp_path):
     full = tmp_path / "full"
     run_local(_sft, 2, _overrides(tiny_moe.hf_dir, synthetic_data_dir, full))
