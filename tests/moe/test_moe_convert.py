@@ -63,9 +63,7 @@ def test_export_is_bitwise_in_hub_layout(imported, tiny_moe, tmp_path, ep):
     assert "model.layers.0.mlp.gate.weight" in got
     for name, tensor in want.items():
         assert torch.equal(got[name], tensor), name
-    assert json.loads((out / "config.json").read_text())["architectures"] == [
-        "Qwen3MoeForCausalLM"
-    ]
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen3MoeForCausalLM"]
 
 
 def test_export_reads_experts_in_chunks(imported, tiny_moe, tmp_path):
