@@ -30,6 +30,17 @@ def letter_regexes(letters: str) -> tuple[re.Pattern[str], re.Pattern[str], re.P
     )
 
 
+def official_letter(text: str, *, letters: str = DEFAULT_CHOICE_LETTERS) -> str | None:
+    """The letter of the first official LongBench v2 phrase in ``text`` ("The correct answer
+    is (C)", then "The correct answer is C"), or None."""
+    official_paren, official_bare, _ = letter_regexes(letters)
+    for pattern in (official_paren, official_bare):
+        match = pattern.search(text)
+        if match:
+            return match.group(1)
+    return None
+
+
 def gold_aliases(gold: Gold) -> list[str]:
     """The gold answer as a list of accepted strings (a number as its ``repr``)."""
     if isinstance(gold, str):
@@ -44,13 +55,12 @@ def gold_aliases(gold: Gold) -> list[str]:
 
 def gold_choice_letter(gold: Gold, *, letters: str = DEFAULT_CHOICE_LETTERS) -> str:
     """The gold letter from "C", "(C)", or "The correct answer is (C)"; ValueError otherwise."""
-    official_paren, official_bare, bare_letter = letter_regexes(letters)
+    bare_letter = letter_regexes(letters)[2]
     for alias in gold_aliases(gold):
         text = alias.replace("*", "").strip()
-        for pattern in (official_paren, official_bare):
-            match = pattern.search(text)
-            if match:
-                return match.group(1)
+        official = official_letter(text, letters=letters)
+        if official is not None:
+            return official
         match = bare_letter.match(text)
         if match and len(text) <= 3:
             return match.group(1)

@@ -31,6 +31,7 @@ from megatron_longact.data.answers import (
     gold_choice_letter,
     infer_answer_type,
     letter_regexes,
+    official_letter,
 )
 from megatron_longact.errors import UserError
 
@@ -147,23 +148,16 @@ def extract_choice_letter(
     ``The correct answer is ([A-D])`` (first match) on the text after the last ``</think>``.
     Letters are upper case only: a lone "a" is an article, not an option.
     """
-    official_paren, official_bare, bare_letter = letter_regexes(letters)
     if use_tags:
         tagged = extract_tagged_answer(response)
         if tagged is not None:
             tagged = tagged.replace("*", "").strip()
-            for pattern in (official_paren, official_bare):
-                match = pattern.search(tagged)
-                if match:
-                    return match.group(1)
-            match = bare_letter.match(tagged)
+            official = official_letter(tagged, letters=letters)
+            if official is not None:
+                return official
+            match = letter_regexes(letters)[2].match(tagged)  # a bare option letter
             return match.group(1) if match else None
-    tail = _after_think(response).replace("*", "")
-    for pattern in (official_paren, official_bare):
-        match = pattern.search(tail)
-        if match:
-            return match.group(1)
-    return None
+    return official_letter(_after_think(response).replace("*", ""), letters=letters)
 
 
 def extract_free_answer(response: str) -> str | None:
