@@ -29,21 +29,27 @@ SHARD_SIZE = "50KB"
 
 
 def save_tiny_hf_model(
-    out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    preset_name: str = PRESET,
 ) -> Path:
-    """Saves a random ``micro-qwen3``-sized Qwen3ForCausalLM (``dtype``) and the tiny
+    """Saves a random model of preset ``preset_name``'s size (``micro-qwen3``: a
+    Qwen3ForCausalLM; ``micro-qwen3-moe``: a Qwen3MoeForCausalLM) in ``dtype`` and the tiny
     tokenizer into ``out_dir`` with ``save_pretrained``; returns the folder.
 
     The config keeps the preset's top-level ``rope_theta`` (as Hub checkpoints write it).
     """
-    from transformers import AutoModelForCausalLM, Qwen3Config
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     out = Path(out_dir)
-    preset = json.loads((ASSETS_DIR / PRESET / "config.json").read_text())
+    preset = json.loads((ASSETS_DIR / preset_name / "config.json").read_text())
     fields = {k: v for k, v in preset.items() if k not in ("architectures", "model_type")}
     fields.pop("torch_dtype", None)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(Qwen3Config(**fields)).float()
+    config = AutoConfig.for_model(preset["model_type"], **fields)
+    model = AutoModelForCausalLM.from_config(config).float()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
@@ -112,9 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder to write (created)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true", help="store the weights in bf16")
+    parser.add_argument("--preset", default=PRESET, help="micro-qwen3 or micro-qwen3-moe")
     args = parser.parse_args(argv)
     folder = save_tiny_hf_model(
-        args.out, seed=args.seed, dtype=torch.bfloat16 if args.bf16 else torch.float32
+        args.out,
+        seed=args.seed,
+        dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        preset_name=args.preset,
     )
     print(f"wrote {folder}")
     return 0

@@ -60,6 +60,19 @@ class ModelConfig:
     (``checkpoint.load_dir``): ``hf`` the safetensors in ``hf_path`` (streamed, any TP/PP, the
     mapping of ``longact convert``); ``random`` megatron's init (``init_method_std``);
     ``auto`` ``hf`` when ``hf_path`` is set, ``random`` for a ``preset`` (configs only)."""
+    moe_aux_loss_coeff: float | None = None
+    """MoE models: coefficient of the router's load-balancing loss (megatron's
+    ``moe_aux_loss_coeff``); None takes the HF config's ``router_aux_loss_coef`` (0.001 for
+    Qwen3-MoE). Logged per step as ``moe/load_balancing_loss`` (unscaled)."""
+    moe_load_balancing: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = "aux_loss"
+    """MoE models: megatron's ``moe_router_load_balancing_type``. ``aux_loss`` is the Switch
+    loss per micro-batch and layer (HF Qwen3-MoE sums one over all layers); ``none`` trains
+    without it."""
+    moe_grouped_gemm: Literal["auto", "on", "off"] = "auto"
+    """MoE models: experts as one grouped GEMM (Transformer Engine's ``TEGroupedMLP``) or one
+    MLP per local expert (``SequentialMLP``). ``auto``: grouped with TE on CUDA, else off."""
+    moe_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    """MoE models: megatron's token dispatcher (``alltoall`` for expert parallel at scale)."""
 
 
 @dataclass(kw_only=True)
@@ -74,6 +87,12 @@ class ParallelConfig:
     use_distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    expert_model_parallel_size: int = 1
+    """MoE models: experts split over this many ranks (EP), carved out of data parallel:
+    world / (PP x expert_tensor_parallel_size) must be divisible by it."""
+    expert_tensor_parallel_size: int | None = None
+    """MoE models: TP degree inside each expert (ETP); None = tensor_model_parallel_size
+    (megatron's default). 1 keeps experts whole and leaves TP to attention."""
     collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S
     """Seconds a collective may wait for the slowest rank before the job fails with an error
     (a stalled, SIGSTOPped or dead rank). Must exceed the longest gap a rank can spend
@@ -89,9 +108,15 @@ class ParallelConfig:
             "tensor_model_parallel_size",
             "pipeline_model_parallel_size",
             "context_parallel_size",
+            "expert_model_parallel_size",
         ):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.expert_tensor_parallel_size is not None and self.expert_tensor_parallel_size < 1:
+            raise UserError(
+                f"expert_tensor_parallel_size must be >= 1 or null, got "
+                f"{self.expert_tensor_parallel_size}"
+            )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise UserError("sequence_parallel needs tensor_model_parallel_size > 1; set it false")
 

@@ -1,6 +1,7 @@
-"""``longact convert``: Hugging Face <-> megatron checkpoint conversion (Qwen3, Qwen2, Llama).
+"""``longact convert``: Hugging Face <-> megatron checkpoint conversion (Qwen3, Qwen3-MoE, Qwen2,
+Llama).
 
-* :mod:`hf_import`: import at any TP/PP, every rank streaming only its slices, then one save.
+* :mod:`hf_import`: import at any TP/PP/EP, every rank streaming only its slices, then one save.
 * :mod:`mcore_to_hf`: export in one process, layer by layer.
 * :mod:`cli`: ``longact convert``.
 

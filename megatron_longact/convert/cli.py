@@ -3,8 +3,9 @@
     longact convert --direction hf2mcore --hf-dir Qwen3-8B --out ckpt/qwen3-8b --tp 2 --pp 2
     longact convert --direction mcore2hf --load runs/rl/checkpoints --out Qwen3-8B-longact
 
-hf2mcore needs tp*pp processes: under torchrun/srun (WORLD_SIZE set) it uses the launcher's
-world, otherwise it spawns tp*pp local processes itself (gloo on CPU, nccl with GPUs).
+hf2mcore needs tp*pp processes (lcm(tp, etp*ep)*pp for MoE with --ep/--etp): under
+torchrun/srun (WORLD_SIZE set) it uses the launcher's world, otherwise it spawns that many
+local processes itself (gloo on CPU, nccl with GPUs).
 mcore2hf is one process whatever the saved layout.
 """
 
@@ -35,6 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tp", type=int, default=1, help="hf2mcore: tensor parallel size")
     parser.add_argument("--pp", type=int, default=1, help="hf2mcore: pipeline parallel size")
     parser.add_argument(
+        "--ep", type=int, default=1, help="hf2mcore, MoE models: expert parallel size"
+    )
+    parser.add_argument(
+        "--etp",
+        type=int,
+        default=None,
+        help="hf2mcore, MoE models: expert tensor parallel size (default: --tp)",
+    )
+    parser.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", "fp32", "bf16"],
@@ -57,18 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _hf_to_mcore(args: argparse.Namespace) -> None:
-    from megatron_longact.convert.hf_import import check_out_dir, import_hf_checkpoint
+    from megatron_longact.convert.hf_import import (
+        check_out_dir,
+        import_hf_checkpoint,
+        import_world_size,
+    )
     from megatron_longact.models.hf_weights.hf_to_mcore import inspect_hf_dir
 
     if args.hf_dir is None:
         raise SystemExit("longact convert: --direction hf2mcore needs --hf-dir")
-    if args.tp < 1 or args.pp < 1:
-        raise SystemExit("longact convert: --tp and --pp must be >= 1")
+    if min(args.tp, args.pp, args.ep, args.etp or 1) < 1:
+        raise SystemExit("longact convert: --tp, --pp, --ep and --etp must be >= 1")
     kwargs = dict(
         hf_dir=args.hf_dir,
         out_dir=args.out,
         tp=args.tp,
         pp=args.pp,
+        ep=args.ep,
+        etp=args.etp,
         dtype=args.dtype,
         show_progress=not args.quiet,
     )
@@ -89,9 +105,22 @@ def _hf_to_mcore(args: argparse.Namespace) -> None:
                 f"num_attention_heads={arch.num_attention_heads} and "
                 f"num_query_groups={arch.num_query_groups}"
             )
+    if args.ep > 1 or args.etp is not None:
+        from megatron_longact.config.schema import ParallelConfig
+        from megatron_longact.models.moe import check_expert_layout
+
+        check_expert_layout(
+            arch,
+            ParallelConfig(
+                tensor_model_parallel_size=args.tp,
+                expert_model_parallel_size=args.ep,
+                expert_tensor_parallel_size=args.etp,
+            ),
+        )
     from megatron_longact.runtime.launch import run_local
 
-    run_local(import_hf_checkpoint, args.tp * args.pp, **kwargs)
+    world = import_world_size(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp)
+    run_local(import_hf_checkpoint, world, **kwargs)
 
 
 def _mcore_to_hf(args: argparse.Namespace) -> None:

@@ -1,4 +1,4 @@
-"""Import a Hugging Face Qwen3/Qwen2/Llama folder into our megatron checkpoint at any TP/PP.
+"""Import a Hugging Face Qwen3/Qwen3-MoE/Qwen2/Llama folder into our checkpoint at any TP/PP/EP.
 
 Every rank builds its own GPTModel chunk (no optimizer, no random init), streams its slices in
 (:func:`~megatron_longact.models.hf_weights.hf_to_mcore.load_hf_into_chunk`), and all ranks
@@ -9,6 +9,7 @@ the result with ``checkpoint.load_dir=<out> checkpoint.load_weights_only=true``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -42,7 +43,15 @@ def check_out_dir(out_dir: str | Path) -> None:
         raise FileExistsError(f"--out {out} exists and is not empty; remove it or pick another")
 
 
-def import_job_config(source: HFSource, *, tp: int, pp: int, precision: str):
+def import_world_size(*, tp: int, pp: int, ep: int = 1, etp: int | None = None) -> int:
+    """Smallest world that holds both grids: TP x PP for the dense part and
+    expert-TP x EP x PP for the experts (megatron carves EP out of data parallel)."""
+    return math.lcm(tp, (etp or tp) * ep) * pp
+
+
+def import_job_config(
+    source: HFSource, *, tp: int, pp: int, precision: str, ep: int = 1, etp: int | None = None
+):
     """The JobConfig written as the checkpoint's ``config.yaml`` (export reads it back)."""
     from megatron_longact.config.schema import (
         DataConfig,
@@ -55,7 +64,12 @@ def import_job_config(source: HFSource, *, tp: int, pp: int, precision: str):
     model_dir = str(source.model_dir.resolve())
     return JobConfig(
         model=ModelConfig(hf_path=model_dir),
-        parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+        parallel=ParallelConfig(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=etp,
+        ),
         train=TrainConfig(precision=precision),
         data=DataConfig(tokenizer_path=model_dir if has_tokenizer(source.model_dir) else None),
     )
@@ -67,12 +81,16 @@ def import_hf_checkpoint(
     out_dir: str | Path,
     tp: int = 1,
     pp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
     dtype: ImportDtype = "auto",
     show_progress: bool = True,
 ) -> Path:
     """Converts the HF folder ``hf_dir`` into a megatron checkpoint under ``out_dir``.
 
-    All ranks of a world of tp*pp (x any DP) processes must call it: it initialises
+    All ranks of a world of :func:`import_world_size` processes (x any DP) must call it
+    (``ep``/``etp``: expert parallel and expert-tensor parallel sizes of MoE models; the saved
+    checkpoint loads at any other layout, dist_checkpointing reshards). It initialises
     torch.distributed and megatron's parallel state if needed (collective), builds this rank's
     chunk in fp32 or bf16 (see :func:`resolve_precision`), loads its slices and saves. The
     vocabulary is padded with zero rows to a multiple of ``tp`` when needed. Returns the
@@ -80,7 +98,8 @@ def import_hf_checkpoint(
 
     Raises:
         FileExistsError: ``out_dir`` is not empty.
-        ValueError: the world's TP/PP differ from ``tp``/``pp``; see :func:`inspect_hf_dir`.
+        UserError: the world's TP/PP/EP differ from ``tp``/``pp``/``ep``; see
+            :func:`inspect_hf_dir`.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -93,16 +112,18 @@ def import_hf_checkpoint(
     source = inspect_hf_dir(hf_dir)
     check_out_dir(out_dir)
     precision = resolve_precision(dtype, weights_dtype=source.weights_dtype)
-    job = import_job_config(source, tp=tp, pp=pp, precision=precision)
+    job = import_job_config(source, tp=tp, pp=pp, precision=precision, ep=ep, etp=etp)
     dims = init_distributed(job.parallel, seed=job.train.seed)
     world_layout = (
         parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_expert_model_parallel_world_size(),
     )
-    if world_layout != (tp, pp):
+    if world_layout != (tp, pp, ep):
         raise UserError(
-            f"this world is already set up at TP={world_layout[0]} PP={world_layout[1]}, not the "
-            f"requested --tp {tp} --pp {pp}; run the import in its own processes"
+            f"this world is already set up at TP={world_layout[0]} PP={world_layout[1]} "
+            f"EP={world_layout[2]}, not the requested --tp {tp} --pp {pp} --ep {ep}; run the "
+            "import in its own processes"
         )
     dist.barrier()  # every rank checked --out before rank 0 creates anything there
     padded = dataclasses.replace(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -48,8 +49,11 @@ from megatron_longact.models.hf_weights.mapping import (
     MCORE_FINAL_NORM,
     MCORE_LAYER_PREFIX,
     MCORE_OUTPUT,
+    STACKED_EXPERTS,
     check_representable,
     check_rope_parsed,
+    hf_layer_name,
+    hf_layer_shapes,
     layer_to_hf,
     strip_checkpoint_prefix,
 )
@@ -58,10 +62,14 @@ from megatron_longact.models.hf_weights.progress import progress_bar
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+DEFAULT_EXPERT_CHUNK_BYTES = 2 << 30
+"""Largest slice of one MoE layer's experts read at once (Qwen3-235B-A22B: 128 experts of
+37.7 MB in bf16, 4.8 GB a layer, read as 4 chunks of 32 experts; :func:`_expert_chunks`)."""
 CONFIG_YAML = "config.yaml"
 GENERATION_CONFIG = "generation_config.json"
 HF_ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "llama": "LlamaForCausalLM",
 }
@@ -165,9 +173,18 @@ def single_process_group() -> Iterator[None]:
 
 
 def _load(
-    ckpt: Path, metadata: dict, keys: list[str], *, layer: int | None = None
+    ckpt: Path,
+    metadata: dict,
+    keys: list[str],
+    *,
+    layer: int | None = None,
+    expert_chunk: tuple[int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Full tensors ``keys`` (or layer ``layer`` of stacked [L, ...] keys) from ``ckpt``."""
+    """Full tensors ``keys`` (or layer ``layer`` of stacked [L, ...] keys) from ``ckpt``.
+
+    ``expert_chunk`` (index, chunks): of stacked expert keys [L, E, ...], only experts
+    ``index * E/chunks`` .. of layer ``layer`` (bounded memory for large MoE layers).
+    """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
 
@@ -177,6 +194,15 @@ def _load(
         if layer is None:
             template[key] = ShardedTensor.from_rank_offsets(
                 key, torch.empty(shape, dtype=dtype), replica_id=0
+            )
+        elif expert_chunk is not None:
+            index, chunks = expert_chunk
+            template[key] = ShardedTensor.from_rank_offsets(
+                key,
+                torch.empty((1, shape[1] // chunks, *shape[2:]), dtype=dtype),
+                (0, layer, shape[0]),
+                (1, index, chunks),
+                replica_id=0,
             )
         else:
             template[key] = ShardedTensor.from_rank_offsets(
@@ -228,10 +254,42 @@ def check_checkpoint(
         )
 
 
+def _expert_chunks(metadata: dict, keys: list[str], *, budget: int) -> int:
+    """Fewest equal chunks of a layer's experts (a divisor of E) whose stacked expert
+    tensors take at most ``budget`` bytes (one expert per chunk if nothing fits)."""
+    if not keys:
+        return 1
+    experts = metadata[keys[0]].global_shape[1]
+    per_expert = sum(
+        math.prod(metadata[k].global_shape[2:]) * metadata[k].dtype.itemsize for k in keys
+    )
+    for chunks in range(1, experts + 1):
+        if experts % chunks == 0 and per_expert * experts // chunks <= budget:
+            return chunks
+    return experts
+
+
+def _layer_parts(ckpt: Path, metadata: dict, expert_keys: dict[str, str], *, layer, chunks):
+    """Yields (first expert, {suffix: [E/chunks, ...]}) for each chunk of layer ``layer``."""
+    experts = metadata[next(iter(expert_keys.values()))].global_shape[1]
+    for index in range(chunks):
+        loaded = _load(
+            ckpt, metadata, list(expert_keys.values()), layer=layer, expert_chunk=(index, chunks)
+        )
+        yield index * (experts // chunks), {s: loaded[k] for s, k in expert_keys.items()}
+
+
 def iter_hf_tensors(
-    ckpt: Path, metadata: dict, keys: dict[str, str], *, arch: HFArchitecture, advance=None
+    ckpt: Path,
+    metadata: dict,
+    keys: dict[str, str],
+    *,
+    arch: HFArchitecture,
+    advance=None,
+    expert_bytes: int = DEFAULT_EXPERT_CHUNK_BYTES,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (HF name, tensor) for the whole model, reading one layer at a time."""
+    """Yields (HF name, tensor) for the whole model, reading one layer at a time (a MoE
+    layer's experts in chunks of at most ``expert_bytes``)."""
     vocab = arch.vocab_size
     embedding = _load(ckpt, metadata, [keys[MCORE_EMBEDDING]])[keys[MCORE_EMBEDDING]]
     yield HF_EMBEDDING, embedding[:vocab]  # drop megatron's vocab padding
@@ -241,10 +299,35 @@ def iter_hf_tensors(
         for name, key in keys.items()
         if name.startswith(MCORE_LAYER_PREFIX)
     }
+    expert_keys = {s: k for s, k in layer_keys.items() if s in STACKED_EXPERTS}
+    dense_keys = {s: k for s, k in layer_keys.items() if s not in STACKED_EXPERTS}
+    chunks = _expert_chunks(metadata, list(expert_keys.values()), budget=expert_bytes)
     for layer in range(arch.num_layers):
-        loaded = _load(ckpt, metadata, list(layer_keys.values()), layer=layer)
-        tensors = {suffix: loaded[key] for suffix, key in layer_keys.items()}
-        yield from layer_to_hf(tensors, layer=layer, arch=arch).items()
+        loaded = _load(ckpt, metadata, list(dense_keys.values()), layer=layer)
+        tensors = {suffix: loaded[key] for suffix, key in dense_keys.items()}
+        if not expert_keys:
+            yield from layer_to_hf(tensors, layer=layer, arch=arch).items()
+        else:
+            names = set()
+            for part in _layer_parts(ckpt, metadata, expert_keys, layer=layer, chunks=chunks):
+                first, part_tensors = part
+                hf = layer_to_hf(
+                    {**tensors, **part_tensors},
+                    layer=layer,
+                    arch=arch,
+                    first_expert=first,
+                    complete=False,
+                )
+                tensors = {}  # the dense tensors go out with the first chunk
+                names.update(hf)
+                yield from hf.items()
+            expected = {hf_layer_name(layer, s) for s in hf_layer_shapes(arch)}
+            if names != expected:
+                raise UserError(
+                    f"layer {layer}: the checkpoint gives {len(names)} tensors, config.json "
+                    f"implies {len(expected)} (e.g. {sorted(expected - names)[:3]} missing); "
+                    "pass the source model's --hf-dir"
+                )
         if advance is not None:
             advance()
     final = _load(ckpt, metadata, [keys[MCORE_FINAL_NORM]])

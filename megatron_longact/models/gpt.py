@@ -22,6 +22,7 @@ from megatron_longact.models.hf_config import (
     resolve_model_dir,
     transformer_config_kwargs,
 )
+from megatron_longact.models.moe import moe_transformer_config_kwargs
 
 
 def load_architecture(model: ModelConfig) -> HFArchitecture:
@@ -107,6 +108,11 @@ def make_transformer_config(
         )
     kwargs = transformer_config_kwargs(arch)
     kwargs.update(
+        moe_transformer_config_kwargs(
+            arch, model=model, parallel=parallel, use_te=use_transformer_engine(model)
+        )
+    )
+    kwargs.update(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
@@ -148,15 +154,28 @@ def build_gpt_model(
         get_gpt_layer_with_transformer_engine_spec,
     )
 
+    # MoE layers (models/moe.py): megatron's MoELayer with SequentialMLP experts, or TE's
+    # grouped GEMM when moe_grouped_gemm is on; None builds the dense MLP.
+    experts = {
+        "num_experts": transformer_config.num_moe_experts,
+        "moe_grouped_gemm": transformer_config.moe_grouped_gemm,
+    }
     if use_transformer_engine(model):
-        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm, **experts)
     else:
-        spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+        spec = get_gpt_layer_local_spec(
+            qk_layernorm=arch.qk_layernorm, normalization="RMSNorm", **experts
+        )
         if transformer_config.context_parallel_size > 1:
             # megatron's local attention asserts CP == 1: all-gather K/V attention instead.
             from megatron_longact.models.cp_attention import with_cp_attention
 
             spec = with_cp_attention(spec)
+        if transformer_config.sequence_parallel:
+            # megatron's local norms assert SP is off; MoE x TP needs SP (models/sp_norm.py).
+            from megatron_longact.models.sp_norm import sequence_parallel_block
+
+            spec = sequence_parallel_block(spec, transformer_config)
     gpt = GPTModel(
         config=transformer_config,
         transformer_layer_spec=spec,

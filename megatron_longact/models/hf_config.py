@@ -1,4 +1,4 @@
-"""Map a Hugging Face ``config.json`` (Qwen3, Qwen2, Llama) onto megatron-core's config.
+"""Map a Hugging Face ``config.json`` (Qwen3, Qwen3-MoE, Qwen2, Llama) onto megatron-core's config.
 
 Pure data, importable without torch or megatron (``transformer_config_kwargs`` imports torch
 when called): :func:`read_hf_config` and :func:`parse_hf_config` are the one reader and the one
@@ -19,7 +19,8 @@ from megatron_longact.errors import UserError
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "models"
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe", "qwen2", "llama")
+MOE_MODEL_TYPES = ("qwen3_moe",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +46,21 @@ class HFArchitecture:
     qk_layernorm: bool
     qkv_bias: bool
     llama3_rope_scaling: float | None
+    num_experts: int = 0
+    """Routed experts per MoE layer (every layer is MoE when > 0; 0 for dense models)."""
+    moe_ffn_hidden_size: int = 0
+    """SwiGLU inner width of one expert (HF ``moe_intermediate_size``)."""
+    moe_router_topk: int = 0
+    """Experts each token is sent to (HF ``num_experts_per_tok``)."""
+    moe_norm_topk_prob: bool = False
+    """Renormalise the top-k routing probabilities to sum to 1 (HF ``norm_topk_prob``)."""
+    router_aux_loss_coef: float = 0.0
+    """The HF config's load-balancing loss coefficient (``router_aux_loss_coef``); the run's
+    coefficient is ``model.moe_aux_loss_coeff`` when set (see ``models/moe.py``)."""
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
 
 def resolve_model_dir(*, hf_path: str | None, preset: str) -> Path:
@@ -121,10 +137,10 @@ def parse_hf_config(hf: dict[str, Any], *, source: str = "config.json") -> HFArc
         raise UserError(f"{source}: hidden_act={hf['hidden_act']!r}; only silu (SwiGLU) maps")
     if hf.get("use_sliding_window"):
         raise UserError(f"{source}: use_sliding_window=true cannot be mapped; set it false")
-    if hf.get("num_experts") or hf.get("num_local_experts"):
+    if model_type not in MOE_MODEL_TYPES and (hf.get("num_experts") or hf.get("num_local_experts")):
         raise UserError(
-            f"{source}: mixture-of-experts (MoE) configs cannot be mapped; only dense models "
-            "(one MLP per layer)"
+            f"{source}: mixture-of-experts fields on model_type={model_type!r}; only "
+            f"{list(MOE_MODEL_TYPES)} MoE configs map"
         )
     scaling = hf.get("rope_scaling")
     params = hf.get("rope_parameters") or {}
@@ -151,11 +167,49 @@ def parse_hf_config(hf: dict[str, Any], *, source: str = "config.json") -> HFArc
         rotary_base=_rope_theta(hf),
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qk_layernorm=model_type == "qwen3",
+        qk_layernorm=model_type in ("qwen3", "qwen3_moe"),
         # Qwen2 always has q/k/v biases; Llama and Qwen3 only with attention_bias=true.
         qkv_bias=True if model_type == "qwen2" else bool(hf.get("attention_bias", False)),
         llama3_rope_scaling=llama3_factor,
+        **(_moe_fields(hf, source=source, size=size) if model_type in MOE_MODEL_TYPES else {}),
     )
+
+
+def _moe_fields(hf: dict[str, Any], *, source: str, size) -> dict[str, Any]:
+    """HFArchitecture's MoE fields of a ``qwen3_moe`` config.
+
+    transformers' Qwen3-MoE (``models/qwen3_moe/modeling_qwen3_moe.py``, 5.x): every layer
+    ``i`` with ``i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0`` is sparse
+    (~308-309); the router is a bias-free linear, softmax over all experts in fp32, top-k, then
+    optionally renormalised by ``norm_topk_prob`` (``Qwen3MoeTopKRouter.forward`` ~258-266); no
+    shared experts. Hub configs name the expert count ``num_experts``; transformers 5's
+    ``save_pretrained`` writes it as ``num_local_experts`` (its attribute map), so both are read.
+    """
+    experts_key = "num_experts" if hf.get("num_experts") is not None else "num_local_experts"
+    if hf.get(experts_key) is None:
+        raise UserError(f"{source}: missing field 'num_experts' required for qwen3_moe")
+    if hf.get("mlp_only_layers"):
+        raise UserError(
+            f"{source}: mlp_only_layers={hf['mlp_only_layers']} (dense layers among MoE ones) "
+            "cannot be mapped; only all-MoE models (mlp_only_layers=[]) convert"
+        )
+    if hf.get("decoder_sparse_step", 1) != 1:
+        raise UserError(
+            f"{source}: decoder_sparse_step={hf['decoder_sparse_step']} cannot be mapped; only "
+            "decoder_sparse_step=1 (every layer MoE) converts"
+        )
+    if hf.get("shared_expert_intermediate_size"):
+        raise UserError(f"{source}: shared experts cannot be mapped (Qwen3-MoE has none)")
+    experts, topk = size(experts_key), size("num_experts_per_tok")
+    if topk > experts:
+        raise UserError(f"{source}: num_experts_per_tok={topk} exceeds {experts_key}={experts}")
+    return {
+        "num_experts": experts,
+        "moe_ffn_hidden_size": size("moe_intermediate_size"),
+        "moe_router_topk": topk,
+        "moe_norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
+        "router_aux_loss_coef": float(hf.get("router_aux_loss_coef", 0.001)),
+    }
 
 
 def _rope_theta(hf: dict[str, Any]) -> float:

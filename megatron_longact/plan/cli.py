@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tp", type=int, help="tensor_model_parallel_size")
     parser.add_argument("--pp", type=int, help="pipeline_model_parallel_size")
     parser.add_argument("--cp", type=int, help="context_parallel_size")
+    parser.add_argument("--ep", type=int, help="expert_model_parallel_size (MoE models)")
     parser.add_argument(
         "--sequence-parallel",
         action=argparse.BooleanOptionalAction,
@@ -212,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             tensor_parallel_size=tp,
             pipeline_parallel_size=pp,
             context_parallel_size=cp,
+            expert_parallel_size=_pick(args.ep, inputs.expert_parallel_size, 1),
             sequence_parallel=_pick(args.sequence_parallel, inputs.sequence_parallel, True),
             seq_length=seq_length,
             micro_batch_size=micro,

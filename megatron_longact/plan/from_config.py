@@ -34,6 +34,7 @@ class ConfigInputs:
     tensor_parallel_size: int | None = None
     pipeline_parallel_size: int | None = None
     context_parallel_size: int | None = None
+    expert_parallel_size: int | None = None
     sequence_parallel: bool | None = None
     seq_length: int | None = None
     micro_batch_size: int | None = None
@@ -113,6 +114,7 @@ def read_plan_inputs(config: PlanConfig) -> ConfigInputs:
         tensor_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_parallel_size=parallel.pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
+        expert_parallel_size=parallel.expert_model_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
         seq_length=seq_length,
         micro_batch_size=job.data.micro_batch_size,

@@ -45,6 +45,9 @@ class Layout:
     pipeline_parallel_size: int = 1
     context_parallel_size: int = 1
     sequence_parallel: bool = True
+    expert_parallel_size: int = 1
+    """MoE: EP, experts split over this many ranks (carved out of DP; experts whole inside
+    a rank, expert-TP 1)."""
     seq_length: int
     micro_batch_size: int = 1
     global_batch_size: int
@@ -139,6 +142,19 @@ def check_layout(spec: ModelSpec, layout: Layout) -> LayoutReport:
         raise LayoutError(
             f"{spec.name}: ffn_hidden_size {spec.ffn_hidden_size} is not divisible by "
             f"tensor_parallel_size {tp}"
+        )
+    ep = layout.expert_parallel_size
+    if ep > 1 and not spec.is_moe:
+        raise LayoutError(f"{spec.name} is dense: expert_parallel_size {ep} needs an MoE model")
+    if spec.is_moe and spec.num_experts % ep:
+        raise LayoutError(
+            f"{spec.name}: {spec.num_experts} experts are not divisible by "
+            f"expert_parallel_size {ep}"
+        )
+    if layout.world_size % (pp * ep):
+        raise LayoutError(
+            f"world size {layout.world_size} is not divisible by pipeline_parallel_size {pp} x "
+            f"expert_parallel_size {ep} (megatron's expert grid)"
         )
     if spec.num_layers % pp:
         raise LayoutError(

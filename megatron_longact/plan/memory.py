@@ -38,7 +38,12 @@ from typing import Literal
 from megatron_longact.config.schema import LOGPROB_CHUNK_TOKENS
 from megatron_longact.errors import UserError
 from megatron_longact.plan.layout import Layout, LayoutError, LayoutReport, check_layout
-from megatron_longact.plan.model_spec import ModelSpec, embedding_parameters, layer_parameters
+from megatron_longact.plan.model_spec import (
+    ModelSpec,
+    embedding_parameters,
+    expert_layer_parameters,
+    layer_parameters,
+)
 
 Recompute = Literal["none", "selective", "full"]
 AttentionBackend = Literal["te", "local"]
@@ -141,16 +146,40 @@ def kv_heads_per_rank(spec: ModelSpec, *, tensor_parallel_size: int) -> int:
     return max(spec.num_kv_heads // tensor_parallel_size, 1)
 
 
-def layer_parameters_per_rank(spec: ModelSpec, *, tensor_parallel_size: int) -> int:
-    """Parameters of one layer on one TP rank: matrices split over TP, norms replicated."""
+def layer_parameters_per_rank(
+    spec: ModelSpec, *, tensor_parallel_size: int, expert_parallel_size: int = 1
+) -> int:
+    """Parameters of one layer on one TP rank: matrices split over TP, norms replicated.
+    MoE: the routed experts split over EP (whole experts: expert-TP 1), router replicated."""
     tp = tensor_parallel_size
     h = spec.hidden_size
     norms = 2 * h + (2 * spec.head_dim if spec.qk_norm else 0)
     kv_width = kv_heads_per_rank(spec, tensor_parallel_size=tp) * spec.head_dim
     qkv = h * (spec.query_width // tp + 2 * kv_width)
-    matrices = qkv + (spec.query_width // tp) * h + 3 * h * (spec.ffn_hidden_size // tp)
-    assert tp > 1 or matrices + norms == layer_parameters(spec)
+    matrices = qkv + (spec.query_width // tp) * h
+    if spec.is_moe:
+        matrices += expert_layer_parameters(spec) // expert_parallel_size + spec.num_experts * h
+    else:
+        matrices += 3 * h * (spec.ffn_hidden_size // tp)
+    assert tp > 1 or expert_parallel_size > 1 or matrices + norms == layer_parameters(spec)
     return matrices + norms
+
+
+def moe_activation_bytes_per_layer(
+    spec: ModelSpec, *, tokens_per_rank: float, micro_batch_size: int
+) -> float:
+    """Bytes a MoE layer keeps for backward beyond attention, per micro-batch: each token is
+    dispatched to top-k experts, so the all-to-all dispatcher's permuted input and combined
+    output (2 x k x h per token, its buffers) and the experts' SwiGLU saved tensors
+    (``SWIGLU_SAVED_PER_FFN`` x k x moe_ffn per token) scale with k, plus fp32 router logits
+    and probabilities (2 x E). ``tokens_per_rank``: tokens the layer sees on this rank (s/TP
+    with sequence parallel)."""
+    tokens = tokens_per_rank * micro_batch_size
+    k = spec.moe_router_topk
+    dispatched = (
+        tokens * k * (2 * spec.hidden_size + SWIGLU_SAVED_PER_FFN * spec.moe_ffn_hidden_size)
+    )
+    return dispatched * ACTIVATION_BYTES + tokens * 2 * spec.num_experts * 4
 
 
 def activation_bytes_per_layer(
@@ -184,11 +213,15 @@ def activation_bytes_per_layer(
             qk_norm_inputs
             + (q_width + 2 * kv_width)
             + q_width
-            + SWIGLU_SAVED_PER_FFN * spec.ffn_hidden_size
+            + (0 if spec.is_moe else SWIGLU_SAVED_PER_FFN * spec.ffn_hidden_size)
         )
         / t
     )
     total = (residual_region + tp_region) * ACTIVATION_BYTES
+    if spec.is_moe:
+        total += moe_activation_bytes_per_layer(
+            spec, tokens_per_rank=s / (t if sequence_parallel else 1), micro_batch_size=b
+        )
     keys = s * cp_gather
     if cp_gather > 1:
         total += cp_kv_gather_bytes(spec, seq_length=keys, micro_batch_size=b,
@@ -260,7 +293,12 @@ def _stage_estimate(
     first, last = stage in ("first", "only"), stage in ("last", "only")
     layers = spec.num_layers // pp
     vocab_matrix = embedding_parameters(spec, vocab_size=report.padded_vocab_size) // tp
-    params = layers * layer_parameters_per_rank(spec, tensor_parallel_size=tp)
+    ep = layout.expert_parallel_size
+    params = layers * layer_parameters_per_rank(
+        spec, tensor_parallel_size=tp, expert_parallel_size=ep
+    )
+    # Expert weights are sharded by the distributed optimizer over expert-DP = world/(PP x EP).
+    expert_params = layers * expert_layer_parameters(spec) // ep
     if first:
         params += vocab_matrix
     if last:
@@ -306,7 +344,11 @@ def _stage_estimate(
         params_per_gpu=params,
         weights_gib=params * WEIGHT_BYTES / BYTES_PER_GIB,
         grads_gib=params * GRAD_BYTES / BYTES_PER_GIB,
-        optimizer_gib=params * OPTIMIZER_BYTES / optimizer_shards / BYTES_PER_GIB,
+        optimizer_gib=(
+            (params - expert_params) * OPTIMIZER_BYTES / optimizer_shards
+            + expert_params * OPTIMIZER_BYTES / (layout.world_size // (pp * ep))
+        )
+        / BYTES_PER_GIB,
         activations_gib=activations / BYTES_PER_GIB,
         logits_gib=logits / BYTES_PER_GIB,
         rollout_kv_gib=rollout_bytes / BYTES_PER_GIB,

@@ -43,6 +43,16 @@ class ModelSpec:
     vocab_size: int
     tied_embeddings: bool
     qk_norm: bool = True
+    num_experts: int = 0
+    """MoE (Qwen3-MoE): routed experts per layer, every layer sparse; 0 for a dense model."""
+    moe_ffn_hidden_size: int = 0
+    """MoE: SwiGLU inner width of one expert."""
+    moe_router_topk: int = 0
+    """MoE: experts per token."""
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def query_width(self) -> int:
@@ -90,7 +100,53 @@ QWEN3_32B = ModelSpec(
     vocab_size=151936,
     tied_embeddings=False,
 )
-PRESETS: dict[str, ModelSpec] = {spec.name: spec for spec in (QWEN3_4B, QWEN3_8B, QWEN3_32B)}
+# Past 32B: official config.json values of huggingface.co/Qwen/Qwen3-30B-A3B and
+# Qwen3-235B-A22B (published 30.5B / 235B total, 3.3B / 22B active) and of
+# meta-llama/Llama-3.1-70B (70.6B; no Q/K norm).
+QWEN3_30B_A3B = ModelSpec(
+    name="qwen3-30b-a3b",
+    hidden_size=2048,
+    num_layers=48,
+    num_attention_heads=32,
+    num_kv_heads=4,
+    head_dim=128,
+    ffn_hidden_size=6144,
+    vocab_size=151936,
+    tied_embeddings=False,
+    num_experts=128,
+    moe_ffn_hidden_size=768,
+    moe_router_topk=8,
+)
+QWEN3_235B_A22B = ModelSpec(
+    name="qwen3-235b-a22b",
+    hidden_size=4096,
+    num_layers=94,
+    num_attention_heads=64,
+    num_kv_heads=4,
+    head_dim=128,
+    ffn_hidden_size=12288,
+    vocab_size=151936,
+    tied_embeddings=False,
+    num_experts=128,
+    moe_ffn_hidden_size=1536,
+    moe_router_topk=8,
+)
+LLAMA31_70B = ModelSpec(
+    name="llama3.1-70b",
+    hidden_size=8192,
+    num_layers=80,
+    num_attention_heads=64,
+    num_kv_heads=8,
+    head_dim=128,
+    ffn_hidden_size=28672,
+    vocab_size=128256,
+    tied_embeddings=False,
+    qk_norm=False,
+)
+PRESETS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (QWEN3_4B, QWEN3_8B, QWEN3_32B, QWEN3_30B_A3B, QWEN3_235B_A22B, LLAMA31_70B)
+}
 
 
 def get_preset(name: str) -> ModelSpec:
@@ -129,20 +185,47 @@ def load_hf_config(path: str | Path) -> ModelSpec:
         vocab_size=arch.vocab_size,
         tied_embeddings=arch.tie_word_embeddings,
         qk_norm=arch.qk_layernorm,
+        num_experts=arch.num_experts,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_router_topk=arch.moe_router_topk,
     )
 
 
 def layer_parameters(spec: ModelSpec) -> int:
-    """Parameters of one transformer layer: attention, SwiGLU MLP and the norms.
+    """Parameters of one transformer layer: attention, SwiGLU MLP (MoE: experts and router)
+    and the norms.
 
     qkv ``h*(a*d + 2*g*d)`` + output projection ``a*d*h`` + MLP ``3*h*f`` (gate, up, down)
     + two RMSNorms ``2*h`` + Q/K norms ``2*d``. No biases (Qwen3 has none).
     """
     h = spec.hidden_size
     attention = h * (spec.query_width + 2 * spec.kv_width) + spec.query_width * h
-    mlp = 3 * h * spec.ffn_hidden_size
+    mlp = (
+        expert_layer_parameters(spec) + spec.num_experts * h
+        if spec.is_moe
+        else 3 * h * spec.ffn_hidden_size
+    )
     norms = 2 * h + (2 * spec.head_dim if spec.qk_norm else 0)
     return attention + mlp + norms
+
+
+def expert_layer_parameters(spec: ModelSpec) -> int:
+    """Parameters of one MoE layer's routed experts (gate, up, down each); 0 for dense."""
+    return spec.num_experts * 3 * spec.hidden_size * spec.moe_ffn_hidden_size
+
+
+def active_parameters(spec: ModelSpec) -> int:
+    """Parameters a token passes through (MoE: top-k experts of each layer)."""
+    inactive = spec.num_layers * expert_layer_parameters(spec)
+    if spec.is_moe:
+        inactive -= (
+            spec.num_layers
+            * spec.moe_router_topk
+            * 3
+            * spec.hidden_size
+            * (spec.moe_ffn_hidden_size)
+        )
+    return count_parameters(spec) - inactive
 
 
 def embedding_parameters(spec: ModelSpec, *, vocab_size: int | None = None) -> int:

@@ -12,7 +12,8 @@ What it does, and why each piece is needed:
 * a :class:`torch.overrides.TorchFunctionMode` that rewrites ``device='cuda'`` to CPU in
   factory calls, ``Tensor.cuda()``/``.to('cuda')`` to no-ops, and reports CPU tensors as
   ``torch.cuda.*Tensor`` from ``Tensor.type()`` (megatron's optimizer dispatch reads it);
-* ``torch.cuda.current_device``/``synchronize``/``empty_cache``/``set_device`` as no-ops;
+* ``torch.cuda.current_device``/``synchronize``/``empty_cache``/``set_device`` as no-ops, and
+  streams as a synchronous stand-in (:class:`_CpuStream`, for the MoE token dispatcher);
 * a CPU RNG tracker in place of megatron's ``CudaRNGStatesTracker`` (dropout and init under
   ``get_cuda_rng_tracker().fork()`` draw from seeded CPU generator states), and CPU RNG
   get/set for activation recomputation.
@@ -143,9 +144,36 @@ def _patch_rng() -> None:
     replace_global(mrandom, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True)
 
 
+class _CpuStream:
+    """Stand-in for ``torch.cuda.Stream``/``Event`` on the CPU, where work is synchronous.
+
+    megatron's all-to-all MoE token dispatcher makes a side stream for its device-to-host
+    copies of the split sizes and waits on an event recorded there
+    (``transformer/moe/token_dispatcher.py`` ~444-445 and ~862-900).
+    """
+
+    def __init__(self, *_, **__):
+        pass
+
+    def wait_stream(self, _stream) -> None:
+        pass
+
+    def record_event(self, *_):
+        return self
+
+    def synchronize(self) -> None:
+        pass
+
+
+_CPU_STREAM = _CpuStream()
+
+
 def _patch_torch_cuda() -> None:
     from megatron_longact.runtime.mcore_compat import replace_global
 
+    replace_global(torch.cuda, "Stream", _CpuStream)
+    replace_global(torch.cuda, "current_stream", lambda *a, **k: _CPU_STREAM)
+    replace_global(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext())
     replace_global(torch.cuda, "current_device", lambda: 0)
     replace_global(torch.cuda, "synchronize", lambda *a, **k: None)
     replace_global(torch.cuda, "empty_cache", lambda: None)
@@ -154,6 +182,58 @@ def _patch_torch_cuda() -> None:
     replace_global(torch.cuda, "manual_seed_all", lambda seed: None)
     replace_global(torch.cuda, "get_rng_state", functools.partial(_get_cpu_rng_state))
     replace_global(torch.cuda, "set_rng_state", _set_cpu_rng_state)
+
+
+def _split_sizes_to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """megatron's ``maybe_move_tensor_to_cpu`` for tensors that are already on the CPU: the
+    all-to-all dispatcher asks for its split sizes ``as_numpy`` (``token_dispatcher.py``
+    ~874-882), and gloo's ``all_to_all_single`` takes sequences, not tensors. The stock
+    function converts only CUDA tensors (``transformer/moe/moe_utils.py`` ~1069-1099)."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
+def _under_mode(backward):
+    """``backward`` of an autograd Function, run under the CUDA->CPU mode."""
+
+    @functools.wraps(backward)
+    def wrapped(*args, **kwargs):
+        with _CudaToCpuMode(inner=True):
+            return backward(*args, **kwargs)
+
+    return staticmethod(wrapped)
+
+
+def _patch_collective_backwards() -> None:
+    """The autograd engine runs ``Function.backward`` without the caller's Python function
+    modes, so a backward that allocates on ``torch.cuda.current_device()`` fails on the CPU.
+    megatron's communication Functions do (``tensor_parallel/mappings.py``: the all-to-all of
+    the MoE dispatcher ~439, the sequence-parallel gathers ~143; ``tensor_parallel/layers.py``
+    ~549: the linears' sequence-parallel reduce-scatter); their backwards run under the mode.
+    The dense path without SP allocates nothing there (its reduces are in place). Each is a
+    registered patch (``runtime.mcore_compat``): one a new release adds is refused until listed."""
+    from megatron.core.tensor_parallel import layers, mappings
+
+    from megatron_longact.runtime.mcore_compat import replace_global
+
+    for module in (mappings, layers):
+        for value in vars(module).values():
+            if (
+                isinstance(value, type)
+                and issubclass(value, torch.autograd.Function)
+                and "backward" in vars(value)
+                and value.__module__ == module.__name__
+            ):
+                replace_global(value, "backward", _under_mode(vars(value)["backward"].__func__))
+
+
+def _patch_moe_dispatcher() -> None:
+    from megatron.core.transformer.moe import token_dispatcher
+
+    from megatron_longact.runtime.mcore_compat import replace_global
+
+    replace_global(token_dispatcher, "maybe_move_tensor_to_cpu", _split_sizes_to_host)
 
 
 def enable() -> bool:
@@ -169,6 +249,8 @@ def enable() -> bool:
         return True
     _patch_torch_cuda()
     _patch_rng()
+    _patch_moe_dispatcher()
+    _patch_collective_backwards()
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()
     _ENABLED = True

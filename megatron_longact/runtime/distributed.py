@@ -33,6 +33,12 @@ class ParallelDims:
     pp_rank: int
     cp_rank: int
     dp_rank: int
+    ep: int = 1
+    """Expert parallel size (MoE); the experts' ranks are a sub-grid of DP x CP x TP."""
+    ep_rank: int = 0
+    etp: int = 1
+    """Expert tensor parallel size (MoE; = tp unless parallel.expert_tensor_parallel_size)."""
+    etp_rank: int = 0
 
     @property
     def is_last_pipeline_stage(self) -> bool:
@@ -44,7 +50,7 @@ class ParallelDims:
 
 
 def check_world_size(world_size: int, parallel: ParallelConfig) -> int:
-    """Returns the data-parallel size; raises ValueError naming the fields when it is not whole."""
+    """Returns the data-parallel size; raises UserError naming the fields when it is not whole."""
     model_parallel = (
         parallel.tensor_model_parallel_size
         * parallel.pipeline_model_parallel_size
@@ -58,7 +64,32 @@ def check_world_size(world_size: int, parallel: ParallelConfig) -> int:
             f"({parallel.context_parallel_size}) = {model_parallel}; change the layout or the "
             "number of processes"
         )
+    ep = parallel.expert_model_parallel_size
+    etp = parallel.expert_tensor_parallel_size or parallel.tensor_model_parallel_size
+    expert_model_parallel = etp * ep * parallel.pipeline_model_parallel_size
+    if ep * etp > 1 and world_size % expert_model_parallel:
+        # megatron's expert grid is ETP x EP x expert-DP x PP (parallel_state.py ~788-795).
+        raise UserError(
+            f"world size {world_size} is not divisible by parallel.expert_tensor_parallel_size "
+            f"({etp}) x parallel.expert_model_parallel_size ({ep}) x "
+            f"parallel.pipeline_model_parallel_size ({parallel.pipeline_model_parallel_size}) = "
+            f"{expert_model_parallel}; change the expert layout or the number of processes"
+        )
     return world_size // model_parallel
+
+
+def _router_gemm_without_te() -> None:
+    """megatron-core 0.16.1 imports ``te_general_gemm`` only when Transformer Engine imports,
+    but ``RouterGatingLinearFunction`` reads the name unconditionally
+    (``transformer/moe/moe_utils.py`` ~22-39 and ~1192): without TE every MoE router forward
+    raises NameError. Defining it as None selects the function's own torch matmul path. Here,
+    before any model is built, as every process that builds one initialises through here."""
+    from megatron.core.transformer.moe import moe_utils
+
+    from megatron_longact.runtime.mcore_compat import replace_global
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        replace_global(moe_utils, "te_general_gemm", None)
 
 
 def init_distributed(parallel: ParallelConfig, *, seed: int) -> ParallelDims:
@@ -74,6 +105,7 @@ def init_distributed(parallel: ParallelConfig, *, seed: int) -> ParallelDims:
 
     on_gpu = on_cuda()
     cpu_compat.enable()
+    _router_gemm_without_te()
     if not dist.is_initialized():
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
@@ -95,6 +127,8 @@ def init_distributed(parallel: ParallelConfig, *, seed: int) -> ParallelDims:
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
             context_parallel_size=parallel.context_parallel_size,
+            expert_model_parallel_size=parallel.expert_model_parallel_size,
+            expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
             # megatron's groups take their own timeout (parallel_state.py ~561 and ~819,
             # megatron-core 0.16.1: timedelta(minutes=...), so a fraction of a minute works).
             distributed_timeout_minutes=parallel.collective_timeout_s / 60,
@@ -113,6 +147,10 @@ def init_distributed(parallel: ParallelConfig, *, seed: int) -> ParallelDims:
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         cp_rank=parallel_state.get_context_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
+        ep=parallel_state.get_expert_model_parallel_world_size(),
+        ep_rank=parallel_state.get_expert_model_parallel_rank(),
+        etp=parallel_state.get_expert_tensor_parallel_world_size(),
+        etp_rank=parallel_state.get_expert_tensor_parallel_rank(),
     )
 
 

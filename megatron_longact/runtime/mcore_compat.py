@@ -2,9 +2,12 @@
 
 megatron-core is patched in two ways, both registered here and nowhere else:
 
-* module globals replaced for the whole process: by the CPU bridge (``runtime.cpu_compat``,
-  only without CUDA) megatron's CUDA RNG tracker and state getters, by ``runtime.lifetime``
-  the result queue of megatron's checkpoint writers;
+* module globals and class attributes replaced for the whole process: by the CPU bridge
+  (``runtime.cpu_compat``, only without CUDA) megatron's CUDA RNG tracker and state getters,
+  the MoE dispatcher's host copy and the backwards of its communication autograd Functions, by
+  ``runtime.lifetime`` the result queue of megatron's checkpoint writers, by
+  ``runtime.distributed`` the Transformer Engine GEMM name megatron's MoE router reads even
+  without TE;
 * methods shadowed per instance, only inside a context manager, by the native rollout engine
   (``rl.rollout.kv_cache``, ``decode_layer``, ``native``): faster decode steps that call
   megatron's own modules.
@@ -42,6 +45,10 @@ class Patch:
     by: str
     """Our module that installs it."""
     why: str
+    defines: bool = False
+    """The name exists only in some installs (megatron defines it when Transformer Engine
+    imports) and the patch defines it where it is absent: the import-time check looks for its
+    reader (in :data:`RELIED_ON`) instead of the name."""
 
 
 PATCHES: tuple[Patch, ...] = (
@@ -73,8 +80,51 @@ PATCHES: tuple[Patch, ...] = (
             "manual_seed_all",
             "get_rng_state",
             "set_rng_state",
+            # megatron's all-to-all MoE dispatcher copies its split sizes on a side stream.
+            "Stream",
+            "current_stream",
+            "stream",
         )
     ),
+    # The CPU bridge for MoE (mixture-of-experts) layers: split sizes as numpy for gloo's
+    # all_to_all, and megatron's communication Functions' backwards under the CUDA->CPU mode
+    # (the autograd engine runs them without the caller's function modes).
+    Patch(
+        "megatron.core.transformer.moe.token_dispatcher",
+        "maybe_move_tensor_to_cpu",
+        "runtime.cpu_compat",
+        "split sizes already on the CPU, as numpy when asked",
+    ),  # fmt: skip
+    *(
+        Patch(
+            f"megatron.core.tensor_parallel.{owner}",
+            "backward",
+            "runtime.cpu_compat",
+            "the backward allocates on the CPU under the CUDA->CPU mode",
+        )  # fmt: skip
+        for owner in (
+            "mappings:_CopyToModelParallelRegion",
+            "mappings:_ReduceFromModelParallelRegion",
+            "mappings:_ScatterToModelParallelRegion",
+            "mappings:_GatherFromModelParallelRegion",
+            "mappings:_ScatterToSequenceParallelRegion",
+            "mappings:_GatherFromSequenceParallelRegion",
+            "mappings:_ReduceScatterToSequenceParallelRegion",
+            "mappings:_AllGatherFromTensorParallelRegion",
+            "mappings:_ReduceScatterToTensorParallelRegion",
+            "mappings:_AllToAll",
+            "layers:LinearWithFrozenWeight",
+            "layers:LinearWithGradAccumulationAndAsyncCommunication",
+        )
+    ),
+    # MoE without Transformer Engine: the router's GEMM reads TE's name unconditionally.
+    Patch(
+        "megatron.core.transformer.moe.moe_utils",
+        "te_general_gemm",
+        "runtime.distributed",
+        "None where TE is absent, which selects the router's torch matmul",
+        defines=True,
+    ),  # fmt: skip
     # Checkpoint writers: megatron's module-level result queue of its async file writer, made
     # by a Manager that ignores stop signals (runtime.lifetime.start_checkpoint_writer_queue).
     Patch(
@@ -124,6 +174,9 @@ RELIED_ON: tuple[tuple[str, str], ...] = (
     ("megatron.core.models.common.embeddings.rotary_pos_embedding:RotaryEmbedding", "forward"),
     ("megatron.core.transformer.utils", "set_model_to_sequence_parallel"),
     ("megatron.core.inference.contexts", "StaticInferenceContext"),
+    # Reads te_general_gemm (a ``defines`` patch above) and falls back to torch when None.
+    ("megatron.core.transformer.moe.moe_utils:RouterGatingLinearFunction", "forward"),
+    ("megatron.core.transformer.moe.moe_utils:RouterGatingLinearFunction", "backward"),
 )
 
 
@@ -161,7 +214,7 @@ def _defines(owner, name: str) -> bool:
 def missing_attributes() -> list[str]:
     """``owner.name`` of every patched or relied-on attribute that does not exist."""
     missing = []
-    targets = [(p.owner, p.name) for p in PATCHES] + list(RELIED_ON)
+    targets = [(p.owner, p.name) for p in PATCHES if not p.defines] + list(RELIED_ON)
     for owner, name in targets:
         try:
             found = _defines(resolve(owner), name)
@@ -191,10 +244,17 @@ def _registered(owner: str, name: str) -> Patch:
     raise AssertionError(f"{owner}.{name} is patched but not registered in mcore_compat.PATCHES")
 
 
-def replace_global(module: types.ModuleType, name: str, value) -> None:
-    """Sets the module global ``module.name`` to ``value`` (a registered patch, process-wide)."""
-    _registered(module.__name__, name)
-    setattr(module, name, value)
+def _owner_name(target: types.ModuleType | type) -> str:
+    if isinstance(target, type):
+        return f"{target.__module__}:{target.__qualname__}"
+    return target.__name__
+
+
+def replace_global(target: types.ModuleType | type, name: str, value) -> None:
+    """Sets ``target.name`` to ``value`` (a registered patch, process-wide): a module global,
+    or an attribute of a class (``package.module:Class`` in :data:`PATCHES`)."""
+    _registered(_owner_name(target), name)
+    setattr(target, name, value)
 
 
 @functools.cache

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_longact.device import current_device
+from megatron_longact.models.moe import moe_step_metrics
 from megatron_longact.runtime.setup import TrainState
 
 
@@ -108,6 +109,8 @@ def train_step(
         state.scheduler.step(increment=1)
     loss, count = reduce_reports(reports)
     extras = {key: reduce_reports(reports, key=key)[0] for key in report_keys}
+    # MoE: the router's load-balancing loss of this step (empty for dense models).
+    extras.update(moe_step_metrics(state.transformer_config, num_microbatches=num_microbatches))
     return StepResult(
         loss=loss,
         num_tokens=count,

@@ -96,6 +96,7 @@ def sft_step(run: SFTRun, step: int) -> Metrics:
         "train/grad_norm": result.grad_norm,
         "train/tokens_per_s": tokens / elapsed,
         "train/loss_tokens": result.num_tokens,
+        **{f"train/{k}": v for k, v in result.extras.items()},  # MoE aux loss
     }
 
 

@@ -113,6 +113,32 @@ def test_tp_not_dividing_heads_fails_before_workers_start(hf_dir, tmp_path, caps
     assert "--tp 3 does not divide the model's num_attention_heads=4" in _one_line(capsys)
 
 
+def test_expert_parallel_on_a_dense_model_fails_before_workers_start(
+    hf_dir, tmp_path, capsys, monkeypatch
+):
+    import megatron_longact.runtime.launch as launch
+
+    def no_workers(*_args, **_kwargs):
+        raise AssertionError("workers were started")
+
+    monkeypatch.setattr(launch, "run_local", no_workers)
+    argv = ["convert", "--direction", "hf2mcore", "--hf-dir", str(hf_dir), "--ep", "2",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    assert longact_main(argv) == 2
+    assert "apply to mixture-of-experts models only; qwen3 is dense" in _one_line(capsys)
+
+
+def test_moe_config_fields_that_cannot_map_are_user_errors():
+    from megatron_longact.errors import UserError
+    from megatron_longact.models.hf_config import parse_hf_config, read_hf_config, resolve_model_dir
+
+    hf = read_hf_config(resolve_model_dir(hf_path=None, preset="micro-qwen3-moe"))
+    with pytest.raises(UserError, match=r"decoder_sparse_step=2 cannot be mapped"):
+        parse_hf_config({**hf, "decoder_sparse_step": 2})
+    with pytest.raises(ConfigError, match=r"expert_model_parallel_size must be >= 1"):
+        load_config(JobConfig, None, ["parallel.expert_model_parallel_size=0"])
+
+
 @pytest.mark.slow
 def test_under_the_launcher_two_ranks_print_one_line(synthetic_data_dir, tmp_path):
     from megatron_longact.runtime.distributed import free_port

@@ -34,12 +34,27 @@ def test_every_patched_and_relied_on_attribute_exists():
     mcore_compat.check()
 
 
-@pytest.mark.parametrize("patch", mcore_compat.PATCHES, ids=lambda p: f"{p.owner}.{p.name}")
+@pytest.mark.parametrize(
+    "patch", [p for p in mcore_compat.PATCHES if not p.defines], ids=lambda p: f"{p.owner}.{p.name}"
+)
 def test_the_check_fails_when_a_patched_attribute_disappears(patch, monkeypatch):
     monkeypatch.delattr(mcore_compat.resolve(patch.owner), patch.name)
     assert mcore_compat.missing_attributes() == [f"{patch.owner}.{patch.name}"]
     with pytest.raises(ImportError, match=re.escape(f"lacks {patch.owner}.{patch.name}")):
         mcore_compat.check()
+
+
+def test_a_name_the_package_defines_is_checked_by_its_reader(monkeypatch):
+    """``te_general_gemm`` exists only with Transformer Engine, so the check does not ask for
+    it; it asks for the router Function that reads it, and fails when that disappears."""
+    defined = [p for p in mcore_compat.PATCHES if p.defines]
+    assert [(p.owner, p.name) for p in defined] == [
+        ("megatron.core.transformer.moe.moe_utils", "te_general_gemm")
+    ]
+    reader = "megatron.core.transformer.moe.moe_utils:RouterGatingLinearFunction"
+    assert (reader, "forward") in mcore_compat.RELIED_ON
+    monkeypatch.delattr(mcore_compat.resolve(reader), "forward")
+    assert mcore_compat.missing_attributes() == [f"{reader}.forward"]
 
 
 def test_an_unregistered_patch_is_refused():

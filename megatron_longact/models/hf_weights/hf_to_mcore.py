@@ -1,4 +1,5 @@
-"""Stream a Hugging Face Qwen3/Qwen2/Llama folder into this rank's GPTModel chunk at any TP/PP.
+"""Stream a Hugging Face Qwen3/Qwen3-MoE/Qwen2/Llama folder into this rank's GPTModel chunk at
+any TP/PP/EP.
 
 Every rank reads only the HF tensors (or slices of them) its parameters need, one at a time,
 and copies them in: a run started from ``model.hf_path`` (``runtime.setup``) and the
@@ -18,14 +19,19 @@ from megatron_longact.errors import UserError
 from megatron_longact.models.hf_config import HFArchitecture, parse_hf_config, read_hf_config
 from megatron_longact.models.hf_weights.hf_files import HFWeights
 from megatron_longact.models.hf_weights.mapping import (
+    EXPERT_FC1,
     GATE_UP,
     HF_EMBEDDING,
+    HF_EXPERT_DOWN,
+    HF_EXPERT_GATE_UP,
     HF_FINAL_NORM,
     HF_LM_HEAD,
+    HF_ROUTER,
     MCORE_EMBEDDING,
     MCORE_FINAL_NORM,
     MCORE_LAYER_PREFIX,
     MCORE_OUTPUT,
+    MCORE_ROUTER,
     NORMS,
     QKV,
     ROW_PARALLEL,
@@ -33,11 +39,35 @@ from megatron_longact.models.hf_weights.mapping import (
     check_hf_tensors,
     check_representable,
     check_rope_parsed,
+    expert_param,
     hf_layer_name,
     tp_block,
 )
 from megatron_longact.models.hf_weights.progress import progress_bar
 from megatron_longact.models.qkv_layout import QKVLayout
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpertShard:
+    """Where this rank's experts sit (MoE): global index of local expert 0 and the
+    expert-tensor-parallel rank (megatron's expert grid, ``parallel_state``)."""
+
+    first_expert: int = 0
+    etp_rank: int = 0
+
+    @classmethod
+    def of_chunk(cls, gpt: torch.nn.Module) -> ExpertShard:
+        """This rank's coordinates, from megatron's parallel state (set by init)."""
+        from megatron.core import parallel_state
+
+        experts = getattr(gpt.config, "num_moe_experts", None)
+        if not experts:
+            return cls()
+        ep = parallel_state.get_expert_model_parallel_world_size()
+        return cls(
+            first_expert=parallel_state.get_expert_model_parallel_rank() * (experts // ep),
+            etp_rank=parallel_state.get_expert_tensor_parallel_rank(),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,12 +130,31 @@ def _layer_tensor(
     layout: QKVLayout,
     tp_rank: int,
     tp: int,
+    experts: ExpertShard,
 ) -> torch.Tensor:
     """This rank's part of one megatron layer parameter, read from the HF tensors."""
 
     def name(hf_suffix: str) -> str:
         return hf_layer_name(layer, hf_suffix)
 
+    if suffix == MCORE_ROUTER:
+        return weights.read(name(HF_ROUTER))
+    if (expert := expert_param(suffix)) is not None:
+        index, which = expert
+        index += experts.first_expert
+        if which == EXPERT_FC1:  # [gate; up] rows of this expert-TP rank
+            rows = local_shape[0] // 2
+            start = experts.etp_rank * rows
+            gate, up = (
+                weights.read(name(n.format(index)), dim=0, start=start, stop=start + rows)
+                for n in HF_EXPERT_GATE_UP
+            )
+            return torch.cat([gate, up])
+        cols = local_shape[ROW_PARALLEL_DIM]
+        start = experts.etp_rank * cols
+        return weights.read(
+            name(HF_EXPERT_DOWN.format(index)), dim=ROW_PARALLEL_DIM, start=start, stop=start + cols
+        )
     if suffix in NORMS:
         return weights.read(name(NORMS[suffix]))
     if suffix in ROW_PARALLEL:
@@ -168,6 +217,7 @@ def load_hf_into_chunk(
             )
         _copy(param, tensor, name=param_name, source=hf_name, weights=weights, tp=tp)
     layout = QKVLayout.from_hf(arch)
+    experts = ExpertShard.of_chunk(gpt)
     for layer_module in gpt.decoder.layers:
         layer = layer_module.layer_number - 1  # megatron numbers from 1, globally over PP
         for suffix, param in layer_module.named_parameters():
@@ -179,6 +229,7 @@ def load_hf_into_chunk(
                 layout=layout,
                 tp_rank=tp_rank,
                 tp=tp,
+                experts=experts,
             )
             name = f"{MCORE_LAYER_PREFIX}{layer}.{suffix}"
             _copy(param, tensor, name=name, source=f"layer {layer}", weights=weights, tp=tp)

@@ -1,6 +1,6 @@
 """Names and tensor layouts shared by both conversion directions (pure torch, no megatron).
 
-Hugging Face Qwen3, Qwen2 and Llama checkpoints use the same names (``model.layers.{i}.
+Hugging Face Qwen3, Qwen3-MoE, Qwen2 and Llama checkpoints use the same names (``model.layers.{i}.
 self_attn.q_proj.weight`` ...). megatron-core fuses q, k and v into ``linear_qkv`` (rows grouped
 per query group) and gate and up into ``linear_fc1``, and names its layer norms after the
 linear layer they feed. The tables below are the one place these facts are written down.
@@ -73,6 +73,52 @@ QKV = {
 }
 GATE_UP = {"mlp.linear_fc1.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
 
+# Mixture-of-experts layers (Qwen3-MoE). HF: a router ``mlp.gate`` [E, H] and per expert e
+# ``mlp.experts.{e}.{gate,up,down}_proj.weight`` (what transformers 5's save_pretrained writes
+# and vLLM's Qwen3MoeForCausalLM loads, not transformers' in-memory fused [E, 2I, H]). megatron:
+# ``mlp.router.weight`` (replicated) and per local expert j, global index ep_rank * E_local + j,
+# a SwiGLU ``linear_fc1`` [gate; up] (rows sharded over expert-TP) and ``linear_fc2`` (columns
+# sharded over expert-TP). Parameter names: SequentialMLP's ``mlp.experts.local_experts.{j}.
+# linear_fc1.weight`` or TEGroupedMLP's ``mlp.experts.linear_fc1.weight{j}``; checkpoint keys
+# stack the experts of a layer: ``mlp.experts.experts.linear_fc1.weight`` [E, 2I, H]
+# (experts.py ~768-805 and ~935-970, interchangeable between the two).
+MCORE_ROUTER = "mlp.router.weight"
+HF_ROUTER = "mlp.gate.weight"
+HF_EXPERT_GATE_UP = ("mlp.experts.{}.gate_proj.weight", "mlp.experts.{}.up_proj.weight")
+HF_EXPERT_DOWN = "mlp.experts.{}.down_proj.weight"
+EXPERT_FC1, EXPERT_FC2 = "linear_fc1", "linear_fc2"
+STACKED_EXPERTS = {
+    "mlp.experts.experts.linear_fc1.weight": EXPERT_FC1,
+    "mlp.experts.experts.linear_fc2.weight": EXPERT_FC2,
+}
+_LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.weight$")
+_GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc[12])\.weight(\d+)$")
+
+
+def expert_param(suffix: str) -> tuple[int, str] | None:
+    """(expert index, ``linear_fc1``/``linear_fc2``) of a per-expert megatron parameter name
+    (layer-local, SequentialMLP or TEGroupedMLP spelling); None for any other name."""
+    if match := _LOCAL_EXPERT.match(suffix):
+        return int(match.group(1)), match.group(2)
+    if match := _GROUPED_EXPERT.match(suffix):
+        return int(match.group(2)), match.group(1)
+    return None
+
+
+def expert_param_name(index: int, which: str) -> str:
+    """SequentialMLP's layer-local name of expert ``index``'s ``which`` weight."""
+    return f"mlp.experts.local_experts.{index}.{which}.weight"
+
+
+def experts_to_hf(index: int, which: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One expert's full megatron weight -> its HF tensors (layer-local names):
+    ``linear_fc1`` [2I, H] -> gate_proj, up_proj [I, H]; ``linear_fc2`` [H, I] -> down_proj."""
+    if which == EXPERT_FC1:
+        gate, up = split_gate_up(tensor)
+        return {HF_EXPERT_GATE_UP[0].format(index): gate, HF_EXPERT_GATE_UP[1].format(index): up}
+    return {HF_EXPERT_DOWN.format(index): tensor}
+
+
 # Buffers some older HF checkpoints carry; recomputed from the config, never converted.
 _IGNORED_HF = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
@@ -135,9 +181,17 @@ def hf_layer_shapes(arch: HFArchitecture) -> dict[str, tuple[int, ...]]:
     shapes["self_attn.o_proj.weight"] = (hidden, q_rows)
     if arch.qk_layernorm:
         shapes.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
+    shapes["post_attention_layernorm.weight"] = (hidden,)
+    if arch.is_moe:
+        inner = arch.moe_ffn_hidden_size
+        shapes[HF_ROUTER] = (arch.num_experts, hidden)
+        for expert in range(arch.num_experts):
+            shapes[HF_EXPERT_GATE_UP[0].format(expert)] = (inner, hidden)
+            shapes[HF_EXPERT_GATE_UP[1].format(expert)] = (inner, hidden)
+            shapes[HF_EXPERT_DOWN.format(expert)] = (hidden, inner)
+        return shapes
     shapes.update(
         {
-            "post_attention_layernorm.weight": (hidden,),
             "mlp.gate_proj.weight": (ffn, hidden),
             "mlp.up_proj.weight": (ffn, hidden),
             "mlp.down_proj.weight": (hidden, ffn),
@@ -185,7 +239,7 @@ def check_hf_tensors(
     if extra:
         raise UserError(
             f"{source}: tensor(s) with no place in the megatron model: {extra[:3]}"
-            f"{' ...' if len(extra) > 3 else ''}; this converter maps Qwen3/Qwen2/Llama "
+            f"{' ...' if len(extra) > 3 else ''}; this converter maps Qwen3/Qwen3-MoE/Qwen2/Llama "
             "without o_proj or MLP biases"
         )
 
@@ -239,13 +293,33 @@ def strip_checkpoint_prefix(key: str) -> str | None:
 
 
 def layer_to_hf(
-    tensors: dict[str, torch.Tensor], *, layer: int, arch: HFArchitecture
+    tensors: dict[str, torch.Tensor],
+    *,
+    layer: int,
+    arch: HFArchitecture,
+    first_expert: int = 0,
+    complete: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """One layer's megatron tensors {layer-local suffix: full tensor} -> {HF name: tensor}."""
+    """One layer's megatron tensors {layer-local suffix: full tensor} -> {HF name: tensor}.
+
+    MoE experts come either stacked as checkpoints hold them (``mlp.experts.experts.
+    linear_fc1.weight`` [E_chunk, 2I, H], experts ``first_expert``.. of the layer) or one per
+    parameter name with its global index (``mlp.experts.local_experts.{e}.linear_fc1.weight``).
+    ``complete``: the tensors are the whole layer (checked against config.json); False for
+    a part of it (a chunk of experts), whose shapes are still checked.
+    """
     layout = QKVLayout.from_hf(arch)
     out: dict[str, torch.Tensor] = {}
     for suffix, tensor in tensors.items():
-        if suffix in NORMS:
+        if suffix == MCORE_ROUTER:
+            parts = {HF_ROUTER: tensor}
+        elif suffix in STACKED_EXPERTS:
+            parts = {}
+            for offset, expert in enumerate(tensor):
+                parts.update(experts_to_hf(first_expert + offset, STACKED_EXPERTS[suffix], expert))
+        elif (expert := expert_param(suffix)) is not None:
+            parts = experts_to_hf(*expert, tensor)
+        elif suffix in NORMS:
             parts = {NORMS[suffix]: tensor}
         elif suffix in ROW_PARALLEL:
             parts = {ROW_PARALLEL[suffix]: tensor}
@@ -260,14 +334,15 @@ def layer_to_hf(
             )
         out.update(parts)
     expected = hf_layer_shapes(arch)
-    if set(out) != set(expected):
+    if (set(out) != set(expected)) if complete else not set(out) <= set(expected):
         raise UserError(
-            f"layer {layer}: checkpoint gives {sorted(out)}, config.json implies {list(expected)}"
+            f"layer {layer}: checkpoint gives {sorted(out)[:6]}..., config.json implies "
+            f"{list(expected)[:6]}...; pass the source model's --hf-dir"
         )
     for suffix, shape in expected.items():
-        if tuple(out[suffix].shape) != shape:
+        if suffix in out and tuple(out[suffix].shape) != shape:
             raise UserError(
                 f"layer {layer}: {suffix} comes out {tuple(out[suffix].shape)} from the "
                 f"checkpoint but config.json implies {shape}; pass the source model's --hf-dir"
             )
-    return {hf_layer_name(layer, s): out[s] for s in expected}
+    return {hf_layer_name(layer, s): out[s] for s in expected if s in out}

@@ -28,6 +28,7 @@ from megatron.core.models.common.embeddings import rope_utils
 from megatron.core.transformer import attention as mcore_attention
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_longact.rl.rollout.kv_cache import has_local_attention
@@ -116,7 +117,7 @@ def _covered(layer) -> bool:
         type(layer) is TransformerLayer
         and type(attention) is mcore_attention.SelfAttention
         and has_local_attention(attention)
-        and type(layer.mlp) is MLP
+        and type(layer.mlp) in (MLP, MoELayer)  # called the same way, (output, bias) back
         and isinstance(layer.pre_cross_attn_layernorm, IdentityOp)
         and isinstance(layer.cross_attention, IdentityOp)
         and not (layer.offload_attn_norm or layer.offload_mlp_norm)

@@ -38,7 +38,9 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 
+from megatron_longact.device import current_device
 from megatron_longact.errors import UserError
 from megatron_longact.rl.rollout.decode_layer import lean_decode_layers
 from megatron_longact.rl.rollout.kv_cache import (
@@ -118,7 +120,13 @@ class NativeEngine:
         self.tokenizer = tokenizer
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.sync_every = SYNC_EVERY_CUDA if self.device == "cuda" else 1
-        self.bridge_free_decode = parallel_state.get_tensor_model_parallel_world_size() == 1
+        # MoE with expert parallel: a forward is an all-to-all over the EP ranks, which hold
+        # different prompts, so every rank must run the same batches and decode steps
+        # (:func:`_lockstep_group`); the dispatcher also allocates through the CPU bridge.
+        self.lockstep = _lockstep_group(self.model)
+        self.bridge_free_decode = (
+            parallel_state.get_tensor_model_parallel_world_size() == 1 and self.lockstep is None
+        )
         self.inference_mode_decode = self.bridge_free_decode and _only_local_attention(self.model)
 
     def sleep(self) -> None:
@@ -141,10 +149,14 @@ class NativeEngine:
         self.model.eval()
         try:
             with _generation_layout(self.model):
-                for index, start in enumerate(range(0, len(prompts), self.batch_size)):
+                starts = range(0, len(prompts), self.batch_size)
+                for index in range(_lockstep_count(len(starts), self.lockstep)):
                     generator = torch.Generator(device=self.device)
                     generator.manual_seed(batch_seed(params.seed, index))
-                    chunk = prompts[start : start + self.batch_size]
+                    if index >= len(starts):  # only to keep the EP all-to-alls paired
+                        self._generate_batch(prompts[:1], params, generator)
+                        continue
+                    chunk = prompts[starts[index] : starts[index] + self.batch_size]
                     results.extend(self._generate_batch(chunk, params, generator))
         finally:
             self.model.train(was_training)
@@ -214,7 +226,9 @@ class NativeEngine:
                 last = step == new - 1
                 if (step + 1) % TEXT_CHECK_EVERY == 0 or last:
                     text_stops.check(tokens, end=end + 1, finished=finished, lengths=lengths)
-                if ((step + 1) % self.sync_every == 0 or last) and bool(finished.all()):
+                if ((step + 1) % self.sync_every == 0 or last) and _all_stopped(
+                    finished, self.lockstep
+                ):
                     break
                 start, end = end, end + 1
             # Inside the decode context: it updates ``lengths`` (made there) in place.
@@ -270,6 +284,37 @@ class TextStops:
                 finished[row] = True
                 lengths[row] = left + hit
         self.checked = end - self.prompt_len
+
+
+def _lockstep_group(gpt):
+    """The group whose ranks must decode in lockstep: the whole world for a MoE model with
+    expert parallel (EP ranks exchange tokens in every forward, and TP/CP peers of different
+    EP groups tie those groups together), None otherwise (each replica runs on its own)."""
+    from megatron.core import parallel_state
+
+    if getattr(gpt.config, "num_moe_experts", None) is None:
+        return None
+    if parallel_state.get_expert_tensor_and_model_parallel_world_size() == 1:
+        return None
+    return dist.group.WORLD
+
+
+def _lockstep_count(count: int, group) -> int:
+    """The largest ``count`` over ``group`` (``count`` itself without one). Collective."""
+    if group is None:
+        return count
+    total = torch.tensor([count], dtype=torch.int64, device=current_device())
+    dist.all_reduce(total, op=dist.ReduceOp.MAX, group=group)
+    return int(total.item())
+
+
+def _all_stopped(finished: torch.Tensor, group) -> bool:
+    """Whether every row has stopped, on every rank of ``group`` (collective when set)."""
+    if group is None:
+        return bool(finished.all())
+    running = (~finished).sum().to(torch.int64).reshape(1)
+    dist.all_reduce(running, group=group)
+    return int(running.item()) == 0
 
 
 @contextlib.contextmanager
