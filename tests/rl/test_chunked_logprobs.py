@@ -101,7 +101,12 @@ def _peak_bytes_per_element(chunk: int) -> float:
     return (_status_kib("VmHWM") - before) * 1024 / (tokens * vocab)
 
 
-def test_peak_memory_falls_with_the_chunk_size():
+def test_peak_memory_falls_with_the_chunk_size(monkeypatch):
+    # A fixed mmap threshold (glibc mallopt(3), read at process start, so the spawned workers
+    # get it): every MiB-sized buffer is mmap'd and unmapped on free. glibc's default raises the
+    # threshold after the first such free, and later chunks then stay in the heap, which made
+    # the RSS peak depend on the allocation history rather than on the chunk size.
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     peaks = {chunk: run_local(_peak_bytes_per_element, 1, chunk)[0] for chunk in (0, 256, 64)}
     # Unchunked: the fp32 gradient (4 B) + three fp32 temporaries (12 B, plan/memory.py);
     # chunked: the gradient + 12 B over the chunk's share of the tokens.
