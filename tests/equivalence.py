@@ -28,6 +28,8 @@ TP=2 x CP=2 4.9e-5 at eps 1e-8, 4.4e-7 at eps 1e-5. ``param_atol(lr=1e-3, steps=
 
 from __future__ import annotations
 
+import torch
+
 EQUIVALENCE_ADAM_EPS = 1e-5
 """Adam's eps in the equivalence runs (module docstring)."""
 ADAM_EPS_OVERRIDE = f"optim.adam_eps={EQUIVALENCE_ADAM_EPS}"
@@ -52,3 +54,20 @@ def assert_params_close(have: dict, want: dict, *, lr: float, step: int) -> None
     for name, value in have.items():
         torch.testing.assert_close(value, want[name], atol=atol, rtol=1e-4,
                                    msg=lambda m, n=name: f"step {step} {n}: {m}")  # fmt: skip
+
+
+def full_grads(module) -> dict[str, torch.Tensor]:
+    """``main_grad`` of every parameter, gathered over TP like the parameter itself."""
+    from megatron_longact.runtime.params import gather_tensor_parallel
+
+    gated = bool(module.config.gated_linear_unit)
+    grads = {}
+    for name, param in module.named_parameters():
+        grad = param.main_grad.detach().view(param.shape).clone()
+        grad.tensor_model_parallel = getattr(param, "tensor_model_parallel", False)
+        grad.partition_dim = getattr(param, "partition_dim", 0)
+        name = name.removeprefix("module.").removeprefix("module.")
+        grads[name] = gather_tensor_parallel(
+            grad, gated=gated and name.endswith("linear_fc1.weight")
+        )
+    return grads

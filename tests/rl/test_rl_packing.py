@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from equivalence import full_grads
 
 from megatron_longact.runtime.launch import run_local
 
@@ -43,22 +44,6 @@ def samples(seed: int = 0, num: int = NUM_SAMPLES) -> list:
                           reward=0.0, format_ok=True, answer_ok=False, truncated=i == 4,
                           advantage=float(torch.randn(1, generator=gen))))  # fmt: skip
     return out
-
-
-def _full_grads(module) -> dict[str, torch.Tensor]:
-    from megatron_longact.runtime.params import gather_tensor_parallel
-
-    gated = bool(module.config.gated_linear_unit)
-    grads = {}
-    for name, param in module.named_parameters():
-        grad = param.main_grad.detach().view(param.shape).clone()
-        grad.tensor_model_parallel = getattr(param, "tensor_model_parallel", False)
-        grad.partition_dim = getattr(param, "partition_dim", 0)
-        name = name.removeprefix("module.").removeprefix("module.")
-        grads[name] = gather_tensor_parallel(
-            grad, gated=gated and name.endswith("linear_fc1.weight")
-        )
-    return grads
 
 
 def rl_update(overrides: list[str], *, thd: bool = False, num: int = NUM_SAMPLES) -> dict:
@@ -96,7 +81,7 @@ def rl_update(overrides: list[str], *, thd: bool = False, num: int = NUM_SAMPLES
         "imbalance": plan.imbalance,
     }
     if dims.pp == 1:
-        out["grads"] = _full_grads(state.model[0])
+        out["grads"] = full_grads(state.model[0])
     controller.close()
     return out
 

@@ -13,7 +13,7 @@ from functools import partial
 
 import pytest
 import torch
-from equivalence import ADAM_EPS_OVERRIDE, assert_params_close
+from equivalence import ADAM_EPS_OVERRIDE, assert_params_close, full_grads
 
 from megatron_longact.runtime.launch import run_local
 
@@ -40,23 +40,6 @@ def _rows(vocab: int) -> dict[str, torch.Tensor]:
         "advantages": advantages,
         "old_logp_offset": 0.3 * torch.randn(ROWS, LENGTH, generator=gen),
     }
-
-
-def _full_grads(module) -> dict[str, torch.Tensor]:
-    """``main_grad`` of every parameter, gathered over TP like the parameter itself."""
-    from megatron_longact.runtime.params import gather_tensor_parallel
-
-    gated = bool(module.config.gated_linear_unit)
-    grads = {}
-    for name, param in module.named_parameters():
-        grad = param.main_grad.detach().view(param.shape).clone()
-        grad.tensor_model_parallel = getattr(param, "tensor_model_parallel", False)
-        grad.partition_dim = getattr(param, "partition_dim", 0)
-        name = name.removeprefix("module.").removeprefix("module.")
-        grads[name] = gather_tensor_parallel(
-            grad, gated=gated and name.endswith("linear_fc1.weight")
-        )
-    return grads
 
 
 def rl_step(parallel: list[str], algorithm: str) -> dict:
@@ -96,7 +79,7 @@ def rl_step(parallel: list[str], algorithm: str) -> dict:
         "count": result.num_tokens,
         "grad_norm": result.grad_norm,
         "clip_frac": result.extras["clip_frac_high"] + result.extras["clip_frac_low"],
-        "grads": _full_grads(state.model[0]),
+        "grads": full_grads(state.model[0]),
         "params": full_named_parameters(state.model[0]),
     }
 
