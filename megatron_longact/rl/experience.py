@@ -55,6 +55,9 @@ class StepExperience:
     num_gen_batches: int
     num_groups_seen: int
     prompts_consumed: int
+    num_engine_responses: int
+    """Responses the engines returned this step, summed over DP x CP ranks (one TP rank each):
+    equals ``len(generated)`` when every rollout is generated once."""
 
 
 def _score(
@@ -172,6 +175,7 @@ def collect_experience(
     )
     per_round = rl.prompts_per_step * (rl.gen_batch_multiplier if rl.dynamic_sampling else 1)
     consumed, round_index = 0, 0
+    engine_start = engine.num_generated
     generated: list[Sample] = []
     while True:
         records = next_records(per_round)
@@ -192,7 +196,19 @@ def collect_experience(
     kept = pop_train_batch(state)
     _fill_advantages(kept, rl=rl)
     return StepExperience(groups=kept, generated=generated, num_gen_batches=num_rounds,
-                          num_groups_seen=seen, prompts_consumed=consumed)  # fmt: skip
+                          num_groups_seen=seen, prompts_consumed=consumed,
+                          num_engine_responses=_replicas_sum(engine.num_generated - engine_start))  # fmt: skip
+
+
+def _replicas_sum(count: int) -> int:
+    """``count`` summed over the DP x CP ranks (the generating replicas' shares)."""
+    from megatron.core import parallel_state
+
+    from megatron_longact.device import current_device
+
+    total = torch.tensor([count], dtype=torch.int64, device=current_device())  # NCCL on GPU
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    return int(total.item())
 
 
 def _fill_advantages(groups: list[list[Sample]], *, rl: RLConfig) -> None:

@@ -54,6 +54,8 @@ def experience_metrics(
         "rollout/kept_reward_mean": statistics.fmean(kept) if kept else 0.0,
         "rollout/num_groups": float(len(exp.groups)),
         "rollout/gen_rounds": float(exp.num_gen_batches),
+        "rollout/generated": float(len(exp.generated)),
+        "rollout/engine_responses": float(exp.num_engine_responses),
         "rollout/kept_group_frac": len(exp.groups) / max(exp.num_groups_seen, 1),
         "rollout/engine_logprob_mismatch": logprob_mismatch(micro_batches),
     }

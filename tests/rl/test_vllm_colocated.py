@@ -171,7 +171,12 @@ def test_longact_rl_with_vllm_engine(synthetic_data_dir, sft_checkpoint, tmp_pat
     lines = (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()
     metrics = [json.loads(line) for line in lines]
     assert [m["step"] for m in metrics] == [1, 2, 3]
+    per_round = 2 * 2 * 4  # prompts_per_step x gen_batch_multiplier x rollouts_per_prompt
     for m in metrics:
+        # every rollout generated once: vLLM served exactly the rounds' rollouts, over the
+        # DP x CP ranks (one TP rank each), and each became one scored sample
+        assert m["rollout/engine_responses"] == m["rollout/gen_rounds"] * per_round, m
+        assert m["rollout/generated"] == m["rollout/engine_responses"], m
         if m.get("rollout/num_groups", 0) > 0:
             assert m["rollout/engine_logprob_mismatch"] < TOLERANCE, m
             assert m["correction/weight_mean"] == pytest.approx(1.0, abs=1e-3)

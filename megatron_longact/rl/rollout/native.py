@@ -128,6 +128,7 @@ class NativeEngine:
             parallel_state.get_tensor_model_parallel_world_size() == 1 and self.lockstep is None
         )
         self.inference_mode_decode = self.bridge_free_decode and _only_local_attention(self.model)
+        self.num_generated = 0
 
     def sleep(self) -> None:
         if torch.cuda.is_available():
@@ -160,6 +161,7 @@ class NativeEngine:
                     results.extend(self._generate_batch(chunk, params, generator))
         finally:
             self.model.train(was_training)
+        self.num_generated += len(results)
         return results
 
     @torch.no_grad()

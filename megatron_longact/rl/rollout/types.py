@@ -37,6 +37,10 @@ class Rollout:
 
 
 class RolloutEngine(Protocol):
+    num_generated: int
+    """Responses this rank's engine has returned since it was built (TP ranks of a replica
+    count the same requests; a rank's lockstep-only batches are not counted)."""
+
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
         """Samples one response per prompt. All ranks of a model replica must call it with
         the same prompts and params."""

@@ -282,6 +282,7 @@ class VLLMEngine:
         self._awake = True
         self._stale = True
         """The trainer may have changed since the last refit."""
+        self.num_generated = 0
 
     @classmethod
     def from_train_state(cls, job, state, tokenizer) -> VLLMEngine:
@@ -398,6 +399,7 @@ class VLLMEngine:
         with cpu_compat.suspended():
             outputs = self.llm.generate(requests, sampling, use_tqdm=False)
         with_text = bool(params.stop_strings)
+        self.num_generated += len(outputs)  # the requests vLLM finished, not the ones asked for
         return [to_rollout(p, out.outputs[0], with_text=with_text)
                 for p, out in zip(prompts, outputs)]  # fmt: skip
 
