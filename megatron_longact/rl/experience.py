@@ -135,7 +135,9 @@ def generate_groups(
         if index not in encoded:
             encoded[index] = encode_prompt(records[index], tokenizer, max_prompt_tokens=max_prompt)
     prompts = [encoded[index] for index, _ in mine]
-    rollouts = engine.generate(prompts, params) if prompts else []
+    # Called with no prompts too: an MoE engine at EP > 1 decodes in lockstep with the ranks
+    # that have some (rl/rollout/native.py `_lockstep_group`).
+    rollouts = engine.generate(prompts, params)
     think_prefix = generation_think_prefix(tokenizer)
     local = {
         pair: _score(rollout, records[pair[0]], tokenizer=tokenizer, rl=rl,

@@ -38,3 +38,22 @@ def test_dapo_longact_native_engine_at_expert_parallel_2(tiny_moe, synthetic_dat
     # One trainable fraction per masked weight: the 2 layers' linear_qkv, about lambda each.
     fractions = {k: v for k, v in last.items() if "trainable" in k}
     assert fractions and all(0.2 < f < 0.4 for f in fractions.values()), fractions
+
+
+@pytest.mark.slow
+def test_a_rank_without_prompts_still_decodes_in_lockstep(tiny_moe, synthetic_data_dir, tmp_path):
+    """One prompt for two DP replicas at EP=2: rank 1 generates nothing, yet its experts must
+    answer rank 0's all-to-alls for every decode step (rl/experience.py calls the engine with an
+    empty list; the native engine runs placeholder batches in lockstep). It hung before."""
+    run_local(_rl, 2, [
+        f"model.hf_path={tiny_moe.hf_dir}", "parallel.expert_model_parallel_size=2",
+        f"data.train_path={synthetic_data_dir / 'rl_train.jsonl'}", "train.precision=fp32",
+        f"logging.tensorboard_dir={tmp_path / 'tb'}", "logging.progress=false",
+        "optim.lr=1e-3", "optim.warmup_steps=0", "train.train_steps=1",
+        "data.micro_batch_size=4", "rl.engine=native",
+        "rl.prompts_per_step=1", "rl.rollouts_per_prompt=4", "rl.max_new_tokens=8",
+        "rl.max_seq_length=256", "rl.dynamic_sampling=false",
+    ])  # fmt: skip
+    (metrics,) = [json.loads(x) for x in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()
+                  if "train/loss" in x]  # fmt: skip
+    assert metrics["rollout/engine_responses"] == metrics["rollout/generated"] == 4

@@ -155,7 +155,9 @@ class NativeEngine:
                     generator = torch.Generator(device=self.device)
                     generator.manual_seed(batch_seed(params.seed, index))
                     if index >= len(starts):  # only to keep the EP all-to-alls paired
-                        self._generate_batch(prompts[:1], params, generator)
+                        # (a rank may hold no prompt at all: fewer prompts than DP replicas)
+                        self._generate_batch(prompts[:1] or [[self.pad_token_id]], params,
+                                             generator)  # fmt: skip
                         continue
                     chunk = prompts[starts[index] : starts[index] + self.batch_size]
                     results.extend(self._generate_batch(chunk, params, generator))

@@ -390,7 +390,9 @@ class VLLMEngine:
 
         vllm = import_vllm()
         if not self._awake:
-            self.wake()
+            self.wake()  # collective: before the return below
+        if not prompts:  # a replica with no prompt this round (fewer prompts than replicas)
+            return []
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
         sampling = [
             vllm.SamplingParams(**vllm_sampling_kwargs(params, index=i))
