@@ -1,9 +1,5 @@
-"""Shared pieces of the LongAct tests: tiny models, batches, the by-definition saliency
-reference and a test-side input capture. Plain functions; importable by spawned children.
-
-Layers: conftest.py (fixtures) -> longact_worlds.py (one entry point per spawned world) ->
-longact_saliency_cases.py / longact_training_cases.py (one case each, typed results) -> here.
-"""
+"""Shared pieces of the LongAct tests: tiny models, the global batches, a train loop, a test-side
+input capture and Eq. 2 by the definition. Plain functions; importable by spawned children."""
 
 from __future__ import annotations
 
@@ -19,21 +15,22 @@ PerLayer = dict[int, dict[str, torch.Tensor]]
 """{layer number: {projection "q"/"k"/"v": tensor}}: saliency [heads, D] or masks bool [heads, D]."""
 
 SEQ = 32
-GLOBAL_ROWS = 4
 SEED = 1234
 LR = 1e-3
+WEIGHT_DECAY = 0.1
 BASE = [
     "model.preset=micro-qwen3",
     f"optim.lr={LR}",
     ADAM_EPS_OVERRIDE,  # parallel vs single-process parameters stay comparable (tests/equivalence.py)
     "optim.warmup_steps=0",
     "optim.lr_decay_style=constant",
-    "optim.weight_decay=0.1",
+    f"optim.weight_decay={WEIGHT_DECAY}",
     "train.train_steps=8",
 ]
-
-
-# ---- models -------------------------------------------------------------------------------
+PADDED_LENGTHS = [32, 20, 9, 27]
+"""Real tokens of the 4 padded rows of a global batch."""
+PACKED_SEGMENTS = [[10, 14], [32], [5, 7, 9], [20]]
+"""Real samples per packed bin of a global batch; the rest of each bin is padding."""
 
 
 def write_arch(
@@ -74,23 +71,33 @@ def make_job(overrides: list[str]) -> JobConfig:
     return load_config(JobConfig, None, [*BASE, *overrides])
 
 
+_PARALLEL: dict = {}
+"""{"config": ParallelConfig, "dims": ParallelDims} of the parallel state this process holds."""
+
+
 def reinit(job: JobConfig):
-    """(Re)initialises megatron's parallel state for ``job.parallel`` in this world."""
+    """megatron's parallel state for ``job.parallel`` in this world (rebuilt only when it
+    changes: a rebuild is a round of collective group creations on every rank)."""
     from megatron.core import parallel_state
 
     from megatron_longact.runtime.distributed import init_distributed
 
     if parallel_state.model_parallel_is_initialized():
+        if _PARALLEL.get("config") == job.parallel:
+            return _PARALLEL["dims"]
         parallel_state.destroy_model_parallel()
-    return init_distributed(job.parallel, seed=SEED)
+    _PARALLEL.update(config=job.parallel, dims=init_distributed(job.parallel, seed=SEED))
+    return _PARALLEL["dims"]
 
 
-def build(job: JobConfig, dims):
-    """A fresh TrainState whose initial weights depend only on the seed (not on history)."""
+def build(job: JobConfig):
+    """A fresh TrainState for ``job`` (parallel state included) whose initial weights depend
+    only on the seed, not on what ran before in the world."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_longact.runtime.setup import setup_train_state
 
+    dims = reinit(job)
     torch.manual_seed(SEED)
     model_parallel_cuda_manual_seed(SEED)
     return setup_train_state(job, dims)
@@ -111,75 +118,68 @@ def full_qkv(state) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
         bias = getattr(qkv, "bias", None)
         out[number] = (
             gather_tensor_parallel(qkv.weight),
-            None if not isinstance(bias, torch.nn.Parameter) else gather_tensor_parallel(bias),
+            gather_tensor_parallel(bias) if isinstance(bias, torch.nn.Parameter) else None,
         )
     return out
 
 
 # ---- batches ------------------------------------------------------------------------------
 
-PADDED_LENGTHS = [32, 20, 9, 27]
-PACKED_SEGMENTS = [[10, 14], [32], [5, 7, 9], [20]]  # real samples per bin; rest is padding
+
+def row_segments(*, packed: bool) -> tuple[torch.Tensor, list[list[int]]]:
+    """The global batch's token mask [4, SEQ] (1 = real) and each row's segment lengths
+    (packed: the samples, then the padding as one more segment)."""
+    token_mask = torch.zeros(len(PADDED_LENGTHS), SEQ)
+    segments = []
+    for index, lengths in enumerate(PACKED_SEGMENTS if packed else PADDED_LENGTHS):
+        real = sum(lengths) if packed else lengths
+        token_mask[index, :real] = 1.0
+        segments.append(([*lengths] + ([SEQ - real] if real < SEQ else [])) if packed else [SEQ])
+    return token_mask, segments
 
 
-def _row(tokens: torch.Tensor, real: int, position_ids: torch.Tensor) -> dict:
-    token_mask = torch.zeros(SEQ)
-    token_mask[:real] = 1.0
-    return {
-        "tokens": tokens,
-        "labels": torch.roll(tokens, -1),
-        "loss_mask": token_mask.clone(),
-        "position_ids": position_ids,
-        "token_mask": token_mask,
-        # Explicit causal mask: megatron's default one is built with device="cuda", which the
-        # CPU bridge cannot rewrite inside backward (the full-recompute forward runs there).
-        "attention_mask": block_causal(torch.tensor([SEQ])),
-    }
-
-
-def global_rows(step: int, vocab: int, *, packed: bool) -> list[dict]:
-    """The 4 rows of one global batch: padded single samples, or packed bins."""
-    gen = torch.Generator().manual_seed(100 + step)
-    rows = []
-    for index in range(GLOBAL_ROWS):
-        tokens = torch.randint(0, vocab, (SEQ,), generator=gen)
-        if not packed:
-            rows.append(_row(tokens, PADDED_LENGTHS[index], torch.arange(SEQ)))
-            continue
-        lengths = PACKED_SEGMENTS[index]
-        real = sum(lengths)
-        segments = lengths + ([SEQ - real] if real < SEQ else [])
-        position_ids = torch.cat([torch.arange(n) for n in segments])
-        row = _row(tokens, real, position_ids)
-        row["segments"] = torch.tensor(segments)
-        row["attention_mask"] = block_causal(row["segments"])
-        rows.append(row)
-    return rows
-
-
-def block_causal(segments: torch.Tensor) -> torch.Tensor:
+def block_causal(segments: list[int]) -> torch.Tensor:
     """[1, S, S] bool, True = masked out: causal within each segment only."""
-    ids = torch.repeat_interleave(torch.arange(segments.numel()), segments)
+    ids = torch.repeat_interleave(torch.arange(len(segments)), torch.tensor(segments))
     allowed = (ids[:, None] == ids[None, :]) & torch.ones(SEQ, SEQ, dtype=torch.bool).tril()
     return ~allowed.unsqueeze(0)
 
 
-def collate(rows: list[dict]) -> dict:
-    """Stacks rows into a micro-batch; packed rows get cu_seqlens over the b * S tokens."""
-    batch = {
-        k: torch.stack([r[k] for r in rows])
-        for k in ("tokens", "labels", "loss_mask", "position_ids", "token_mask", "attention_mask")
-    }
-    if "segments" in rows[0]:
-        lengths = torch.cat([r["segments"] for r in rows])
-        batch["cu_seqlens"] = torch.cat([torch.zeros(1), lengths.cumsum(0)]).to(torch.int32)
-    return batch
+def global_rows(step: int, vocab: int, *, packed: bool) -> list[dict]:
+    """The 4 rows of one global batch: padded single samples, or packed bins with position
+    ids restarting per sample. Masks are explicit: megatron's default causal one is built with
+    device="cuda", which the CPU bridge cannot rewrite inside backward (full recompute)."""
+    gen = torch.Generator().manual_seed(100 + step)
+    token_mask, segments = row_segments(packed=packed)
+    rows = []
+    for mask, lengths in zip(token_mask, segments):
+        tokens = torch.randint(0, vocab, (SEQ,), generator=gen)
+        rows.append({
+            "tokens": tokens,
+            "labels": torch.roll(tokens, -1),
+            "loss_mask": mask.clone(),
+            "position_ids": torch.cat([torch.arange(n) for n in lengths]),
+            "token_mask": mask,
+            "attention_mask": block_causal(lengths),
+            "segments": torch.tensor(lengths),
+        })  # fmt: skip
+    return rows
 
 
-def micro_batches(rows: list[dict], *, dp_rank: int, dp: int, mbs: int) -> list[dict]:
+def micro_batches(rows: list[dict], *, dp_rank: int, dp: int, mbs: int, packed: bool) -> list:
+    """This DP rank's share of ``rows``, stacked into micro-batches of ``mbs``; packed ones get
+    cu_seqlens over their b * S tokens."""
     per_rank = len(rows) // dp
     mine = rows[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-    return [collate(mine[i : i + mbs]) for i in range(0, per_rank, mbs)]
+    out = []
+    for i in range(0, per_rank, mbs):
+        group = mine[i : i + mbs]
+        batch = {k: torch.stack([r[k] for r in group]) for k in group[0] if k != "segments"}
+        if packed:
+            lengths = torch.cat([r["segments"] for r in group])
+            batch["cu_seqlens"] = torch.cat([torch.zeros(1), lengths.cumsum(0)]).to(torch.int32)
+        out.append(batch)
+    return out
 
 
 def forward_step(data_iterator, model):
@@ -195,12 +195,14 @@ def forward_step(data_iterator, model):
 def train_steps(
     state, controller, *, steps: int, packed: bool, mbs: int, first_step: int = 0
 ) -> list:
+    """``steps`` train steps on global batches ``first_step``...; their TrainStepResults."""
     from megatron_longact.runtime.train_step import train_step
 
     results = []
     for step in range(first_step, first_step + steps):
         rows = global_rows(step, state.arch.vocab_size, packed=packed)
-        micro = micro_batches(rows, dp_rank=state.dims.dp_rank, dp=state.dims.dp, mbs=mbs)
+        micro = micro_batches(rows, dp_rank=state.dims.dp_rank, dp=state.dims.dp, mbs=mbs,
+                              packed=packed)  # fmt: skip
         iterator = iter(micro) if controller is None else controller.observe(iter(micro))
         results.append(
             train_step(
@@ -215,41 +217,9 @@ def train_steps(
     return results
 
 
-# ---- references ---------------------------------------------------------------------------
-
-
-def reference_saliency(
-    rows: list[dict],
-    inputs: dict[int, torch.Tensor],
-    qkv: dict[int, tuple[torch.Tensor, torch.Tensor | None]],
-) -> dict:
-    """Eq. 2 by the definition, one sample at a time, from unsharded weights.
-
-    ``inputs[layer]``: the ``linear_qkv`` input of every global row, [rows, S, h]. Returns
-    {layer: [(N + 2G) * D]} float64 = mean over samples of sqrt(sum over real tokens of X^2).
-    """
-    out = {}
-    for number, x in inputs.items():
-        weight, bias = qkv[number]
-        activations = x.double() @ weight.double().t()
-        if bias is not None:
-            activations = activations + bias.double()
-        roots = []
-        for index, row in enumerate(rows):
-            segments = row.get("segments", torch.tensor([SEQ]))
-            start = 0
-            for length in segments.tolist():
-                real = row["token_mask"][start : start + length].bool()
-                if real.any():
-                    tokens = activations[index, start : start + length][real]
-                    roots.append(tokens.pow(2).sum(dim=0).sqrt())
-                start += length
-        out[number] = torch.stack(roots).mean(dim=0)
-    return out
-
-
 class InputCapture:
-    """Test-side forward hooks: each linear_qkv's input per fire, and how often it fired."""
+    """Test-side forward hooks: each linear_qkv's input per no-grad-replay forward, and how
+    often it fired (full recompute fires it twice per micro-batch)."""
 
     def __init__(self, state) -> None:
         self.inputs: dict[int, list[torch.Tensor]] = {}
@@ -261,15 +231,74 @@ class InputCapture:
     def _hook(self, number):
         def hook(_module, args, _output):
             self.fires[number] = self.fires.get(number, 0) + 1
-            if torch._C._current_graph_task_id() == -1:
+            if torch._C._current_graph_task_id() == -1:  # not a recompute inside backward
                 # [s, b, h] -> [b, s, h]
                 self.inputs.setdefault(number, []).append(args[0].detach().transpose(0, 1).clone())
 
         return hook
 
     def rows(self) -> dict[int, torch.Tensor]:
+        """{layer: [rows, S, h]} in the order the micro-batches ran."""
         return {n: torch.cat(chunks) for n, chunks in self.inputs.items()}
 
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+# ---- Eq. 2 by the definition --------------------------------------------------------------
+
+
+def sample_roots(
+    acts_bsr: torch.Tensor, token_mask_bs: torch.Tensor, segments: list[list[int]]
+) -> torch.Tensor:
+    """sqrt(sum over a sample's real tokens of X^2), one sample at a time with Python loops:
+    [samples with real tokens, R] float64. ``segments``: each row's sample lengths."""
+    roots = []
+    for b, lengths in enumerate(segments):
+        start = 0
+        for length in lengths:
+            real = token_mask_bs[b, start : start + length].bool()
+            if real.any():
+                tokens = acts_bsr[b, start : start + length][real]
+                roots.append(tokens.double().pow(2).sum(dim=0).sqrt())
+            start += length
+    return torch.stack(roots)
+
+
+def reference_saliency(observed: dict, *, packed: bool) -> PerLayer:
+    """M by the definition for a saliency probe's step on global batch 0 (longact_worlds):
+    the captured qkv inputs of all 4 rows times the unsharded weights, per sample, then the
+    mean over samples, split per head by the probe's layout."""
+    token_mask, segments = row_segments(packed=packed)
+    out = {}
+    for number, x in observed["inputs"].items():
+        weight, bias = observed["weights"][number]
+        activations = x.double() @ weight.double().t()
+        if bias is not None:
+            activations = activations + bias.double()
+        mean = sample_roots(activations, token_mask, segments).mean(dim=0)
+        out[number] = observed["layout"].per_head(mean.float())
+    return out
+
+
+def cp_reduction_batches() -> list[dict]:
+    """Hand-made micro-batches for the CP=2 reduction, whole (before any CP cut): two padded
+    ones, b = 3, S = 16 (real tokens per row 16/5/0 and 3/16/11), then one packed THD row of
+    segments (padded length, real tokens) (8, 2), (12, 12), (4, 0), each padded to a multiple
+    of 2 x CP. Keys: ``token_mask`` [b, S], ``acts`` {layer 3, 5: [b, S, R = 12]}, and for the
+    THD row ``cu_seqlens``."""
+    gen = torch.Generator().manual_seed(7)
+    batches = []
+    for real in ([16, 5, 0], [3, 16, 11]):
+        token_mask = (torch.arange(16)[None, :] < torch.tensor(real)[:, None]).float()
+        batches.append({"token_mask": token_mask})
+    segments = [(8, 2), (12, 12), (4, 0)]
+    token_mask = torch.cat([(torch.arange(length) < real).float() for length, real in segments])
+    lengths = torch.tensor([length for length, _ in segments])
+    cu_seqlens = torch.cat([torch.zeros(1), lengths.cumsum(0)]).to(torch.int32)
+    batches.append({"token_mask": token_mask[None, :], "cu_seqlens": cu_seqlens})
+    for batch in batches:
+        b, s = batch["token_mask"].shape
+        batch["acts"] = {n: torch.randn(b, s, 12, generator=gen) for n in (3, 5)}
+    return batches

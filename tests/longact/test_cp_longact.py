@@ -11,11 +11,13 @@ Then ``longact saliency`` (the profile path and the CLI) under CP and on THD.
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
 from equivalence import assert_params_close
-from longact_helpers import LR, build, make_job, reinit
+from longact_helpers import LR, build, make_job
+from longact_worlds import Observations, run_probes
 
 from megatron_longact.data.chat import TokenizedSample
 from megatron_longact.data.packing import fill_bin
@@ -60,13 +62,15 @@ def batches(step: int, vocab: int, *, kind: str) -> list[dict[str, torch.Tensor]
 
 
 def longact_run(overrides: list[str], kind: str, parallel: list[str]) -> dict:
+    """``STEPS`` LongAct steps on ``kind`` input: per step the loss, grad norm, M and masks;
+    then all full parameters."""
     from megatron_longact.longact import LongActController
     from megatron_longact.runtime.forward import lm_forward_step
     from megatron_longact.runtime.params import full_named_parameters
     from megatron_longact.runtime.train_step import train_step
 
     job = make_job([*parallel, *overrides])
-    state = build(job, reinit(job))
+    state = build(job)
     if kind == "thd" and state.dims.cp == 1:
         kind = "packed"  # megatron's local attention (CP=1 on CPU) takes masks, not THD
     controller = LongActController.from_train_state(job.longact, state)
@@ -83,70 +87,96 @@ def longact_run(overrides: list[str], kind: str, parallel: list[str]) -> dict:
     return {"steps": steps, "params": full_named_parameters(state.model[0])}
 
 
-def world(parallel: list[str], names: list[str]) -> dict:
-    return {name: longact_run(CASES[name][0], CASES[name][1], parallel) for name in names}
+def profile_run(parallel: list[str], kind: str) -> tuple:
+    """measure_saliency on step 0's ``kind`` input (THD: micro-batch 2, flattened and cut per
+    segment): (M, number of samples measured)."""
+    from megatron_longact.longact.profile import measure_saliency
+
+    state = build(make_job(parallel))
+    micro = batches(0, state.arch.vocab_size, kind=kind)
+    profile = measure_saliency(state, micro, micro_batch_size=MBS, seq_length=SEQ)
+    return profile.saliency, profile.num_samples
 
 
-def _assert_same(ref: dict, got: dict, *, name: str) -> None:
-    for step, (want, have) in enumerate(zip(ref["steps"], got["steps"], strict=True)):
-        where = f"{name} step {step}"
-        assert have["loss"] == pytest.approx(want["loss"], abs=2e-5), where
-        assert have["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), where
-        assert have["saliency"].keys() == want["saliency"].keys(), where
-        for layer, per in want["saliency"].items():
-            for p, values in per.items():
-                # Step 0: the same weights. Later steps start from weights that differ by
-                # fp32 reduction-order noise amplified by Adam (~1e-5).
-                tol = 1e-5 if step == 0 else 2e-4
-                torch.testing.assert_close(have["saliency"][layer][p], values, rtol=tol,
-                                           atol=tol / 10, msg=f"{where}: M {layer}.{p}")  # fmt: skip
-        assert have["selection"].keys() == want["selection"].keys(), where
-        for layer, per in want["selection"].items():
-            for p, mask in per.items():
-                assert torch.equal(have["selection"][layer][p], mask), f"{where}: mask {p}"
-    assert_params_close(got["params"], ref["params"], lr=LR, step=STEPS)
+def world(parallel: list[str], names: list[str], profiles: list[str]) -> dict:
+    return run_probes({
+        **{name: partial(longact_run, *CASES[name], parallel) for name in names},
+        **{f"profile_{kind}": partial(profile_run, parallel, kind) for kind in profiles},
+    })  # fmt: skip
+
+
+CP2 = ["parallel.context_parallel_size=2"]
+TP2_CP2 = [*CP2, "parallel.tensor_model_parallel_size=2"]
+TP2_CP2_CASES = ["massive_thd", "min_thd", "random", "freeze_thd"]
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict:
-    result = run_local(world, 1, [], list(CASES))[0]
-    assert result["massive_thd"]["steps"][0]["saliency"]  # measured, not vacuous
-    assert not result["none"]["steps"][0]["saliency"]
-    return result
+def cp1() -> Observations:
+    # THD needs CP > 1 on CPU: the CP=1 reference of THD input is the packed bins with masks.
+    return Observations(run_local(world, 1, [], list(CASES), ["packed", "padded"]))
 
 
-def test_cp2_longact_matches_cp1(reference):
-    for rank_result in run_local(world, 2, ["parallel.context_parallel_size=2"], list(CASES)):
-        for name, got in rank_result.items():
-            _assert_same(reference[name], got, name=name)
+@pytest.fixture(scope="module")
+def cp2() -> Observations:
+    return Observations(run_local(world, 2, CP2, list(CASES), ["thd", "packed", "padded"]))
+
+
+@pytest.fixture(scope="module")
+def tp2_cp2() -> Observations:
+    return Observations(run_local(world, 4, TP2_CP2, TP2_CP2_CASES, []))
+
+
+def _assert_same_run(got: dict, want: dict, *, where: str) -> None:
+    for step, (have, ref) in enumerate(zip(got["steps"], want["steps"], strict=True)):
+        at = f"{where} step {step}"
+        assert have["loss"] == pytest.approx(ref["loss"], abs=2e-5), at
+        assert have["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), at
+        assert have["saliency"].keys() == ref["saliency"].keys(), at
+        # Step 0: the same weights. Later steps start from weights that differ by fp32
+        # reduction-order noise amplified by Adam (~1e-5).
+        tol = 1e-5 if step == 0 else 2e-4
+        torch.testing.assert_close(have["saliency"], ref["saliency"], rtol=tol, atol=tol / 10,
+                                   msg=lambda m, at=at: f"{at}: M {m}")  # fmt: skip
+        torch.testing.assert_close(have["selection"], ref["selection"], rtol=0, atol=0,
+                                   msg=lambda m, at=at: f"{at}: masks {m}")  # fmt: skip
+    assert_params_close(got["params"], want["params"], lr=LR, step=STEPS)
+
+
+def test_cp1_reference_is_not_vacuous(cp1):
+    assert cp1["massive_thd"][0]["steps"][0]["saliency"]  # measured
+    assert not cp1["none"][0]["steps"][0]["saliency"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_cp2_longact_matches_cp1(cp1, cp2, name):
+    (want,) = cp1[name]
+    for rank, got in enumerate(cp2[name]):
+        _assert_same_run(got, want, where=f"{name} CP rank {rank}")
 
 
 @pytest.mark.slow
-def test_tp2_cp2_longact_matches_cp1(reference):
-    names = ["massive_thd", "min_thd", "random", "freeze_thd"]
-    parallel = ["parallel.context_parallel_size=2", "parallel.tensor_model_parallel_size=2"]
-    for rank_result in run_local(world, 4, parallel, names):
-        for name, got in rank_result.items():
-            _assert_same(reference[name], got, name=name)
+@pytest.mark.parametrize("name", TP2_CP2_CASES)
+def test_tp2_cp2_longact_matches_cp1(cp1, tp2_cp2, name):
+    (want,) = cp1[name]
+    for rank, got in enumerate(tp2_cp2[name]):
+        _assert_same_run(got, want, where=f"{name} rank {rank}")
 
 
 # ---- longact saliency ---------------------------------------------------------------------
 
 
-def profile_world(parallel: list[str]) -> dict:
-    """measure_saliency on THD bins with micro-batch 2, packed bins with masks, padded rows."""
-    from megatron_longact.longact.profile import measure_saliency
+def test_profile_counts_real_samples_not_bins_or_pads(cp1):
+    assert cp1["profile_packed"][0][1] == 7
+    assert cp1["profile_padded"][0][1] == 4
 
-    job = make_job(parallel)
-    state = build(job, reinit(job))
-    profiles = {}
-    for kind in ("thd", "packed", "padded"):
-        if kind == "thd" and state.dims.cp == 1:
-            continue
-        micro = batches(0, state.arch.vocab_size, kind=kind)
-        profile = measure_saliency(state, micro, micro_batch_size=MBS, seq_length=SEQ)
-        profiles[kind] = (profile.saliency, profile.num_samples)
-    return profiles
+
+@pytest.mark.parametrize("kind", ["thd", "packed", "padded"])
+def test_longact_saliency_profile_under_cp_and_thd(cp1, cp2, kind):
+    # THD: micro-batch 2, flattened and cut per segment; against the same bins with masks.
+    ((want, num_want),) = cp1["profile_packed" if kind == "thd" else f"profile_{kind}"]
+    for saliency, num in cp2[f"profile_{kind}"]:
+        assert num == num_want
+        torch.testing.assert_close(saliency, want, rtol=1e-5, atol=1e-6)
 
 
 def cli_world(parallel: list[str], chat_path: str, path: str):
@@ -174,27 +204,10 @@ def chat_file(tmp_path_factory) -> str:
     return str(path)
 
 
-def _close(got, want) -> None:
-    saliency, num = got
-    assert num == want[1]
-    for layer, per in want[0].items():
-        for p, values in per.items():
-            torch.testing.assert_close(saliency[layer][p], values, rtol=1e-5, atol=1e-6)
-
-
-def test_longact_saliency_profile_under_cp_and_thd():
-    ref = run_local(profile_world, 1, [])[0]
-    assert ref["packed"][1] == 7 and ref["padded"][1] == 4  # real samples, not bins or pads
-    for res in run_local(profile_world, 2, ["parallel.context_parallel_size=2"]):
-        _close(res["thd"], ref["packed"])  # THD, micro-batch 2, flattened and cut per segment
-        for kind in ("packed", "padded"):
-            _close(res[kind], ref[kind])
-
-
 @pytest.mark.slow
 def test_longact_saliency_cli_under_cp(chat_file, tmp_path):
     ref = run_local(cli_world, 1, [], chat_file, str(tmp_path / "cp1.safetensors"))[0]
     assert ref[1] == 5  # every sample, the ragged tail of the micro-batches of 2 included
-    cp = ["parallel.context_parallel_size=2"]
-    for res in run_local(cli_world, 2, cp, chat_file, str(tmp_path / "cp2.safetensors")):
-        _close(res, ref)
+    for saliency, num in run_local(cli_world, 2, CP2, chat_file, str(tmp_path / "cp2.safetensors")):
+        assert num == ref[1]
+        torch.testing.assert_close(saliency, ref[0], rtol=1e-5, atol=1e-6)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from longact_worlds import LAYOUT_ARCHS
 
 from megatron_longact.models.qkv_layout import QKVLayout
-
-ARCHS = ("gqa", "mha_bias", "one_group")
 
 
 @pytest.mark.parametrize("heads,groups,dim,tp", [(8, 2, 4, 1), (8, 8, 4, 2), (4, 1, 16, 2)])
@@ -42,18 +41,30 @@ def test_layout_rejects_bad_shapes():
         QKVLayout(num_heads=3, num_groups=3, head_dim=3, tp_size=2)
 
 
-def test_formula_matches_megatron_split_tp1(single):
-    for arch in ARCHS:
-        errors = single.saliency.layout[arch]
-        assert errors.q == errors.k == errors.v == errors.local_rows == 0.0, arch
-
-
-def test_formula_matches_megatron_split_tp2(tp2_dp2):
-    for rank_result in tp2_dp2:
-        for arch in ARCHS:
-            errors = rank_result.saliency.layout[arch]
-            assert errors.q == errors.k == errors.v == errors.local_rows == 0.0
-            assert errors.q_shape[2] == 2  # each TP rank computes 2 of the 4 query heads
+@pytest.mark.parametrize("arch", LAYOUT_ARCHS)
+@pytest.mark.parametrize("world,tp", [("single", 1), ("tp2_dp2", 2)])
+def test_formula_matches_megatron_split(request, world, tp, arch):
+    for observed in request.getfixturevalue(world)[f"layout_{arch}"]:
+        layout, rank = observed["layout"], observed["tp_rank"]
+        assert layout.tp_size == tp
+        heads = layout.num_heads // tp
+        if layout.num_groups >= tp:
+            groups = layout.num_groups // tp
+            kv = slice(rank * groups, (rank + 1) * groups)
+        else:  # TP ranks share a group
+            group = rank // (tp // layout.num_groups)
+            kv = slice(group, group + 1)
+        # The formula's rows of the full output ([s, b, heads, D]), this rank's heads / groups;
+        # q / k through the layer's layernorms, as megatron's split applies them.
+        expected = {
+            "query": observed["q_normed"][..., layout.rows("q")][:, :, rank * heads : (rank + 1) * heads],
+            "key": observed["k_normed"][..., layout.rows("k")][:, :, kv],
+            "value": observed["full"][..., layout.rows("v")][:, :, kv],
+            "local": observed["full"][..., layout.local_rows(rank)],
+        }  # fmt: skip
+        torch.testing.assert_close({name: observed[name] for name in expected}, expected,
+                                   rtol=0, atol=0, msg=lambda m, rank=rank: f"TP rank {rank}: {m}")  # fmt: skip
+        assert observed["query"].shape[2] == 4 // tp  # each TP rank computes its query heads
 
 
 @pytest.mark.parametrize("heads,groups,dim", [(8, 2, 4), (8, 8, 4), (4, 1, 16), (9, 3, 8)])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from longact_helpers import cp_reduction_batches, reference_saliency, sample_roots
 
 from megatron_longact.longact.saliency import (
     SaliencyAccumulator,
@@ -17,20 +18,6 @@ from megatron_longact.models.cp_layout import cp_token_index
 ATOL = 2e-6
 
 
-def _loop_reference(out_sbr, token_mask_bs, segments_per_row):
-    """sqrt(sum of squares) per sample with Python loops: [samples, R], samples with real
-    tokens only."""
-    roots = []
-    for b, segments in enumerate(segments_per_row):
-        start = 0
-        for length in segments:
-            real = token_mask_bs[b, start : start + length].bool()
-            if real.any():
-                roots.append(out_sbr[start : start + length, b][real].double().pow(2).sum(0).sqrt())
-            start += length
-    return torch.stack(roots)
-
-
 def test_per_sample_sums_padded_and_packed_match_loops():
     gen = torch.Generator().manual_seed(0)
     out = torch.randn(8, 3, 5, generator=gen)  # [s, b, R]
@@ -38,7 +25,7 @@ def test_per_sample_sums_padded_and_packed_match_loops():
     padded = describe_micro_batch({"token_mask": token_mask})
     sums = per_sample_sum_squares(out, padded)
     assert padded.num_samples == 3 and padded.tokens_per_sample.tolist() == [8, 3, 0]
-    expected = _loop_reference(out, token_mask, [[8], [8], [8]])
+    expected = sample_roots(out.transpose(0, 1), token_mask, [[8], [8], [8]])
     torch.testing.assert_close(sums[:2].double().sqrt(), expected)
     assert sums[2].abs().max() == 0
 
@@ -52,7 +39,7 @@ def test_per_sample_sums_padded_and_packed_match_loops():
     sums = per_sample_sum_squares(out, packed)
     keep = packed.tokens_per_sample > 0
     torch.testing.assert_close(
-        sums[keep].double().sqrt(), _loop_reference(out, token_mask, segments)
+        sums[keep].double().sqrt(), sample_roots(out.transpose(0, 1), token_mask, segments)
     )
     # No token_mask: every token and every row counts.
     dense = describe_micro_batch({"tokens": torch.zeros(3, 8, dtype=torch.long)})
@@ -98,69 +85,77 @@ def test_layout_errors_are_user_errors():
         )  # fmt: skip
 
 
-def _assert_matches_reference(measured, reference, *, atol=ATOL):
-    assert sorted(measured) == sorted(reference) == [0, 1]
-    for layer, per_projection in reference.items():
-        for projection, values in per_projection.items():
-            torch.testing.assert_close(measured[layer][projection], values, atol=atol, rtol=1e-5)
+def _assert_matches(measured, reference, *, layers=(0, 1), where=""):
+    assert sorted(measured) == sorted(reference) == list(layers), where
+    torch.testing.assert_close(measured, reference, atol=ATOL, rtol=1e-5,
+                               msg=lambda m: f"{where} M: {m}")  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ["padded", "packed"])
 def test_single_process_equals_definition(single, kind):
     # Two micro-batches of two rows: also checks accumulation over micro-batches.
-    case = getattr(single.saliency, kind)
-    _assert_matches_reference(case.measured, case.reference)
-    assert case.fires == {0: 2, 1: 2}
-    assert all(v.abs().max() > 0.1 for per in case.measured.values() for v in per.values())
+    (observed,) = single[kind]
+    _assert_matches(observed["measured"], reference_saliency(observed, packed=kind == "packed"))
+    assert observed["fires"] == {0: 2, 1: 2}
+    assert all(v.abs().max() > 0.1 for per in observed["measured"].values() for v in per.values())
 
 
 def test_full_recompute_counts_each_micro_batch_once(single):
-    case = single.saliency.recompute
-    assert case.fires == {0: 4, 1: 4}  # the hook really ran twice per micro-batch
-    _assert_matches_reference(case.measured, single.saliency.padded.reference)
+    (observed,), (padded,) = single["recompute"], single["padded"]
+    assert observed["fires"] == {0: 4, 1: 4}  # the hook really ran twice per micro-batch
+    _assert_matches(observed["measured"], reference_saliency(padded, packed=False))
 
 
 @pytest.mark.parametrize("kind", ["padded", "packed"])
 def test_data_parallel_2_equals_definition(single, dp2, kind):
-    reference = getattr(single.saliency, kind).reference
-    for rank_result in dp2:
-        assert rank_result.saliency.dims == (1, 2)
-        _assert_matches_reference(getattr(rank_result.saliency, kind).measured, reference)
+    reference = reference_saliency(single[kind][0], packed=kind == "packed")
+    for rank, observed in enumerate(dp2[kind]):
+        assert (observed["dims"].tp, observed["dims"].dp) == (1, 2)
+        _assert_matches(observed["measured"], reference, where=f"rank {rank}")
 
 
 @pytest.mark.parametrize("kind", ["padded", "packed"])
 def test_tensor_2_data_2_equals_definition_on_every_rank(single, tp2_dp2, kind):
-    expected = getattr(single.saliency, kind)
-    for rank_result in tp2_dp2:
-        assert rank_result.saliency.dims == (2, 2)
-        case = getattr(rank_result.saliency, kind)
-        _assert_matches_reference(case.measured, expected.reference)
-        for layer, per_projection in expected.masks.items():
+    (expected,) = single[kind]
+    reference = reference_saliency(expected, packed=kind == "packed")
+    for rank, observed in enumerate(tp2_dp2[kind]):
+        assert (observed["dims"].tp, observed["dims"].dp) == (2, 2)
+        _assert_matches(observed["measured"], reference, where=f"rank {rank}")
+        for layer, per_projection in expected["selection"].items():
             for projection, mask in per_projection.items():
-                assert torch.equal(case.masks[layer][projection], mask)
+                assert torch.equal(observed["selection"][layer][projection], mask), (
+                    f"rank {rank} mask {layer}.{projection}"
+                )
 
 
 def test_context_parallel_reduces_sums_of_squares_before_sqrt(dp2):
-    for rank_result in dp2:
-        cp = rank_result.cp
+    roots = {}  # {layer: [samples, R]} of the whole (unsplit) micro-batches
+    for batch in cp_reduction_batches():
+        token_mask = batch["token_mask"]
+        if "cu_seqlens" in batch:
+            segments = [batch["cu_seqlens"].diff().tolist()]
+        else:
+            segments = [[token_mask.shape[1]]] * token_mask.shape[0]
+        for layer, acts in batch["acts"].items():
+            roots.setdefault(layer, []).append(sample_roots(acts, token_mask, segments))
+    reference = {layer: torch.cat(r).mean(dim=0).float() for layer, r in roots.items()}
+    for observed in dp2["cp_reduction"]:
         # 2 + 3 padded rows with real tokens, 2 packed segments (one only on CP rank 0).
-        assert cp.num_samples == cp.reference_samples == 7
-        for layer, values in cp.reference.items():
-            torch.testing.assert_close(cp.measured[layer], values, atol=ATOL, rtol=1e-5)
+        assert observed["num_samples"] == len(torch.cat(roots[3])) == 7
+        for layer, values in reference.items():
+            torch.testing.assert_close(observed["measured"][layer], values, atol=ATOL, rtol=1e-5)
 
 
 def test_pipeline_stages_measure_their_own_layers(dp2):
-    for rank_result in dp2:
-        case = rank_result.pipeline
-        layer = rank_result.pp_rank  # micro-qwen3: one layer per stage
-        assert sorted(case.measured) == sorted(case.reference) == [layer]
-        for projection, values in case.reference[layer].items():
-            torch.testing.assert_close(
-                case.measured[layer][projection], values, atol=ATOL, rtol=1e-5
-            )
-        assert sorted(case.all_stages) == [0, 1]  # gathered over the pipeline group
-        metrics = case.metrics  # identical on both stages, both layers present
+    for observed in dp2["pipeline"]:
+        layer = observed["dims"].pp_rank  # micro-qwen3: one layer per stage
+        # Each stage against the definition from its own weights and inputs.
+        reference = reference_saliency(observed, packed=True)
+        _assert_matches(observed["measured"], reference, layers=[layer], where=f"stage {layer}")
+        assert sorted(observed["all_stages"]) == [0, 1]  # gathered over the pipeline group
+        metrics = observed["metrics"]  # identical on both stages, both layers present
         assert {"longact/layer00/q_trainable_frac", "longact/layer01/k_trainable_frac"} <= set(
             metrics
         )
-    assert dp2[0].pipeline.metrics.keys() == dp2[1].pipeline.metrics.keys()
+    first, second = dp2["pipeline"]
+    assert first["metrics"].keys() == second["metrics"].keys()
