@@ -148,6 +148,7 @@ def test_pp2_vpp2_matches_one_process(reference):
     _assert_matches(reference, results, steps=range(1, STEPS + 1))
 
 
+@pytest.mark.slow  # two 2-rank runs (~2 min on 2 shared cores)
 def test_pp2_vpp2_resume_is_exact(reference, tmp_path):
     ckpt = str(tmp_path / "ckpt")
     full = run_local(_train, 2, VPP_OVERRIDES, reference["initial"], save_at=2, save_dir=ckpt)
@@ -171,6 +172,7 @@ def _load_weights(overrides: list[str], path: str) -> dict:
     return _global_params(state.model)
 
 
+@pytest.mark.slow  # two 2-rank runs
 def test_vpp_checkpoint_loads_without_virtual_stages(reference, tmp_path):
     # Weights are saved under global layer numbers (chunk keys model0, model1 hold them), so
     # a PP=2 x VPP=2 save loads at PP=2 without virtual stages (optimizer restarts: warning).
