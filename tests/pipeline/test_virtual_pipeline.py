@@ -219,3 +219,27 @@ def test_rl_refuses_virtual_stages():
 
     with pytest.raises(UserError, match="SFT only"):
         check_rl_batch(_job(VPP_OVERRIDES), dp=1)
+
+
+def _hf_start(overrides: list[str], hf_dir: str) -> dict:
+    from megatron_longact.runtime.distributed import init_distributed
+    from megatron_longact.runtime.setup import load_start_weights, setup_train_state
+
+    job = _job([f"model.hf_path={hf_dir}", *overrides])
+    state = setup_train_state(job, init_distributed(job.parallel, seed=11))
+    load_start_weights(job, state)
+    return _global_params(state.model)
+
+
+@pytest.mark.slow  # a 1-rank and a 2-rank start
+def test_hf_weights_stream_into_every_chunk(tmp_path):
+    # Each chunk takes the HF layers of its global layer numbers (the converter's mapping).
+    from tiny_hf import save_tiny_hf_model
+
+    hf_dir = str(save_tiny_hf_model(tmp_path / "hf", preset_name="tiny-qwen3"))
+    want = run_local(_hf_start, 1, [], hf_dir)[0]
+    results = run_local(_hf_start, 2, VPP_OVERRIDES, hf_dir)
+    have = {k: v for res in results for k, v in res.items()}
+    assert have.keys() == want.keys()
+    for name, value in have.items():
+        assert torch.equal(value, want[name]), name
