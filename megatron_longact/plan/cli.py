@@ -220,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
             gpus_per_node=args.gpus_per_node,
             tensor_parallel_size=tp,
             pipeline_parallel_size=pp,
-            virtual_pipeline_parallel_size=_pick(args.vpp, inputs.virtual_pipeline_parallel_size, 1),
+            virtual_pipeline_parallel_size=_pick(
+                args.vpp, inputs.virtual_pipeline_parallel_size, 1
+            ),
             context_parallel_size=cp,
             expert_parallel_size=_pick(args.ep, inputs.expert_parallel_size, 1),
             sequence_parallel=_pick(args.sequence_parallel, inputs.sequence_parallel, True),

@@ -282,9 +282,8 @@ def in_flight_microbatches(layout: Layout, report: LayoutReport, *, stage: str) 
     stage's layers: 1F1B keeps min(PP, m) on the first stage and one on the last; with VPP
     virtual stages, (warmup + 1) chunk-micro-batches of 1/VPP of the layers each, the warmup
     of megatron's interleaved schedule (module docstring), at most all m x VPP of them."""
-    pp, vpp, m = layout.pipeline_parallel_size, layout.virtual_pipeline_parallel_size, (
-        report.num_microbatches
-    )
+    pp, vpp = layout.pipeline_parallel_size, layout.virtual_pipeline_parallel_size
+    m = report.num_microbatches
     first = stage in ("first", "only")
     if vpp == 1:
         return min(pp, m) if first else 1

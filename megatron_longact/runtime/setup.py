@@ -137,7 +137,9 @@ def setup_train_state(job: JobConfig, dims: ParallelDims) -> TrainState:
     )
 
 
-def build_model_chunks(arch: HFArchitecture, tconfig, *, job: JobConfig, dims: ParallelDims) -> list:
+def build_model_chunks(
+    arch: HFArchitecture, tconfig, *, job: JobConfig, dims: ParallelDims
+) -> list:
     """This rank's bare GPTModel chunks, one per virtual pipeline stage: chunk ``v`` holds the
     embedding only on the first stage's chunk 0 and the output layer only on the last stage's
     last chunk (Megatron-LM's ``get_model``, megatron/training/training.py ~2382-2405 at
@@ -146,10 +148,17 @@ def build_model_chunks(arch: HFArchitecture, tconfig, *, job: JobConfig, dims: P
         return [build_gpt_model(arch, tconfig, model=job.model,
                                 pre_process=dims.is_first_pipeline_stage,
                                 post_process=dims.is_last_pipeline_stage)]  # fmt: skip
-    return [build_gpt_model(arch, tconfig, model=job.model, vp_stage=v,
-                            pre_process=dims.is_first_chunk(v),
-                            post_process=dims.is_last_chunk(v))  # fmt: skip
-            for v in range(dims.vpp)]
+    return [
+        build_gpt_model(
+            arch,
+            tconfig,
+            model=job.model,
+            vp_stage=v,
+            pre_process=dims.is_first_chunk(v),
+            post_process=dims.is_last_chunk(v),
+        )  # fmt: skip
+        for v in range(dims.vpp)
+    ]
 
 
 def init_source(job: JobConfig) -> str:

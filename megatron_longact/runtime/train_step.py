@@ -119,8 +119,9 @@ def train_step(
     forward_backward = get_forward_backward_func()
     reports = forward_backward(
         forward_step_func=forward_step_func,
-        data_iterator=chunk_iterators(data_iterator, num_chunks=len(state.model),
-                                      num_microbatches=num_microbatches),  # fmt: skip
+        data_iterator=chunk_iterators(
+            data_iterator, num_chunks=len(state.model), num_microbatches=num_microbatches
+        ),  # fmt: skip
         model=state.model,
         num_microbatches=num_microbatches,
         seq_length=seq_length,
@@ -163,8 +164,9 @@ def forward_only(
     try:
         return get_forward_backward_func()(
             forward_step_func=forward_step_func,
-            data_iterator=chunk_iterators(data_iterator, num_chunks=len(model),
-                                          num_microbatches=num_microbatches),  # fmt: skip
+            data_iterator=chunk_iterators(
+                data_iterator, num_chunks=len(model), num_microbatches=num_microbatches
+            ),  # fmt: skip
             model=model,
             num_microbatches=num_microbatches,
             seq_length=seq_length,

@@ -100,4 +100,4 @@ def test_70b_recipe_uses_virtual_stages_for_sft_within_budget():
     assert estimate.total_gib <= 0.9 * 80  # the README's 10% headroom
     assert math.isclose(check_layout(LLAMA_70B, layout).bubble_fraction, 1 / (vpp * 32))
     common = (REPO / "launch" / "slurm" / "common.sh").read_text()
-    assert "parallel.virtual_pipeline_model_parallel_size=\"$SFT_VPP\"" in common
+    assert 'parallel.virtual_pipeline_model_parallel_size="$SFT_VPP"' in common
