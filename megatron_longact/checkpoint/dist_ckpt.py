@@ -12,10 +12,11 @@ A save writes into ``iter_XXXXXXX.tmp``; all ranks meet at a barrier; the ranks 
 into ``checksums.json``; rank 0 renames the folder and then replaces ``latest``
 (write-then-rename). A crash or a full disk at any point leaves the previous ``latest`` and its
 directory untouched. Every load verifies the checksums first; ``checkpoint.on_corrupt``
-decides between failing and falling back to the previous good checkpoint. What is reshardable: model weights load at any TP/PP (megatron
-sharded tensors); the distributed optimizer is saved ``dp_reshardable`` (its CPU-capable
-format, see docs), so optimizer state carries over when only DP changes; at another TP/PP the
-optimizer restarts from fresh moments with a warning.
+decides between failing and falling back to the previous good checkpoint. What is reshardable: model weights load at any TP/PP/VPP (megatron
+sharded tensors under global layer numbers; virtual pipeline chunks are saved as ``model0``,
+``model1``...); the distributed optimizer is saved ``dp_reshardable`` (its CPU-capable
+format, see docs), so optimizer state carries over when only DP changes; at another TP/PP/VPP
+the optimizer restarts from fresh moments with a warning.
 """
 
 from __future__ import annotations
