@@ -138,6 +138,7 @@ def _assert_matches(reference: dict, results: list[dict], *, steps) -> None:
     assert covered == reference["params"][STEPS].keys()
 
 
+@pytest.mark.slow  # a 1-rank and a 2-rank run of 3 steps (~85 s on 2 shared cores)
 def test_pp2_vpp2_matches_one_process(reference):
     results = run_local(_train, 2, VPP_OVERRIDES, reference["initial"])
     # Interleaved: rank 0 holds layers 1 and 3 (megatron numbers from 1), rank 1 layers 2, 4.
