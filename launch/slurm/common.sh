@@ -22,7 +22,8 @@
 #                     CPU: examples/quickstart_cpu.yaml, examples/quickstart_rl_cpu.yaml)
 #   LONGACT_EXTRA_OVERRIDES dotted overrides appended to every stage, space separated
 #   LONGACT_PAPER_SETTINGS  1 (default on GPU): pass the paper's hyper-parameters as overrides
-#   SFT_TP SFT_PP SFT_CP SFT_RECOMPUTE / RL_TP RL_PP RL_CP RL_RECOMPUTE  parallel layout
+#   SFT_TP SFT_PP SFT_CP SFT_RECOMPUTE / RL_TP RL_PP RL_CP RL_RECOMPUTE  parallel layout;
+#                     SFT_VPP virtual pipeline stages of SFT (RL runs without them)
 #   GPUS_PER_NODE     GPUs per node (GPU, default 8) or processes per node (CPU, default 2)
 #   LAUNCHER          torchrun (one srun task per node running torchrun), srun (one task per
 #                     GPU), local (torchrun on this host, no Slurm); default torchrun under
@@ -353,6 +354,7 @@ longact_main() {
 	if [[ $LONGACT_DEVICE == gpu ]]; then
 		longact_layout_overrides "$SFT_TP" "$SFT_PP" "$SFT_CP" "${SFT_RECOMPUTE:-}"
 		sft_args+=("${LONGACT_LAYOUT[@]}")
+		[[ -n ${SFT_VPP:-} ]] && sft_args+=(parallel.virtual_pipeline_model_parallel_size="$SFT_VPP")
 		longact_layout_overrides "$RL_TP" "$RL_PP" "$RL_CP" "${RL_RECOMPUTE:-}"
 		rl_args+=("${LONGACT_LAYOUT[@]}" parallel.collective_timeout_s="$LONGACT_COLLECTIVE_TIMEOUT_S")
 		sft_args+=(parallel.collective_timeout_s="$LONGACT_COLLECTIVE_TIMEOUT_S")

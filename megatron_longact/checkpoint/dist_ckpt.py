@@ -12,10 +12,11 @@ A save writes into ``iter_XXXXXXX.tmp``; all ranks meet at a barrier; the ranks 
 into ``checksums.json``; rank 0 renames the folder and then replaces ``latest``
 (write-then-rename). A crash or a full disk at any point leaves the previous ``latest`` and its
 directory untouched. Every load verifies the checksums first; ``checkpoint.on_corrupt``
-decides between failing and falling back to the previous good checkpoint. What is reshardable: model weights load at any TP/PP (megatron
-sharded tensors); the distributed optimizer is saved ``dp_reshardable`` (its CPU-capable
-format, see docs), so optimizer state carries over when only DP changes; at another TP/PP the
-optimizer restarts from fresh moments with a warning.
+decides between failing and falling back to the previous good checkpoint. What is reshardable: model weights load at any TP/PP/VPP (megatron
+sharded tensors under global layer numbers; virtual pipeline chunks are saved as ``model0``,
+``model1``...); the distributed optimizer is saved ``dp_reshardable`` (its CPU-capable
+format, see docs), so optimizer state carries over when only DP changes; at another TP/PP/VPP
+the optimizer restarts from fresh moments with a warning.
 """
 
 from __future__ import annotations
@@ -105,12 +106,16 @@ def latest_checkpoint(save_dir: str | Path) -> Path | None:
 def _layout() -> dict[str, int]:
     from megatron.core import parallel_state as ps
 
-    return {
+    layout = {
         "tp": ps.get_tensor_model_parallel_world_size(),
         "pp": ps.get_pipeline_model_parallel_world_size(),
         "dp": ps.get_data_parallel_world_size(),
         "cp": ps.get_context_parallel_world_size(),
     }
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    if vpp is not None and vpp > 1:  # absent without virtual stages: older saves compare equal
+        layout["vpp"] = vpp
+    return layout
 
 
 def _rng_state() -> dict[str, Any]:
@@ -160,12 +165,27 @@ def _load_model_state(chunk, state: dict) -> None:
         raise UserError(f"checkpoint lacks model tensors {missing[:5]}... ({len(missing)})")
 
 
+def _model_keys(model: list) -> list[str]:
+    """The checkpoint key of each model chunk: ``model`` for one, ``model0``, ``model1``... for
+    virtual pipeline stages, as Megatron-LM names them (megatron/training/checkpointing.py
+    ~1576-1580 at d98e8a6). The tensors inside carry global layer numbers whatever the chunk
+    (megatron's TransformerBlock.sharded_state_dict offsets them), so weights load across
+    VPP settings; the optimizer's buffer layout does not (see :func:`_layout`)."""
+    return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
+
+
+def _model_sharded_states(model: list) -> dict:
+    """``{chunk key: sharded state dict}`` of every model chunk (:func:`_model_keys`)."""
+    return {key: _model_sharded_state_dict(chunk) for key, chunk in zip(_model_keys(model), model)}
+
+
 def _sharded_state(model: list, optimizer, *, with_optimizer: bool, is_loading: bool) -> dict:
-    model_sd = _model_sharded_state_dict(model[0])
-    state = {"model": model_sd}
+    state = _model_sharded_states(model)
     if with_optimizer:
+        # The optimizer finds each parameter's sharded tensor anywhere in what it is given:
+        # one chunk's dict (as before virtual stages), or all chunks' as Megatron-LM passes.
         state["optimizer"] = optimizer.sharded_state_dict(
-            model_sd,
+            state["model"] if len(model) == 1 else dict(state),
             is_loading=is_loading,
             metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING},
         )
@@ -366,20 +386,24 @@ def load_checkpoint(
         raise _unreadable(ckpt, "common.pt", TypeError(type(common).__name__))
     saved_layout = common.get("layout", {})
     layout = _layout()
-    same_model_layout = all(saved_layout.get(k) == layout[k] for k in ("tp", "pp"))
+    # Virtual stages change each DDP grad buffer's parameter order, so the dp_reshardable
+    # optimizer state follows TP, PP and VPP.
+    same_model_layout = all(saved_layout.get(k) == layout.get(k) for k in ("tp", "pp", "vpp"))
     has_optimizer = any(k.startswith("optimizer") for k in _saved_keys(ckpt))
     with_optimizer = (
         not weights_only and optimizer is not None and same_model_layout and has_optimizer
     )
     if not weights_only and optimizer is not None and has_optimizer and not same_model_layout:
         logger.warning(
-            "%s was saved at TP=%s PP=%s; loading at TP=%s PP=%s: model weights only, the "
-            "optimizer restarts with fresh Adam moments",
+            "%s was saved at TP=%s PP=%s VPP=%s; loading at TP=%s PP=%s VPP=%s: model weights "
+            "only, the optimizer restarts with fresh Adam moments",
             ckpt,
             saved_layout.get("tp"),
             saved_layout.get("pp"),
+            saved_layout.get("vpp", 1),
             layout["tp"],
             layout["pp"],
+            layout.get("vpp", 1),
         )
     if with_optimizer:
         # dp_reshardable loading fills existing Adam state tensors in place, so they must
@@ -387,12 +411,14 @@ def load_checkpoint(
         for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
             inner._init_optimizer_states_with_dummy_values()
     template = _sharded_state(model, optimizer, with_optimizer=with_optimizer, is_loading=True)
-    _check_same_model(ckpt, template["model"])
+    for key in _model_keys(model):
+        _check_same_model(ckpt, template[key])
     try:
         loaded = dist_checkpointing.load(template, str(ckpt))
     except IO_FAILURES as err:  # EOFError, pickle and reader errors alike
         raise _unreadable(ckpt, "its tensor shards", err) from err
-    _load_model_state(model[0], loaded["model"])
+    for key, chunk in zip(_model_keys(model), model):
+        _load_model_state(chunk, loaded[key])
     if with_optimizer:
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])

@@ -53,7 +53,7 @@ def checkpoint_bytes(model: list, *, with_optimizer: bool) -> int:
 
     total = 0
     if ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0:
-        for param in model[0].parameters():
+        for param in (p for chunk in model for p in chunk.parameters()):  # all VPP chunks
             size = param.element_size()
             if with_optimizer:
                 size += ADAM_MOMENT_BYTES + (FP32_MASTER_BYTES if size < 4 else 0)

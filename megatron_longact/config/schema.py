@@ -81,6 +81,12 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    """Model chunks per pipeline rank (interleaved 1F1B, Narayanan et al. 2021, section 2.2):
+    each rank holds this many non-contiguous slices of num_layers / (PP x VPP) layers, which
+    cuts the pipeline bubble by this factor for as many more p2p exchanges. None (or 1) = the
+    plain 1F1B schedule. Needs PP >= 2, layers divisible by PP x VPP and micro-batches per
+    step a multiple of PP (megatron's interleaved schedule). SFT only for now."""
     context_parallel_size: int = 1
     sequence_parallel: bool = False
     """GPU/TE only: megatron's local norms assert it is off."""
@@ -119,6 +125,22 @@ class ParallelConfig:
             )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise UserError("sequence_parallel needs tensor_model_parallel_size > 1; set it false")
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None and vpp < 1:
+            raise UserError(f"virtual_pipeline_model_parallel_size must be >= 1 or null, got {vpp}")
+        if vpp == 1:  # one chunk per rank is the plain schedule; megatron takes None for it
+            self.virtual_pipeline_model_parallel_size = None
+        if self.num_model_chunks > 1 and self.pipeline_model_parallel_size < 2:
+            # megatron-core 0.16.1 parallel_state.py ~745-749 raises the same at start-up.
+            raise UserError(
+                f"virtual_pipeline_model_parallel_size={vpp} needs "
+                "pipeline_model_parallel_size >= 2 (interleaved 1F1B); set it null or raise PP"
+            )
+
+    @property
+    def num_model_chunks(self) -> int:
+        """Model chunks each pipeline rank builds: VPP, or 1 without virtual stages."""
+        return self.virtual_pipeline_model_parallel_size or 1
 
 
 @dataclass(kw_only=True)
@@ -567,11 +589,19 @@ def check_sequence_length(*, seq_length: int, max_position_embeddings: int, fiel
 
 
 def check_rl_batch(job: JobConfig, *, dp: int) -> None:
-    """Raises UserError unless an RL step's samples (rl.prompts_per_step x
+    """Raises UserError for virtual pipeline stages (SFT only), and unless an RL step's samples (rl.prompts_per_step x
     rl.rollouts_per_prompt) give every one of rl.num_minibatches optimizer updates a sample.
     Any count works otherwise: ``rl.batch.plan_step`` deals them to the ``dp`` ranks and
     micro-batches without dropping any (ranks may get empty micro-batches)."""
     del dp
+    if job.parallel.num_model_chunks > 1:
+        # RL micro-batches are packed per step (their count varies), and the reference model,
+        # refit and log-prob passes each build one chunk per stage: not wired for VPP yet.
+        raise UserError(
+            "parallel.virtual_pipeline_model_parallel_size="
+            f"{job.parallel.virtual_pipeline_model_parallel_size} is supported for SFT only; "
+            "set it null for RL (plain 1F1B pipeline)"
+        )
     rl = job.rl
     samples = rl.prompts_per_step * rl.rollouts_per_prompt
     if samples < rl.num_minibatches:

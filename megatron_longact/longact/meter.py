@@ -21,6 +21,7 @@ from functools import partial
 
 import torch
 
+from megatron_longact.errors import UserError
 from megatron_longact.longact.saliency import SaliencyAccumulator, describe_micro_batch
 from megatron_longact.models.gpt import unwrap_gpt
 from megatron_longact.models.qkv_layout import QKVLayout
@@ -65,6 +66,14 @@ class SaliencyMeter:
     def __init__(self, model_chunks: list[torch.nn.Module], *, layout: QKVLayout) -> None:
         from megatron.core import parallel_state
 
+        if len(model_chunks) > 1:
+            # observe() arms the hooks per next() of one iterator, but the interleaved schedule
+            # replays each micro-batch to every chunk later (runtime.train_step.chunk_iterators),
+            # when the meter has moved on: the rows would be credited to the wrong samples.
+            raise UserError(
+                "LongAct saliency does not support virtual pipeline stages yet; set "
+                "parallel.virtual_pipeline_model_parallel_size null"
+            )
         self.layout = layout
         self.modules = find_qkv_modules(model_chunks)
         weight = next(iter(self.modules.values())).weight

@@ -106,6 +106,14 @@ def make_transformer_config(
             f"num_hidden_layers={arch.num_layers} is not divisible by "
             f"parallel.pipeline_model_parallel_size={parallel.pipeline_model_parallel_size}"
         )
+    stages = parallel.pipeline_model_parallel_size * parallel.num_model_chunks
+    if parallel.num_model_chunks > 1 and arch.num_layers % stages:
+        # megatron asserts it deep in TransformerConfig.__post_init__ (~1471, 0.16.1).
+        raise UserError(
+            f"num_hidden_layers={arch.num_layers} is not divisible by "
+            f"parallel.pipeline_model_parallel_size x virtual_pipeline_model_parallel_size = "
+            f"{stages}; pick sizes whose product divides {arch.num_layers}"
+        )
     kwargs = transformer_config_kwargs(arch)
     kwargs.update(
         moe_transformer_config_kwargs(
@@ -115,6 +123,7 @@ def make_transformer_config(
     kwargs.update(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
         params_dtype=dtype,
@@ -143,8 +152,14 @@ def build_gpt_model(
     model: ModelConfig,
     pre_process: bool = True,
     post_process: bool = True,
+    vp_stage: int | None = None,
 ):
     """One ``GPTModel`` chunk (this rank's pipeline stage), parameters in ``params_dtype``.
+
+    ``vp_stage``: which of this rank's virtual pipeline chunks (None without virtual stages);
+    megatron derives the chunk's global layer numbers from it (``transformer_layer.py``
+    ``get_transformer_layer_offset``: chunk v of rank p starts at layer
+    v x L/VPP + p x L/(PP x VPP), 0.16.1 ~169-176).
 
     Must be called on every rank after :func:`init_distributed` (it reads parallel_state).
     """
@@ -181,6 +196,7 @@ def build_gpt_model(
         transformer_layer_spec=spec,
         pre_process=pre_process,
         post_process=post_process,
+        vp_stage=vp_stage,
         **gpt_model_kwargs(arch, max_position_embeddings=model.max_position_embeddings),
     )
     if transformer_config.params_dtype != torch.float32:

@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus-per-node", type=int, default=DEFAULT_GPUS_PER_NODE)
     parser.add_argument("--tp", type=int, help="tensor_model_parallel_size")
     parser.add_argument("--pp", type=int, help="pipeline_model_parallel_size")
+    parser.add_argument("--vpp", type=int,
+                        help="virtual_pipeline_model_parallel_size (model chunks per PP stage)")  # fmt: skip
     parser.add_argument("--cp", type=int, help="context_parallel_size")
     parser.add_argument("--ep", type=int, help="expert_model_parallel_size (MoE models)")
     parser.add_argument(
@@ -148,6 +150,12 @@ def _render(
         f"{layout.pipeline_parallel_size} x CP {layout.context_parallel_size} x DP "
         f"{report.data_parallel_size}",
     )
+    if layout.pipeline_parallel_size > 1:
+        vpp = layout.virtual_pipeline_parallel_size
+        table.add_row(
+            "pipeline bubble (PP-1)/(VPP x m)",
+            f"{report.bubble_fraction:.1%}" + (f" (VPP {vpp})" if vpp > 1 else ""),
+        )
     table.add_row("sequence parallel", "on" if layout.uses_sequence_parallel else "off")
     table.add_row(
         "sequence / per CP rank",
@@ -212,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
             gpus_per_node=args.gpus_per_node,
             tensor_parallel_size=tp,
             pipeline_parallel_size=pp,
+            virtual_pipeline_parallel_size=_pick(
+                args.vpp, inputs.virtual_pipeline_parallel_size, 1
+            ),
             context_parallel_size=cp,
             expert_parallel_size=_pick(args.ep, inputs.expert_parallel_size, 1),
             sequence_parallel=_pick(args.sequence_parallel, inputs.sequence_parallel, True),

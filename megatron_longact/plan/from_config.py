@@ -33,6 +33,7 @@ class ConfigInputs:
 
     tensor_parallel_size: int | None = None
     pipeline_parallel_size: int | None = None
+    virtual_pipeline_parallel_size: int | None = None
     context_parallel_size: int | None = None
     expert_parallel_size: int | None = None
     sequence_parallel: bool | None = None
@@ -113,6 +114,7 @@ def read_plan_inputs(config: PlanConfig) -> ConfigInputs:
     return ConfigInputs(
         tensor_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_parallel_size=parallel.num_model_chunks,
         context_parallel_size=parallel.context_parallel_size,
         expert_parallel_size=parallel.expert_model_parallel_size,
         sequence_parallel=parallel.sequence_parallel,

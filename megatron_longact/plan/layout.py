@@ -30,6 +30,8 @@ class Layout:
         gpus_per_node: GPUs (or CPU processes) per node.
         tensor_parallel_size: TP, splits every weight matrix; keep it inside one node (NVLink).
         pipeline_parallel_size: PP, splits the layers into stages.
+        virtual_pipeline_parallel_size: VPP, model chunks per stage (interleaved 1F1B); 1 =
+            plain 1F1B.
         context_parallel_size: CP, splits every sequence into 2*CP chunks (load-balanced causal
             attention) so each rank holds seq_length / CP tokens.
         sequence_parallel: megatron sequence parallelism, which splits the norm/residual
@@ -43,6 +45,7 @@ class Layout:
     gpus_per_node: int
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    virtual_pipeline_parallel_size: int = 1
     context_parallel_size: int = 1
     sequence_parallel: bool = True
     expert_parallel_size: int = 1
@@ -74,13 +77,24 @@ class LayoutReport:
         data_parallel_size: DP = world / (TP x PP x CP).
         num_microbatches: micro-batches per DP rank per optimizer step.
         padded_vocab_size: vocabulary after megatron's padding to a multiple of 128 x TP.
+        bubble_fraction: pipeline bubble time over ideal compute time per step,
+            (PP-1) / (VPP x m) for m micro-batches (Narayanan et al. 2021, "Efficient
+            Large-Scale Language Model Training on GPU Clusters Using Megatron-LM",
+            arXiv:2104.04473, section 2.2: 1F1B and its interleaved form); 0 without PP.
         warnings: legal but slow choices (TP across nodes, pipeline bubbles).
     """
 
     data_parallel_size: int
     num_microbatches: int
     padded_vocab_size: int
+    bubble_fraction: float = 0.0
     warnings: list[str] = field(default_factory=list)
+
+
+def bubble_fraction(*, pp: int, vpp: int, num_microbatches: int) -> float:
+    """(PP-1) / (VPP x m): the 1F1B bubble over ideal compute time (Narayanan et al. 2021,
+    section 2.2.1 for VPP 1, 2.2.2 for interleaved stages, which cut it by VPP)."""
+    return (pp - 1) / (vpp * num_microbatches) if pp > 1 else 0.0
 
 
 def padded_vocab_size(vocab_size: int, *, tensor_parallel_size: int) -> int:
@@ -108,6 +122,7 @@ def check_layout(spec: ModelSpec, layout: Layout) -> LayoutReport:
         "gpus_per_node",
         "tensor_parallel_size",
         "pipeline_parallel_size",
+        "virtual_pipeline_parallel_size",
         "context_parallel_size",
         "seq_length",
         "micro_batch_size",
@@ -182,6 +197,9 @@ def check_layout(spec: ModelSpec, layout: Layout) -> LayoutReport:
             f"multiple of {per_step} (e.g. {lower} or {lower + per_step})"
         )
     num_microbatches = layout.global_batch_size // per_step
+    vpp = layout.virtual_pipeline_parallel_size
+    if vpp > 1:
+        _check_virtual_pipeline(spec, pp=pp, vpp=vpp, num_microbatches=num_microbatches)
 
     warnings = []
     if tp > layout.gpus_per_node:
@@ -198,5 +216,30 @@ def check_layout(spec: ModelSpec, layout: Layout) -> LayoutReport:
         data_parallel_size=dp,
         num_microbatches=num_microbatches,
         padded_vocab_size=padded_vocab_size(spec.vocab_size, tensor_parallel_size=tp),
+        bubble_fraction=bubble_fraction(pp=pp, vpp=vpp, num_microbatches=num_microbatches),
         warnings=warnings,
     )
+
+
+def _check_virtual_pipeline(spec: ModelSpec, *, pp: int, vpp: int, num_microbatches: int) -> None:
+    """What megatron-core 0.16.1 asserts for virtual stages: PP > 1 (``parallel_state.py``
+    ~745-749), layers divisible by PP x VPP (``TransformerConfig.__post_init__`` ~1471) and,
+    with the default micro-batch groups of PP, a micro-batch count that is a multiple of PP
+    (``pipeline_parallel/schedules.py`` ~986-1004)."""
+    if pp < 2:
+        raise LayoutError(
+            f"virtual_pipeline_parallel_size {vpp} needs pipeline_parallel_size >= 2 "
+            "(interleaved 1F1B); use VPP 1 or raise PP"
+        )
+    if spec.num_layers % (pp * vpp):
+        raise LayoutError(
+            f"{spec.name}: {spec.num_layers} layers are not divisible by pipeline_parallel_size "
+            f"x virtual_pipeline_parallel_size = {pp} x {vpp}; use a VPP with PP x VPP dividing "
+            f"{spec.num_layers}"
+        )
+    if num_microbatches % pp:
+        raise LayoutError(
+            f"{num_microbatches} micro-batches per step with virtual pipeline stages: the "
+            f"interleaved schedule needs a multiple of pipeline_parallel_size {pp}; change the "
+            "global or micro batch size"
+        )

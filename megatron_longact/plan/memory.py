@@ -27,6 +27,13 @@ t = TP, elements of 2 bytes::
 Full recompute keeps only each layer's input (2*s*b*h bytes, /t with sequence parallel) plus
 one layer's full working set while it is recomputed. The first pipeline stage holds
 min(PP, micro-batches) micro-batches in flight under 1F1B; the last holds one, plus the logits.
+With VPP virtual stages (interleaved 1F1B) a rank holds chunk-micro-batches of L/(PP x VPP)
+layers each: megatron's warmup on rank r runs 2(PP-1-r) + (VPP-1) x PP of them before its first
+backward (``pipeline_parallel/schedules.py`` ~773-774, megatron-core 0.16.1), so the first
+stage keeps up to 2(PP-1) + (VPP-1) x PP + 1, i.e. PP x (1 + (PP-1)/(PP x VPP)) micro-batches'
+worth of its layers: Megatron-LM's "interleaved schedule memory penalty"
+(megatron/training/theoretical_memory_usage.py ~343-355 at d98e8a6; Narayanan et al. 2021,
+section 2.2.2), and the last stage (VPP-1) x PP + 1 chunk-micro-batches instead of one.
 """
 
 from __future__ import annotations
@@ -270,6 +277,21 @@ def rollout_batch_per_replica(
     return per_replica if max_batch is None else min(per_replica, max_batch)
 
 
+def in_flight_microbatches(layout: Layout, report: LayoutReport, *, stage: str) -> float:
+    """Micro-batches whose activations a stage holds at its peak, in units of the whole
+    stage's layers: 1F1B keeps min(PP, m) on the first stage and one on the last; with VPP
+    virtual stages, (warmup + 1) chunk-micro-batches of 1/VPP of the layers each, the warmup
+    of megatron's interleaved schedule (module docstring), at most all m x VPP of them."""
+    pp, vpp = layout.pipeline_parallel_size, layout.virtual_pipeline_parallel_size
+    m = report.num_microbatches
+    first = stage in ("first", "only")
+    if vpp == 1:
+        return min(pp, m) if first else 1
+    rank = 0 if first else pp - 1
+    warmup = 2 * (pp - 1 - rank) + (vpp - 1) * pp
+    return min(warmup + 1, m * vpp) / vpp
+
+
 def _stage_estimate(
     spec: ModelSpec,
     layout: Layout,
@@ -310,7 +332,7 @@ def _stage_estimate(
 
     seq_per_rank = layout.seq_length // cp
     sp = layout.uses_sequence_parallel
-    in_flight = min(pp, report.num_microbatches) if first else 1
+    in_flight = in_flight_microbatches(layout, report, stage=stage)
     layer_bytes = activation_bytes_per_layer(
         spec,
         seq_per_rank=seq_per_rank,

@@ -47,6 +47,23 @@ def num_microbatches(*, global_batch_size: int, micro_batch_size: int, dp: int) 
     return global_batch_size // (micro_batch_size * dp)
 
 
+def check_virtual_pipeline_microbatches(num_microbatches: int, *, pp: int, vpp: int) -> None:
+    """Raises UserError unless megatron's interleaved schedule accepts ``num_microbatches``
+    per DP rank at PP x VPP (no-op for VPP 1). It runs micro-batches in groups of
+    ``microbatch_group_size_per_vp_stage`` (default PP, ``model_parallel_config.py`` ~447) per
+    chunk and refuses fewer than one group or a last group smaller than PP
+    (``pipeline_parallel/schedules.py`` ~986-1004, megatron-core 0.16.1): with groups of PP,
+    the count must be a positive multiple of PP."""
+    if vpp > 1 and (num_microbatches < pp or num_microbatches % pp):
+        raise UserError(
+            f"{num_microbatches} micro-batches per step (data.global_batch_size / "
+            f"(data.micro_batch_size x data-parallel size)) with "
+            f"parallel.virtual_pipeline_model_parallel_size={vpp}: the interleaved schedule "
+            f"needs a multiple of parallel.pipeline_model_parallel_size={pp}; change "
+            "data.global_batch_size or data.micro_batch_size"
+        )
+
+
 def shard_microbatches(
     items: Sequence[Any],
     *,

@@ -39,6 +39,16 @@ class ParallelDims:
     etp: int = 1
     """Expert tensor parallel size (MoE; = tp unless parallel.expert_tensor_parallel_size)."""
     etp_rank: int = 0
+    vpp: int = 1
+    """Model chunks per pipeline rank (virtual pipeline stages; 1 = plain 1F1B)."""
+
+    def is_first_chunk(self, vp_stage: int) -> bool:
+        """Whether chunk ``vp_stage`` of this rank holds the embedding (first stage, chunk 0)."""
+        return self.is_first_pipeline_stage and vp_stage == 0
+
+    def is_last_chunk(self, vp_stage: int) -> bool:
+        """Whether chunk ``vp_stage`` holds the output layer (last stage, last chunk)."""
+        return self.is_last_pipeline_stage and vp_stage == self.vpp - 1
 
     @property
     def is_last_pipeline_stage(self) -> bool:
@@ -126,6 +136,9 @@ def init_distributed(parallel: ParallelConfig, *, seed: int) -> ParallelDims:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+            # As Megatron-LM's initialize does: get_forward_backward_func then picks the
+            # interleaved schedule (pipeline_parallel/schedules.py ~140-147, megatron-core 0.16.1).
+            virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
             context_parallel_size=parallel.context_parallel_size,
             expert_model_parallel_size=parallel.expert_model_parallel_size,
             expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
@@ -151,6 +164,7 @@ def init_distributed(parallel: ParallelConfig, *, seed: int) -> ParallelDims:
         ep_rank=parallel_state.get_expert_model_parallel_rank(),
         etp=parallel_state.get_expert_tensor_parallel_world_size(),
         etp_rank=parallel_state.get_expert_tensor_parallel_rank(),
+        vpp=parallel.num_model_chunks,
     )
 
 

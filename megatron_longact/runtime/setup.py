@@ -57,7 +57,9 @@ class TrainState:
 
     arch: HFArchitecture
     transformer_config: Any  # megatron TransformerConfig
-    model: list  # [DDP-wrapped GPTModel chunk]; megatron's schedules take a list
+    model: list
+    """This rank's DDP-wrapped GPTModel chunks, one per virtual pipeline stage (one without
+    virtual stages), in ``vp_stage`` order; megatron's schedules take the list."""
     optimizer: Any  # megatron MegatronOptimizer (DistributedOptimizer when configured)
     scheduler: Any  # megatron OptimizerParamScheduler
     dims: ParallelDims
@@ -81,22 +83,21 @@ def setup_train_state(job: JobConfig, dims: ParallelDims) -> TrainState:
             f"vocab_size={arch.vocab_size} is not divisible by tensor parallel size {dims.tp}"
         )
     tconfig = make_transformer_config(arch, model=job.model, parallel=job.parallel, train=job.train)
-    gpt = build_gpt_model(
-        arch,
-        tconfig,
-        model=job.model,
-        pre_process=dims.is_first_pipeline_stage,
-        post_process=dims.is_last_pipeline_stage,
-    )
-    if tconfig.bf16:
-        gpt = Float16Module(tconfig, gpt)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=job.parallel.overlap_grad_reduce,
         overlap_param_gather=job.parallel.overlap_param_gather,
         use_distributed_optimizer=job.parallel.use_distributed_optimizer,
     )
-    ddp = DistributedDataParallel(tconfig, ddp_config, gpt)
+    chunks = []
+    for vp_stage, gpt in enumerate(build_model_chunks(arch, tconfig, job=job, dims=dims)):
+        if tconfig.bf16:
+            gpt = Float16Module(tconfig, gpt)
+        # Each chunk gets its own DDP and grad buffer; chunks after the first reduce as one
+        # bucket, as Megatron-LM does ("communication for these model chunks is overlapped
+        # with compute anyway": megatron/training/training.py ~2504-2511 at d98e8a6).
+        chunks.append(DistributedDataParallel(tconfig, ddp_config, gpt,
+                                              disable_bucketing=vp_stage > 0))  # fmt: skip
     # Hook point for gradient post-processing (LongAct masks wrap this, see longact/).
     tconfig.finalize_model_grads_func = finalize_model_grads
     opt_config = OptimizerConfig(
@@ -112,7 +113,7 @@ def setup_train_state(job: JobConfig, dims: ParallelDims) -> TrainState:
         params_dtype=tconfig.params_dtype,
         use_distributed_optimizer=job.parallel.use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(opt_config, [ddp])
+    optimizer = get_megatron_optimizer(opt_config, chunks)  # one optimizer over all chunks
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
@@ -129,11 +130,35 @@ def setup_train_state(job: JobConfig, dims: ParallelDims) -> TrainState:
     return TrainState(
         arch=arch,
         transformer_config=tconfig,
-        model=[ddp],
+        model=chunks,
         optimizer=optimizer,
         scheduler=scheduler,
         dims=dims,
     )
+
+
+def build_model_chunks(
+    arch: HFArchitecture, tconfig, *, job: JobConfig, dims: ParallelDims
+) -> list:
+    """This rank's bare GPTModel chunks, one per virtual pipeline stage: chunk ``v`` holds the
+    embedding only on the first stage's chunk 0 and the output layer only on the last stage's
+    last chunk (Megatron-LM's ``get_model``, megatron/training/training.py ~2382-2405 at
+    d98e8a6). Without virtual stages, one chunk with ``vp_stage`` None. All ranks call it."""
+    if dims.vpp == 1:
+        return [build_gpt_model(arch, tconfig, model=job.model,
+                                pre_process=dims.is_first_pipeline_stage,
+                                post_process=dims.is_last_pipeline_stage)]  # fmt: skip
+    return [
+        build_gpt_model(
+            arch,
+            tconfig,
+            model=job.model,
+            vp_stage=v,
+            pre_process=dims.is_first_chunk(v),
+            post_process=dims.is_last_chunk(v),
+        )  # fmt: skip
+        for v in range(dims.vpp)
+    ]
 
 
 def init_source(job: JobConfig) -> str:
@@ -190,14 +215,15 @@ def load_start_weights(job: JobConfig, state: TrainState):
         return None
     from megatron_longact.models.hf_weights.hf_to_mcore import load_hf_weights
 
-    source = load_hf_weights(
-        unwrap_gpt(state.model[0]),
-        job.model.hf_path,
-        arch=state.arch,
-        tp_rank=state.dims.tp_rank,
-        tp=state.dims.tp,
-        show_progress=job.logging.progress and state.dims.rank == 0,
-    )
+    for chunk in state.model:  # HF layer i goes to the chunk whose layer_number is i + 1
+        source = load_hf_weights(
+            unwrap_gpt(chunk),
+            job.model.hf_path,
+            arch=state.arch,
+            tp_rank=state.dims.tp_rank,
+            tp=state.dims.tp,
+            show_progress=job.logging.progress and state.dims.rank == 0,
+        )
     state.optimizer.reload_model_params()
     log(
         "init: Hugging Face weights from %s (%s, stored %s, trained in %s)",

@@ -9,6 +9,7 @@ however the global batch is split into micro-batches and DP/CP ranks.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch.distributed as dist
 
 from megatron_longact.device import current_device
 from megatron_longact.models.moe import moe_step_metrics
+from megatron_longact.runtime.batches import check_virtual_pipeline_microbatches
 from megatron_longact.runtime.setup import TrainState
 
 
@@ -72,6 +74,25 @@ def reduce_reports(reports: list[dict], *, key: str = "loss") -> tuple[float, in
     return (total[0] / max(count, 1)).item(), count
 
 
+def chunk_iterators(data_iterator: Iterator, *, num_chunks: int, num_microbatches: int):
+    """What megatron's schedule takes as ``data_iterator`` for ``num_chunks`` model chunks:
+    the iterator itself for one chunk; for virtual pipeline stages one iterator per chunk,
+    each yielding the same micro-batches (the interleaved schedule calls chunk ``v``'s forward
+    step with ``data_iterator[v]``, ``pipeline_parallel/schedules.py`` ~1231, 0.16.1).
+    ``itertools.tee`` draws each micro-batch from ``data_iterator`` once, so a generator
+    with side effects runs once per micro-batch as under the plain schedule. No collectives.
+    """
+    if num_chunks == 1:
+        return data_iterator
+    from megatron.core import parallel_state
+
+    check_virtual_pipeline_microbatches(
+        num_microbatches, pp=parallel_state.get_pipeline_model_parallel_world_size(),
+        vpp=num_chunks,
+    )  # fmt: skip
+    return list(itertools.tee(data_iterator, num_chunks))
+
+
 def train_step(
     state: TrainState,
     *,
@@ -85,7 +106,8 @@ def train_step(
     """Zero grads, forward/backward over ``num_microbatches``, optimizer and scheduler step.
 
     ``data_iterator`` yields one micro-batch per ``next`` on every rank (every pipeline stage
-    reads the same batches; stages ignore what they do not need). ``report_keys`` names extra
+    reads the same batches; stages ignore what they do not need; with virtual pipeline stages
+    every chunk reads them, see :func:`chunk_iterators`). ``report_keys`` names extra
     ``[sum, weight]`` entries of the loss reports to reduce into ``extras`` (the same on every
     rank: it drives collectives). All ranks must call it.
     """
@@ -97,7 +119,9 @@ def train_step(
     forward_backward = get_forward_backward_func()
     reports = forward_backward(
         forward_step_func=forward_step_func,
-        data_iterator=data_iterator,
+        data_iterator=chunk_iterators(
+            data_iterator, num_chunks=len(state.model), num_microbatches=num_microbatches
+        ),  # fmt: skip
         model=state.model,
         num_microbatches=num_microbatches,
         seq_length=seq_length,
@@ -140,7 +164,9 @@ def forward_only(
     try:
         return get_forward_backward_func()(
             forward_step_func=forward_step_func,
-            data_iterator=data_iterator,
+            data_iterator=chunk_iterators(
+                data_iterator, num_chunks=len(model), num_microbatches=num_microbatches
+            ),  # fmt: skip
             model=model,
             num_microbatches=num_microbatches,
             seq_length=seq_length,

@@ -15,6 +15,7 @@ from megatron_longact.config.schema import JobConfig, check_sequence_length
 from megatron_longact.errors import UserError
 from megatron_longact.models.gpt import use_transformer_engine
 from megatron_longact.runtime.batches import (
+    check_virtual_pipeline_microbatches,
     global_batch_indices,
     num_microbatches,
     shard_microbatches,
@@ -44,6 +45,9 @@ def setup_sft(job: JobConfig) -> SFTRun:
     """Distributed init, data, model and optimizer, start weights (resume / load / HF). All
     ranks call it."""
     dims = init_distributed(job.parallel, seed=job.train.seed)
+    micro = num_microbatches(global_batch_size=job.data.global_batch_size,
+                             micro_batch_size=job.data.micro_batch_size, dp=dims.dp)  # fmt: skip
+    check_virtual_pipeline_microbatches(micro, pp=dims.pp, vpp=dims.vpp)
     data = load_sft_data(job.data, pad_multiple=2 * dims.cp if dims.cp > 1 else 1)
     state = setup_train_state(job, dims)
     check_sequence_length(seq_length=job.data.seq_length, field="data.seq_length",
@@ -55,8 +59,6 @@ def setup_sft(job: JobConfig) -> SFTRun:
             f"{state.arch.vocab_size}; use a matching tokenizer (data.tokenizer_path)"
         )
     load_start_weights(job, state)
-    micro = num_microbatches(global_batch_size=job.data.global_batch_size,
-                             micro_batch_size=job.data.micro_batch_size, dp=dims.dp)  # fmt: skip
     return SFTRun(job=job, state=state, data=data, num_microbatches=micro,
                   collate=bin_collate(use_thd=use_transformer_engine(job.model)))  # fmt: skip
 
