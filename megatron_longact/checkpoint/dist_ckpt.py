@@ -12,10 +12,11 @@ A save writes into ``iter_XXXXXXX.tmp``; all ranks meet at a barrier; the ranks 
 into ``checksums.json``; rank 0 renames the folder and then replaces ``latest``
 (write-then-rename). A crash or a full disk at any point leaves the previous ``latest`` and its
 directory untouched. Every load verifies the checksums first; ``checkpoint.on_corrupt``
-decides between failing and falling back to the previous good checkpoint. What is reshardable: model weights load at any TP/PP (megatron
-sharded tensors); the distributed optimizer is saved ``dp_reshardable`` (its CPU-capable
-format, see docs), so optimizer state carries over when only DP changes; at another TP/PP the
-optimizer restarts from fresh moments with a warning.
+decides between failing and falling back to the previous good checkpoint. What is
+reshardable: model weights load at any TP/PP/EP (megatron sharded tensors); the distributed
+optimizer is saved ``dp_reshardable`` (its CPU-capable format, see docs), so optimizer state
+carries over when only DP changes; at another TP/PP/EP/ETP the optimizer restarts from fresh
+moments with a warning.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ logger = logging.getLogger(__name__)
 LATEST_FILE = "latest"
 OPTIMIZER_SHARDING = "dp_reshardable"
 CHECKPOINT_NAME = re.compile(r"iter_\d{7}")
+OPTIMIZER_KEY = re.compile(r"(chained_\d+\.)?optimizer\.")
+# Parallel sizes that fix how the distributed optimizer's dp_reshardable state is cut: its
+# buckets follow the model's TP/PP shards, and the expert optimizer's also the EP/ETP split
+# (its keys carry the rank in the expert TP x EP x PP group, its shards the expert-DP rank).
+OPTIMIZER_LAYOUT = ("tp", "pp", "ep", "etp")
 # errno values of a write that ran out of room: disk full, file-size limit (ulimit -f), quota.
 NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 # What a failed read or write raises: torch DCP's CheckpointException (megatron re-raises the
@@ -110,7 +116,27 @@ def _layout() -> dict[str, int]:
         "pp": ps.get_pipeline_model_parallel_world_size(),
         "dp": ps.get_data_parallel_world_size(),
         "cp": ps.get_context_parallel_world_size(),
+        "ep": ps.get_expert_model_parallel_world_size(),
+        "etp": ps.get_expert_tensor_parallel_world_size(),
     }
+
+
+def _saved_layout(common: dict) -> dict[str, int]:
+    """The layout a checkpoint was saved at; saves from before expert parallel lack ``ep``
+    and ``etp``, which were 1 and TP (megatron's default expert TP size) then."""
+    saved = dict(common.get("layout", {}))
+    saved.setdefault("ep", 1)
+    if "tp" in saved:
+        saved.setdefault("etp", saved["tp"])
+    return saved
+
+
+def _has_optimizer_state(ckpt: Path) -> bool:
+    """Whether ``ckpt`` holds optimizer state. A single (distributed) optimizer's keys start
+    with ``optimizer.``; megatron's ChainedOptimizer (dense + expert optimizers of an MoE
+    model, ``optimizer/__init__.py`` ~600-686) prefixes its members' keys with
+    ``chained_<i>.`` (``optimizer.py`` ~1184-1213)."""
+    return any(OPTIMIZER_KEY.match(k) for k in _saved_keys(ckpt))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -364,22 +390,20 @@ def load_checkpoint(
         raise _unreadable(ckpt, "common.pt", err) from err
     if not isinstance(common, dict):
         raise _unreadable(ckpt, "common.pt", TypeError(type(common).__name__))
-    saved_layout = common.get("layout", {})
+    saved_layout = _saved_layout(common)
     layout = _layout()
-    same_model_layout = all(saved_layout.get(k) == layout[k] for k in ("tp", "pp"))
-    has_optimizer = any(k.startswith("optimizer") for k in _saved_keys(ckpt))
+    same_model_layout = all(saved_layout.get(k) == layout[k] for k in OPTIMIZER_LAYOUT)
+    has_optimizer = _has_optimizer_state(ckpt)
     with_optimizer = (
         not weights_only and optimizer is not None and same_model_layout and has_optimizer
     )
     if not weights_only and optimizer is not None and has_optimizer and not same_model_layout:
         logger.warning(
-            "%s was saved at TP=%s PP=%s; loading at TP=%s PP=%s: model weights only, the "
-            "optimizer restarts with fresh Adam moments",
+            "%s was saved at %s; loading at %s: model weights only, the optimizer restarts "
+            "with fresh Adam moments",
             ckpt,
-            saved_layout.get("tp"),
-            saved_layout.get("pp"),
-            layout["tp"],
-            layout["pp"],
+            _describe(saved_layout),
+            _describe(layout),
         )
     if with_optimizer:
         # dp_reshardable loading fills existing Adam state tensors in place, so they must
@@ -420,6 +444,10 @@ def load_checkpoint(
         extra=common.get("extra", {}),
         optimizer_restored=with_optimizer,
     )
+
+
+def _describe(layout: dict[str, int]) -> str:
+    return " ".join(f"{k.upper()}={layout.get(k)}" for k in OPTIMIZER_LAYOUT)
 
 
 def _unreadable(ckpt: Path, what: str, err: BaseException) -> UserError:
