@@ -45,9 +45,12 @@ OPTIMIZER_SHARDING = "dp_reshardable"
 CHECKPOINT_NAME = re.compile(r"iter_\d{7}")
 OPTIMIZER_KEY = re.compile(r"(chained_\d+\.)?optimizer\.")
 # Parallel sizes that fix how the distributed optimizer's dp_reshardable state is cut: its
-# buckets follow the model's TP/PP shards, and the expert optimizer's also the EP/ETP split
-# (its keys carry the rank in the expert TP x EP x PP group, its shards the expert-DP rank).
-OPTIMIZER_LAYOUT = ("tp", "pp", "ep", "etp")
+# buckets follow the model's TP/PP shards, and for an MoE model the expert optimizer's also the
+# EP/ETP split (its keys carry the rank in the expert TP x EP x PP group, its shards the
+# expert-DP rank: megatron/core/optimizer/__init__.py ~666-680). A dense model has no experts,
+# whatever ETP says.
+DENSE_OPTIMIZER_LAYOUT = ("tp", "pp")
+MOE_OPTIMIZER_LAYOUT = ("tp", "pp", "ep", "etp")
 # errno values of a write that ran out of room: disk full, file-size limit (ulimit -f), quota.
 NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 # What a failed read or write raises: torch DCP's CheckpointException (megatron re-raises the
@@ -392,7 +395,8 @@ def load_checkpoint(
         raise _unreadable(ckpt, "common.pt", TypeError(type(common).__name__))
     saved_layout = _saved_layout(common)
     layout = _layout()
-    same_model_layout = all(saved_layout.get(k) == layout[k] for k in OPTIMIZER_LAYOUT)
+    sizes = _optimizer_layout(model)
+    same_model_layout = all(saved_layout.get(k) == layout[k] for k in sizes)
     has_optimizer = _has_optimizer_state(ckpt)
     with_optimizer = (
         not weights_only and optimizer is not None and same_model_layout and has_optimizer
@@ -402,8 +406,8 @@ def load_checkpoint(
             "%s was saved at %s; loading at %s: model weights only, the optimizer restarts "
             "with fresh Adam moments",
             ckpt,
-            _describe(saved_layout),
-            _describe(layout),
+            _describe(saved_layout, sizes),
+            _describe(layout, sizes),
         )
     if with_optimizer:
         # dp_reshardable loading fills existing Adam state tensors in place, so they must
@@ -446,8 +450,15 @@ def load_checkpoint(
     )
 
 
-def _describe(layout: dict[str, int]) -> str:
-    return " ".join(f"{k.upper()}={layout.get(k)}" for k in OPTIMIZER_LAYOUT)
+def _optimizer_layout(model: list) -> tuple[str, ...]:
+    from megatron_longact.models.gpt import unwrap_gpt
+
+    has_experts = getattr(unwrap_gpt(model[0]).config, "num_moe_experts", None)
+    return MOE_OPTIMIZER_LAYOUT if has_experts else DENSE_OPTIMIZER_LAYOUT
+
+
+def _describe(layout: dict[str, int], sizes: tuple[str, ...]) -> str:
+    return " ".join(f"{k.upper()}={layout.get(k)}" for k in sizes)
 
 
 def _unreadable(ckpt: Path, what: str, err: BaseException) -> UserError:
