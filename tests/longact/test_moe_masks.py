@@ -163,8 +163,9 @@ def world_dense_and_moe(moe_dir: str, dense_dir: str) -> dict[str, MaskRun]:
     return {
         "dense": _one_step(dense_dir, LONGACT, dims, keep_grads=False),
         "moe": _one_step(moe_dir, [*ep2, *LONGACT], dims, keep_grads=True),
-        "moe_dense_update": _one_step(moe_dir, [*ep2, "longact.strategy=none"], dims,
-                                      keep_grads=True),  # fmt: skip
+        "moe_dense_update": _one_step(
+            moe_dir, [*ep2, "longact.strategy=none"], dims, keep_grads=True
+        ),
     }
 
 
