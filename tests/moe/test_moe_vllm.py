@@ -3,10 +3,13 @@
 vLLM runs at TP only (no expert parallel), so at megatron EP > 1 the refit all-gathers each
 layer's experts over the EP group into full Hugging Face tensors (``rl/rollout/refit.py``
 ``_all_experts``) and sends a layer's experts together (vLLM's one ``FusedMoE`` module).
-Fast: the refit's tensors at EP=2 equal the Hugging Face checkpoint bit for bit. Slow (vLLM
-on CPU): after the first refit vLLM's greedy rollouts equal the native engine's and its
+Fast: the refit's tensors at EP=2 equal the Hugging Face checkpoint bit for bit, and on CPU
+``rl.engine=vllm`` with an MoE model is a one-line error: vLLM 0.32's CPU MoE kernel does not
+repack experts after a weight reload (``rl/rollout/vllm_engine.py`` ``check_moe_refit``).
+CUDA only: after the first refit vLLM's greedy rollouts equal the native engine's and its
 log-probs the trainer's within 1e-4 (fp32), at EP=1 and EP=2; after an RL step, the refit
-sends the changed experts and vLLM follows.
+sends the changed experts and vLLM follows. (On CPU, with the check bypassed, this run measured
+a log-prob gap of 1.87 at EP=1: the failure the error names.)
 """
 
 from __future__ import annotations
@@ -148,8 +151,24 @@ def _vllm_world(overrides: list[str]) -> dict:
     return out
 
 
+def test_vllm_engine_refuses_moe_on_cpu():
+    from megatron_longact.errors import UserError
+    from megatron_longact.models.hf_config import ASSETS_DIR, parse_hf_config
+    from megatron_longact.rl.rollout.vllm_engine import check_moe_refit
+
+    moe = parse_hf_config(json.loads((ASSETS_DIR / "micro-qwen3-moe" / "config.json").read_text()))
+    dense = parse_hf_config(json.loads((ASSETS_DIR / "micro-qwen3" / "config.json").read_text()))
+    with pytest.raises(UserError, match="rl.engine=vllm with a mixture-of-experts model needs "
+                       "CUDA.*set rl.engine=native"):  # fmt: skip
+        check_moe_refit(moe, cuda=False)
+    check_moe_refit(moe, cuda=True)
+    check_moe_refit(dense, cuda=False)
+
+
 @needs_vllm
+@pytest.mark.gpu
 @pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM's CPU MoE cannot refit experts")
 @pytest.mark.parametrize("ep", [1, 2])
 def test_vllm_engine_on_moe_matches_native_and_trainer(vllm_moe, synthetic_data_dir, tmp_path,
                                                        ep):  # fmt: skip
