@@ -12,11 +12,12 @@ A save writes into ``iter_XXXXXXX.tmp``; all ranks meet at a barrier; the ranks 
 into ``checksums.json``; rank 0 renames the folder and then replaces ``latest``
 (write-then-rename). A crash or a full disk at any point leaves the previous ``latest`` and its
 directory untouched. Every load verifies the checksums first; ``checkpoint.on_corrupt``
-decides between failing and falling back to the previous good checkpoint. What is reshardable: model weights load at any TP/PP/VPP (megatron
-sharded tensors under global layer numbers; virtual pipeline chunks are saved as ``model0``,
-``model1``...); the distributed optimizer is saved ``dp_reshardable`` (its CPU-capable
-format, see docs), so optimizer state carries over when only DP changes; at another TP/PP/VPP
-the optimizer restarts from fresh moments with a warning.
+decides between failing and falling back to the previous good checkpoint. What is
+reshardable: model weights load at any TP/PP/VPP/EP (megatron sharded tensors under global
+layer numbers; virtual pipeline chunks are saved as ``model0``, ``model1``...); the distributed
+optimizer is saved ``dp_reshardable`` (its CPU-capable format, see docs), so optimizer state
+carries over when only DP changes; at another TP/PP/VPP (or EP/ETP for an MoE model) the
+optimizer restarts from fresh moments with a warning.
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ logger = logging.getLogger(__name__)
 LATEST_FILE = "latest"
 OPTIMIZER_SHARDING = "dp_reshardable"
 CHECKPOINT_NAME = re.compile(r"iter_\d{7}")
+OPTIMIZER_KEY = re.compile(r"(chained_\d+\.)?optimizer\.")
+# Parallel sizes that fix how the distributed optimizer's dp_reshardable state is cut: its
+# buckets follow the model's TP/PP shards, and for an MoE model the expert optimizer's also the
+# EP/ETP split (its keys carry the rank in the expert TP x EP x PP group, its shards the
+# expert-DP rank: megatron/core/optimizer/__init__.py ~666-680). A dense model has no experts,
+# whatever ETP says.
+DENSE_OPTIMIZER_LAYOUT = ("tp", "pp", "vpp")
+MOE_OPTIMIZER_LAYOUT = ("tp", "pp", "vpp", "ep", "etp")
 # errno values of a write that ran out of room: disk full, file-size limit (ulimit -f), quota.
 NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 # What a failed read or write raises: torch DCP's CheckpointException (megatron re-raises the
@@ -111,11 +120,31 @@ def _layout() -> dict[str, int]:
         "pp": ps.get_pipeline_model_parallel_world_size(),
         "dp": ps.get_data_parallel_world_size(),
         "cp": ps.get_context_parallel_world_size(),
+        "ep": ps.get_expert_model_parallel_world_size(),
+        "etp": ps.get_expert_tensor_parallel_world_size(),
     }
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     if vpp is not None and vpp > 1:  # absent without virtual stages: older saves compare equal
         layout["vpp"] = vpp
     return layout
+
+
+def _saved_layout(common: dict) -> dict[str, int]:
+    """The layout a checkpoint was saved at; saves from before expert parallel lack ``ep``
+    and ``etp``, which were 1 and TP (megatron's default expert TP size) then."""
+    saved = dict(common.get("layout", {}))
+    saved.setdefault("ep", 1)
+    if "tp" in saved:
+        saved.setdefault("etp", saved["tp"])
+    return saved
+
+
+def _has_optimizer_state(ckpt: Path) -> bool:
+    """Whether ``ckpt`` holds optimizer state. A single (distributed) optimizer's keys start
+    with ``optimizer.``; megatron's ChainedOptimizer (dense + expert optimizers of an MoE
+    model, ``optimizer/__init__.py`` ~600-686) prefixes its members' keys with
+    ``chained_<i>.`` (``optimizer.py`` ~1184-1213)."""
+    return any(OPTIMIZER_KEY.match(k) for k in _saved_keys(ckpt))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -384,26 +413,23 @@ def load_checkpoint(
         raise _unreadable(ckpt, "common.pt", err) from err
     if not isinstance(common, dict):
         raise _unreadable(ckpt, "common.pt", TypeError(type(common).__name__))
-    saved_layout = common.get("layout", {})
+    saved_layout = _saved_layout(common)
     layout = _layout()
     # Virtual stages change each DDP grad buffer's parameter order, so the dp_reshardable
-    # optimizer state follows TP, PP and VPP.
-    same_model_layout = all(saved_layout.get(k) == layout.get(k) for k in ("tp", "pp", "vpp"))
-    has_optimizer = any(k.startswith("optimizer") for k in _saved_keys(ckpt))
+    # optimizer state follows VPP too (absent from both layouts without virtual stages).
+    sizes = _optimizer_layout(model)
+    same_model_layout = all(saved_layout.get(k) == layout.get(k) for k in sizes)
+    has_optimizer = _has_optimizer_state(ckpt)
     with_optimizer = (
         not weights_only and optimizer is not None and same_model_layout and has_optimizer
     )
     if not weights_only and optimizer is not None and has_optimizer and not same_model_layout:
         logger.warning(
-            "%s was saved at TP=%s PP=%s VPP=%s; loading at TP=%s PP=%s VPP=%s: model weights "
-            "only, the optimizer restarts with fresh Adam moments",
+            "%s was saved at %s; loading at %s: model weights only, the optimizer restarts "
+            "with fresh Adam moments",
             ckpt,
-            saved_layout.get("tp"),
-            saved_layout.get("pp"),
-            saved_layout.get("vpp", 1),
-            layout["tp"],
-            layout["pp"],
-            layout.get("vpp", 1),
+            _describe(saved_layout, sizes),
+            _describe(layout, sizes),
         )
     if with_optimizer:
         # dp_reshardable loading fills existing Adam state tensors in place, so they must
@@ -446,6 +472,17 @@ def load_checkpoint(
         extra=common.get("extra", {}),
         optimizer_restored=with_optimizer,
     )
+
+
+def _optimizer_layout(model: list) -> tuple[str, ...]:
+    from megatron_longact.models.gpt import unwrap_gpt
+
+    has_experts = getattr(unwrap_gpt(model[0]).config, "num_moe_experts", None)
+    return MOE_OPTIMIZER_LAYOUT if has_experts else DENSE_OPTIMIZER_LAYOUT
+
+
+def _describe(layout: dict[str, int], sizes: tuple[str, ...]) -> str:
+    return " ".join(f"{k.upper()}={layout.get(k, 1)}" for k in sizes)  # no vpp: 1
 
 
 def _unreadable(ckpt: Path, what: str, err: BaseException) -> UserError:

@@ -67,3 +67,16 @@ def test_expert_layout_errors_name_the_field():
     # gloo cannot all-gather uneven token counts: expert-TP > 1 is GPU only.
     with pytest.raises(ValueError, match="expert_tensor_parallel_size=1"):
         check_expert_layout(arch, ParallelConfig(tensor_model_parallel_size=2))
+
+
+def test_checkpoint_sees_chained_optimizer_state():
+    # An MoE model's optimizer is megatron's ChainedOptimizer (dense + expert), whose members'
+    # keys carry a chained_<i>. prefix; a resume must recognise them as optimizer state.
+    from megatron_longact.checkpoint.dist_ckpt import OPTIMIZER_KEY
+
+    for key in (
+        "optimizer.distributed.dp_group_idx_0.param_groups",
+        "chained_1.optimizer.distributed.dp_group_idx_1.gbuf_idx_0.bucket_idx_0.exp_avg",
+    ):
+        assert OPTIMIZER_KEY.match(key)
+    assert not OPTIMIZER_KEY.match("module.decoder.layers.0.mlp.experts.experts.linear_fc1")

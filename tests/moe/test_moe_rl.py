@@ -57,3 +57,34 @@ def test_a_rank_without_prompts_still_decodes_in_lockstep(tiny_moe, synthetic_da
     (metrics,) = [json.loads(x) for x in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()
                   if "train/loss" in x]  # fmt: skip
     assert metrics["rollout/engine_responses"] == metrics["rollout/generated"] == 4
+
+
+def _native_greedy(hf_dir: str, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    from megatron_longact.config import JobConfig, load_config
+    from megatron_longact.rl.rollout.native import NativeEngine
+    from megatron_longact.rl.rollout.types import SamplingParams
+    from megatron_longact.runtime.distributed import init_distributed
+    from megatron_longact.runtime.setup import load_start_weights, setup_train_state
+
+    job = load_config(JobConfig, None, [f"model.hf_path={hf_dir}", "train.precision=fp32"])
+    state = setup_train_state(job, init_distributed(job.parallel, seed=0))
+    load_start_weights(job, state)
+    engine = NativeEngine(state.model[0], pad_token_id=0, batch_size=len(prompts))
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
+    return [r.response_ids for r in engine.generate(prompts, greedy)]
+
+
+def test_native_engine_decodes_moe_as_transformers(tiny_moe):
+    """Native decode at EP=1 (KV cache, the CPU bridge kept on for the router, which moves its
+    weight to the current device each forward) gives transformers' greedy tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    new_tokens = 8
+    prompts = tiny_moe.tokens.tolist()
+    (native,) = run_local(_native_greedy, 1, str(tiny_moe.hf_dir), prompts, new_tokens)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_moe.hf_dir, dtype=torch.float32)
+    with torch.no_grad():
+        out = hf.generate(tiny_moe.tokens, max_new_tokens=new_tokens, do_sample=False,
+                          min_new_tokens=new_tokens, pad_token_id=0)  # fmt: skip
+    assert native == out[:, tiny_moe.tokens.shape[1] :].tolist()

@@ -124,8 +124,12 @@ class NativeEngine:
         # different prompts, so every rank must run the same batches and decode steps
         # (:func:`_lockstep_group`); the dispatcher also allocates through the CPU bridge.
         self.lockstep = _lockstep_group(self.model)
+        # An MoE layer needs the bridge even at EP=1: megatron's router moves its weight to
+        # torch.cuda.current_device() in every forward (transformer/moe/router.py ~88-92).
         self.bridge_free_decode = (
-            parallel_state.get_tensor_model_parallel_world_size() == 1 and self.lockstep is None
+            parallel_state.get_tensor_model_parallel_world_size() == 1
+            and self.lockstep is None
+            and getattr(self.model.config, "num_moe_experts", None) is None
         )
         self.inference_mode_decode = self.bridge_free_decode and _only_local_attention(self.model)
         self.num_generated = 0

@@ -19,6 +19,7 @@ momentum move most rows every step; the refit metrics report the changed-row fra
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -34,6 +35,8 @@ from megatron_longact.models.hf_weights.mapping import (
     MCORE_FINAL_NORM,
     MCORE_OUTPUT,
     expected_hf_shapes,
+    expert_param,
+    expert_param_name,
     hf_layer_name,
     hf_layer_shapes,
     layer_to_hf,
@@ -49,18 +52,24 @@ _QK_SUFFIXES = ("self_attn.q_proj.weight", "self_attn.k_proj.weight")
 # ---- Hugging Face-layout tensors from a live megatron chunk ------------------------------
 
 
-def _full_tensor(param: torch.Tensor, *, gated: bool) -> torch.Tensor:
+def _full_tensor(param: torch.Tensor, *, gated: bool, expert: bool = False) -> torch.Tensor:
     """``param`` all-gathered over TP along its ``partition_dim``, in its own dtype and device
     (``runtime.params.gather_tensor_parallel`` makes CPU fp32 copies, too slow for a refit).
-    A gated ``linear_fc1`` comes back as the unsharded [gate; up]. All TP ranks must call it."""
+    A gated ``linear_fc1`` comes back as the unsharded [gate; up]. ``expert``: a routed
+    expert's weight, split over expert-TP (ETP, which may differ from TP). All ranks of the
+    (expert-)TP group must call it."""
     from megatron.core import parallel_state
 
     data = param.detach()
-    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if expert:
+        tp = parallel_state.get_expert_tensor_parallel_world_size()
+        group = parallel_state.get_expert_tensor_parallel_group() if tp > 1 else None
+    else:
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        group = parallel_state.get_tensor_model_parallel_group()
     if tp == 1 or not getattr(param, "tensor_model_parallel", False):
         return data
     shards = [torch.empty_like(data) for _ in range(tp)]
-    group = parallel_state.get_tensor_model_parallel_group()
     dist.all_gather(shards, data.contiguous(), group=group)
     if gated:  # each shard is [gate_shard; up_shard]
         halves = [shard.chunk(2, dim=0) for shard in shards]
@@ -92,12 +101,55 @@ def _stage_tensors(gpt, arch: HFArchitecture) -> Iterator[tuple[str, torch.Tenso
         tensors = {
             suffix: _full_tensor(param, gated=gated and suffix == "mlp.linear_fc1.weight")
             for suffix, param in layer_module.named_parameters()
+            if expert_param(suffix) is None
         }
+        tensors.update(_all_experts(layer_module, gated=gated))  # last: one vLLM module
         yield from layer_to_hf(tensors, layer=layer_module.layer_number - 1, arch=arch).items()
     if gpt.post_process:
         yield HF_FINAL_NORM, _full_tensor(params[MCORE_FINAL_NORM], gated=False)
         if not arch.tie_word_embeddings:
             yield HF_LM_HEAD, _full_tensor(params[MCORE_OUTPUT], gated=False)[:vocab]
+
+
+def _all_experts(layer_module, *, gated: bool) -> dict[str, torch.Tensor]:
+    """Every routed expert of an MoE layer, full (expert-TP gathered), gathered over the
+    expert-parallel group: ``{expert_param_name(global index, linear_fc1/2): tensor}``; empty
+    for a dense layer. EP rank r holds experts r * E_local .. (r + 1) * E_local - 1 (megatron
+    ``MoELayer.local_expert_indices``, ``transformer/moe/moe_layer.py`` ~103-110), so the
+    all-gather in EP rank order is the global order. vLLM runs at TP only (no EP) and its
+    ``FusedMoE`` loads each expert by its global index from ``mlp.experts.{e}.{gate,up,
+    down}_proj.weight`` (``model_executor/layers/fused_moe/routed_experts.py:981-1005``, the
+    expert-id mapping ``fused_moe/layer.py:443-462``, called from ``models/qwen3_moe.py``
+    ``Qwen3MoeModel.load_weights``, whose stacked mapping leaves experts to it: ~436-447), so
+    every rank needs all experts. Collective over the expert-TP and EP groups."""
+    from megatron.core import parallel_state
+
+    local: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for suffix, param in layer_module.named_parameters():
+        if (found := expert_param(suffix)) is None:
+            continue
+        index, which = found
+        full = _full_tensor(param, gated=gated and which == "linear_fc1", expert=True)
+        local.setdefault(which, []).append((index, full))
+    if not local:
+        return {}
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    gathered: dict[str, torch.Tensor] = {}
+    for which, experts in local.items():
+        stacked = torch.stack([t for _, t in sorted(experts, key=lambda e: e[0])])
+        if ep > 1:
+            parts = [torch.empty_like(stacked) for _ in range(ep)]
+            group = parallel_state.get_expert_model_parallel_group()
+            dist.all_gather(parts, stacked.contiguous(), group=group)
+            stacked = torch.cat(parts)
+        gathered[which] = stacked
+    # Expert by expert (gate, up, down of expert 0, then 1, ...), the order of
+    # mapping.hf_layer_shapes that the PP manifest follows; all go to one vLLM module.
+    return {
+        expert_param_name(e, which): gathered[which][e]
+        for e in range(len(next(iter(gathered.values()))))
+        for which in sorted(gathered)
+    }
 
 
 @contextlib.contextmanager
@@ -246,15 +298,20 @@ class RefitStats:
 
 _FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
           "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}  # fmt: skip
+_HF_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.\d+\.")
 
 
 def vllm_module(name: str) -> str:
     """The vLLM module HF tensor ``name`` loads into: q/k/v (weights and biases) share the
-    fused ``qkv_proj``, gate/up the fused ``gate_up_proj``; any other tensor its own module.
+    fused ``qkv_proj``, gate/up the fused ``gate_up_proj``, all routed experts of an MoE layer
+    (``mlp.experts.{e}.*``) its one ``FusedMoE`` ``mlp.experts`` (``w13_weight`` /
+    ``w2_weight`` [E, ...]); any other tensor its own module.
     vLLM's in-place reload processes a module once all of its elements have arrived and
     rebuilds the rest uninitialised (vLLM 0.32 ``model_executor/model_loader/reload/
     layerwise.py``, ``make_online_process_loader`` and ``finalize_layerwise_processing``), so
     a refit sends a module whole or not at all."""
+    if (experts := _HF_EXPERT.match(name)) is not None:
+        return experts.group(1)
     prefix, _, _ = name.rpartition(".")
     parent, _, proj = prefix.rpartition(".")
     return f"{parent}.{_FUSED[proj]}" if proj in _FUSED else prefix

@@ -137,6 +137,26 @@ def check_tp_group(tp_ranks: list[int], *, rank: int) -> None:
         )
 
 
+def check_moe_refit(arch: HFArchitecture, *, cuda: bool) -> None:
+    """Raises a one-line UserError for a mixture-of-experts model on vLLM's CPU backend.
+
+    vLLM 0.32 on CPU runs Qwen3-MoE (load_format=auto: greedy tokens equal transformers') but
+    cannot refit its experts: the CPU experts kernel prepacks ``w13_weight`` / ``w2_weight``
+    (``fused_moe/experts/cpu_moe.py:208-218``) only when the kernel is first built, and a
+    weight update skips that step (``fused_moe/unquantized_fused_moe_method.py:186-205``,
+    ``if not is_weight_update``), so ``reload_weights`` leaves the new experts unpacked under
+    a kernel that reads packed ones. Measured: after reloading the checkpoint's own tensors
+    into a dummy-weight engine the greedy tokens diverge from transformers' within 5 tokens, and
+    the colocated engine's log-probs differ from the trainer's by 1.87 (EP=1, fp32). The CUDA
+    kernels take weight updates (the same branch re-shuffles into the existing storage)."""
+    if arch.is_moe and not cuda:
+        raise UserError(
+            "rl.engine=vllm with a mixture-of-experts model needs CUDA: vLLM's CPU MoE kernel "
+            "does not repack experts after a weight reload, so every refit would generate with "
+            "wrong experts; on CPU set rl.engine=native"
+        )
+
+
 def check_cpu_shm(tp_ranks: list[int], *, shm_dir: Path = Path("/dev/shm")) -> None:
     """On CPU at TP > 1 vLLM's TP group talks through POSIX shared memory named only by the
     group (``distributed/device_communicators/cpu_communicator.py:236-243``; under the
@@ -307,6 +327,7 @@ class VLLMEngine:
             rank=dist.get_rank(),
         )
         cuda = on_cuda()
+        check_moe_refit(state.arch, cuda=cuda)
         if not cuda:
             check_cpu_shm(
                 dist.get_process_group_ranks(parallel_state.get_tensor_model_parallel_group())
