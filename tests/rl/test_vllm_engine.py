@@ -334,3 +334,14 @@ def test_vllm_engine_sleeps_and_refits_on_gpu():
     engine.sleep()
     engine.wake()
     assert engine.last_refit.num_sent == 0  # no training in between: nothing to send
+
+
+def test_auto_engine_is_native_for_moe_on_cpu():
+    """rl.engine=auto never picks vLLM for an MoE model on CPU (check_moe_refit would refuse)."""
+    from megatron_longact.device import on_cuda
+    from megatron_longact.rl.rollout.factory import resolve_engine
+    from megatron_longact.rl.rollout.vllm_engine import vllm_available
+
+    assert resolve_engine("auto", moe=True) == ("vllm" if on_cuda() and vllm_available() else "native")
+    assert resolve_engine("auto") == ("vllm" if vllm_available() else "native")
+    assert resolve_engine("vllm", moe=True) == "vllm"  # explicit: check_moe_refit's one line

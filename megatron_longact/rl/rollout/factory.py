@@ -70,20 +70,26 @@ def sampling_params(job: JobConfig, tokenizer, round_index: int, *, step: int) -
     )
 
 
-def resolve_engine(name: str) -> str:
-    """``rl.engine`` as ``native`` or ``vllm``: ``auto`` is vLLM when it imports, else native."""
+def resolve_engine(name: str, *, moe: bool = False) -> str:
+    """``rl.engine`` as ``native`` or ``vllm``: ``auto`` is vLLM when it imports, else native,
+    and native for a mixture-of-experts model on CPU (vLLM's CPU MoE kernel cannot take a
+    refit: ``vllm_engine.check_moe_refit``)."""
     if name != "auto":
         return name
+    from megatron_longact.device import on_cuda
     from megatron_longact.rl.rollout.vllm_engine import vllm_available
 
-    return "vllm" if vllm_available() else "native"
+    return "vllm" if vllm_available() and (on_cuda() or not moe) else "native"
 
 
 def build_engine(job: JobConfig, state, tokenizer):
     """``rl.engine``: ``native`` (the megatron policy itself), ``vllm`` (colocated) or
     ``auto`` (:func:`resolve_engine`; the log says which)."""
     pad = pad_id(tokenizer)
-    engine = resolve_engine(job.rl.engine)
+    from megatron_longact.models.gpt import unwrap_gpt
+
+    moe = getattr(unwrap_gpt(state.model[0]).config, "num_moe_experts", None) is not None
+    engine = resolve_engine(job.rl.engine, moe=moe)
     logger.info("rollout engine: %s%s", engine, " (rl.engine=auto)" if job.rl.engine == "auto"
                 else "")  # fmt: skip
     if engine == "native":
