@@ -24,6 +24,18 @@ throughput >= 1.5x padded, peak memory <= padded.
 
     python benchmarks/rl_step_padding.py                       # tiny-qwen3, CPU
     python benchmarks/rl_step_padding.py --max-seq-length 2048 --samples 32
+
+Measured (tiny-qwen3, fp32, 1 thread, on a shared 2-core machine under load average 10-30:
+flagged; ratios from one process each), ``--max-seq-length 512 --max-new-tokens 128 --samples
+32 --steps 3 --warmup 1``: padding 30.8% padded vs 0.9% packed, 32 vs 28 micro-batches;
+real-token throughput packed/padded 1.57x, 1.57x and 1.34x by CPU time (1.57x, 1.75x, 1.51x by
+wall time) over three runs; peak memory 44.5 vs 45.0 MiB, 0.99x (the longest sequence alone
+sets both peaks). The quickstart-like mix (``--max-seq-length 160 --max-new-tokens 48
+--samples 64 --rows 8 --count-rows``: 8 sequences per micro-batch, packed or padded): padding
+37.6% vs 0.5%, throughput 1.16x by CPU time (1.11x wall), peak 0.65x. Before packed rows went
+to attention per sequence, a packed row took a dense [T, T] block-causal mask on CPU: 1.06x
+the padded peak on the first mix, and the quickstart's RL step at 8 sequences per row took
+12.6 s packed vs ~4 s padded.
 """
 
 from __future__ import annotations
