@@ -71,3 +71,30 @@ def full_grads(module) -> dict[str, torch.Tensor]:
             grad, gated=gated and name.endswith("linear_fc1.weight")
         )
     return grads
+
+
+def global_name(name: str, *, layer_offset: int) -> str:
+    """A pipeline stage's parameter name (megatron numbers layers per stage) under its
+    one-process name: layers shifted by ``layer_offset``, and the last stage's copy of a tied
+    embedding (``output_layer.weight``) named as the embedding."""
+    if name == "output_layer.weight":
+        return "embedding.word_embeddings.weight"
+    parts = name.split(".")
+    if "layers" in parts:
+        i = parts.index("layers") + 1
+        parts[i] = str(int(parts[i]) + layer_offset)
+    return ".".join(parts)
+
+
+@torch.no_grad()
+def load_full_stage(module, full: dict[str, torch.Tensor], *, layer_offset: int) -> None:
+    """Copies unsharded one-process weights ``full`` into this (TP=1) stage by global name.
+
+    Random initialisation is per stage under pipeline parallel: every stage's generator starts
+    from the same seed (``runtime.distributed.init_distributed``), so a later stage's layers
+    draw other numbers than one process's same layers. A PP run is compared with one process
+    from the same weights, copied in with this."""
+    for name, param in module.named_parameters():
+        while name.startswith("module."):
+            name = name[len("module.") :]
+        param.copy_(full[global_name(name, layer_offset=layer_offset)])

@@ -11,7 +11,8 @@ the ranks that own the tokens (a custom autograd Function). GQA gathers the G/TP
 
 Where it is used (see the README, "Context parallel"): ``model.attention_backend=local`` (or
 ``auto`` without TE/CUDA) with ``context_parallel_size > 1``; TE's ring attention stays the GPU
-default. CP == 1 keeps megatron's own local attention.
+default. CP == 1 keeps megatron's own local attention, as :class:`PackedDotProductAttention`:
+megatron's kernel on dense rows, and on packed THD rows one segment at a time.
 
 Memory, per layer and micro-batch, on each rank (``b`` rows, ``S`` tokens per row before the
 CP split, ``G_tp = G/TP`` KV heads, ``N_tp = N/TP`` query heads, ``D`` head dim):
@@ -35,6 +36,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_longact.errors import UserError
@@ -246,4 +248,55 @@ def with_cp_attention(layer_spec):
     """``layer_spec`` (megatron's local GPT layer spec) with :class:`ContextParallelAttention`
     as the self-attention's core attention. Modifies and returns the spec."""
     layer_spec.submodules.self_attention.submodules.core_attention = ContextParallelAttention
+    return layer_spec
+
+
+class PackedDotProductAttention(DotProductAttention):
+    """megatron's local ``DotProductAttention`` (CP == 1) that also takes packed THD rows.
+
+    Dense input (``packed_seq_params`` None) is megatron's forward unchanged, bit for bit.
+    THD input (query [t, N_tp, D], key/value [t, G_tp, D], ``packed_seq_params`` thd) runs
+    megatron's forward on each packed segment alone, causal within it: the same kernel a
+    padded row of that sequence gets, so packed equals padded to rounding, and the work and
+    the [N_tp, L_i, L_i] scores are per segment (sum of L_i^2, not T^2 of a block-causal mask
+    over the whole row). Segments are the padded boundaries (``cu_seqlens_q_padded`` when
+    set); a segment's trailing pads are never seen by its real tokens (causality). Returns
+    [t, N_tp * D]. No collectives.
+    """
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type=None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
+            return super().forward(query, key, value, attention_mask,
+                                   attn_mask_type=attn_mask_type, attention_bias=attention_bias,
+                                   packed_seq_params=packed_seq_params)  # fmt: skip
+        if attention_mask is not None:
+            raise ValueError("packed THD attention takes cu_seqlens, not an attention_mask")
+        boundaries = packed_seq_params.cu_seqlens_q_padded
+        if boundaries is None:
+            boundaries = packed_seq_params.cu_seqlens_q
+        bounds = boundaries.tolist()
+        if bounds[0] != 0 or bounds[-1] != query.shape[0]:
+            raise ValueError(f"cu_seqlens {bounds} do not cover the {query.shape[0]} packed tokens")
+        outputs = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if end > start:  # [L, 1, N_tp, D] -> [L, 1, N_tp * D], causal (the layer's type)
+                segment = (x[start:end].unsqueeze(1) for x in (query, key, value))
+                outputs.append(super().forward(*segment, None, attention_bias=attention_bias))
+        return torch.cat(outputs).squeeze(1)
+
+
+def with_packed_attention(layer_spec):
+    """``layer_spec`` (megatron's local GPT layer spec, CP == 1) with
+    :class:`PackedDotProductAttention` as the self-attention's core attention. Modifies and
+    returns the spec."""
+    layer_spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
     return layer_spec

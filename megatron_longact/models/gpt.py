@@ -1,8 +1,9 @@
 """Build megatron-core's ``GPTModel`` from a Hugging Face config.
 
 Transformer Engine's layer spec when TE imports and CUDA is present (ring-attention context
-parallel, THD packing); megatron's local spec otherwise, with :mod:`models.cp_attention` as
-its core attention when context parallel is on (docs/context_parallel.md).
+parallel, THD packing); megatron's local spec otherwise, with a core attention from
+:mod:`models.cp_attention` that takes packed THD rows (all-gather K/V attention when context
+parallel is on, docs/context_parallel.md; megatron's own kernel per packed segment without).
 """
 
 from __future__ import annotations
@@ -186,6 +187,11 @@ def build_gpt_model(
             from megatron_longact.models.cp_attention import with_cp_attention
 
             spec = with_cp_attention(spec)
+        else:
+            # megatron's local attention refuses packed THD rows: per segment, same kernel.
+            from megatron_longact.models.cp_attention import with_packed_attention
+
+            spec = with_packed_attention(spec)
         if transformer_config.sequence_parallel:
             # megatron's local norms assert SP is off; MoE x TP needs SP (models/sp_norm.py).
             from megatron_longact.models.sp_norm import sequence_parallel_block

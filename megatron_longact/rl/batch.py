@@ -8,8 +8,9 @@ The layout of one micro-batch (:class:`RowLayout`) is then either
 packed (``rl.packing``, the default): the micro-batch's sequences concatenated in one row
     [1, T], each padded only to ``sequence_multiple`` (2 x CP under context parallel, for the
     zig-zag split) and the row to ``row_multiple``; ``cu_seqlens`` marks the (padded) sequences
-    plus a trailing padding segment. Attention sees THD ``packed_seq_params`` (TE, or the local
-    CP attention) or, where megatron's local attention cannot take them, a block-causal mask.
+    plus a trailing padding segment. Attention sees THD ``packed_seq_params`` (TE, the local
+    CP attention, or megatron's local kernel per segment at CP=1: ``models.cp_attention``);
+    ``RowLayout.thd=False`` gives a dense [T, T] block-causal mask instead (tests only).
 padded: one sequence per row [b, L], right-padded to the step's longest sequence.
 
 Per row, for prompt p (length P) and response r (length R)::
@@ -138,7 +139,8 @@ class RowLayout:
     packed: bool
     """One packed row per micro-batch (THD boundaries) instead of one padded row per sample."""
     thd: bool = False
-    """Packed rows go to attention as THD ``packed_seq_params``; False: a block-causal mask."""
+    """Packed rows go to attention as THD ``packed_seq_params`` (what ``rl.step`` uses);
+    False: a dense block-causal mask, [T, T] bool per row (kept to test THD against)."""
     sequence_multiple: int = 1
     """Every packed sequence is padded to a multiple of it (2 x CP under context parallel)."""
     row_multiple: int = SEQ_MULTIPLE

@@ -16,7 +16,6 @@ from typing import Any
 from megatron_longact.config.schema import JobConfig, check_rl_batch
 from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer, pad_id
 from megatron_longact.longact.controller import LongActController
-from megatron_longact.models.gpt import use_transformer_engine
 from megatron_longact.rl.batch import (
     RowLayout,
     StepPlan,
@@ -105,10 +104,11 @@ def _next_records(run: RLRun, n: int) -> list:
 
 
 def step_layout(job: JobConfig, dims) -> RowLayout:
-    """The micro-batch layout of an RL step at this parallel layout (``rl.packing``; THD for
-    Transformer Engine's attention, block-causal masks for megatron's local one)."""
-    return row_layout(packed=job.rl.packing, thd=use_transformer_engine(job.model),
-                      cp=dims.cp, tp=dims.tp,
+    """The micro-batch layout of an RL step at this parallel layout (``rl.packing``). Packed
+    rows go to attention as THD: Transformer Engine's, the local CP attention and, at CP=1,
+    megatron's local kernel per segment (``models.cp_attention``) all take it, and none needs
+    the [T, T] block-causal mask."""
+    return row_layout(packed=job.rl.packing, thd=True, cp=dims.cp, tp=dims.tp,
                       sequence_parallel=job.parallel.sequence_parallel)  # fmt: skip
 
 

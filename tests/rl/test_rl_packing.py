@@ -3,16 +3,17 @@
 One RL policy update (``rl.step.step_micro_batches`` + ``policy_updates``: old log-probs, the
 policy loss, LongAct's saliency M) on a fixed set of scored samples of ragged lengths, 11 of
 them so that DP=2 gets a partial share (a dynamic-sampled step's kept groups need not divide).
-Within each layout packed (block-causal masks, and THD under CP), packed with a token budget,
-and padded rows give the same loss, gradients and M; every layout gives the same as one
-process (the step's data does not depend on the layout). Tolerances: fp32, 1e-6 on the loss.
+Within each layout packed (THD rows, the default; and dense block-causal masks), packed with a
+token budget, and padded rows give the same loss, gradients and M; every layout gives the same
+as one process (the step's data does not depend on the layout). Tolerances: fp32, 1e-6 on the
+loss.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from equivalence import full_grads
+from equivalence import full_grads, global_name, load_full_stage
 
 from megatron_longact.runtime.launch import run_local
 
@@ -46,22 +47,32 @@ def samples(seed: int = 0, num: int = NUM_SAMPLES) -> list:
     return out
 
 
-def rl_update(overrides: list[str], *, thd: bool = False, num: int = NUM_SAMPLES) -> dict:
-    """One update on :func:`samples`; loss, count, grad norm, gradients (PP=1), M."""
+def rl_update(
+    overrides: list[str], *, mask: bool = False, num: int = NUM_SAMPLES, init: dict | None = None
+) -> dict:
+    """One update on :func:`samples`; loss, count, grad norm, gradients (this stage's, under
+    one-process names), M, and the initial weights. ``mask``: packed rows with a dense
+    block-causal mask instead of THD. ``init``: one process's initial weights, loaded first
+    (pipeline stages initialise apart, ``equivalence.load_full_stage``)."""
     from dataclasses import replace
 
     from megatron_longact.config import JobConfig, load_config
     from megatron_longact.longact import LongActController
     from megatron_longact.rl.step import policy_updates, step_layout, step_micro_batches
     from megatron_longact.runtime.distributed import init_distributed
+    from megatron_longact.runtime.params import full_named_parameters
     from megatron_longact.runtime.setup import setup_train_state
 
     job = load_config(JobConfig, None, [*BASE, *overrides])
     dims = init_distributed(job.parallel, seed=3)
     state = setup_train_state(job, dims)
+    layer_offset = dims.pp_rank * state.arch.num_layers // dims.pp
+    if init is not None:
+        load_full_stage(state.model[0], init, layer_offset=layer_offset)
+    initial = full_named_parameters(state.model[0])
     layout = step_layout(job, dims)
-    if thd:
-        layout = replace(layout, thd=True)
+    if mask:
+        layout = replace(layout, thd=False)
     controller = LongActController.from_train_state(job.longact, state)
     updates, plan = step_micro_batches(job, state, samples(num=num), pad_token_id=0,
                                        layout=layout)  # fmt: skip
@@ -79,22 +90,26 @@ def rl_update(overrides: list[str], *, thd: bool = False, num: int = NUM_SAMPLES
         "saliency": controller.saliency,
         "num_micro": [len(u) for u in updates],
         "imbalance": plan.imbalance,
-    }
-    if dims.pp == 1:
-        out["grads"] = full_grads(state.model[0])
+        "grads": {global_name(name, layer_offset=layer_offset): grad
+                  for name, grad in full_grads(state.model[0]).items()},
+        "initial": initial,
+    }  # fmt: skip
     controller.close()
     return out
 
 
-def world(parallel: list[str], cases: list[tuple[str, str, bool]]) -> dict:
+def world(
+    parallel: list[str], cases: list[tuple[str, str, bool]], init: dict | None = None
+) -> dict:
     from megatron.core import parallel_state
 
     out = {}
-    for algorithm, case, thd in cases:
+    for algorithm, case, mask in cases:
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         extra = ["rl.algorithm=grpo", "rl.kl_beta=0.01"] if algorithm == "grpo" else []
-        out[(algorithm, case, thd)] = rl_update([*parallel, *CASES[case], *extra], thd=thd)
+        out[(algorithm, case, mask)] = rl_update([*parallel, *CASES[case], *extra], mask=mask,
+                                                 init=init)  # fmt: skip
     return out
 
 
@@ -114,12 +129,15 @@ def _assert_same(ref: dict, got: dict, *, where: str) -> None:
 
 
 ALL = [(a, c, False) for a in ("dapo", "grpo") for c in CASES]
+MASKED = [("dapo", "packed", True), ("grpo", "budget", True)]
+"""Packed rows with a dense block-causal mask (megatron's local attention over the whole row)
+instead of THD (per segment at CP=1, models.cp_attention.PackedDotProductAttention)."""
 
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
-    """One process: padded, packed and token-budget updates of DAPO and GRPO."""
-    ref = run_local(world, 1, [], ALL)[0]
+    """One process: padded, packed (THD and masked) and token-budget updates of DAPO and GRPO."""
+    ref = run_local(world, 1, [], [*ALL, *MASKED])[0]
     dapo = ref[("dapo", "padded", False)]
     assert dapo["clip_frac"] > 0  # the clipped branch is exercised
     assert ref[("dapo", "budget", False)]["num_micro"][0] > 1  # the budget split the batch
@@ -129,20 +147,21 @@ def reference() -> dict:
 @pytest.mark.parametrize("algorithm", ["dapo", "grpo"])
 def test_packed_and_token_budget_equal_padded_one_process(reference, algorithm):
     want = reference[(algorithm, "padded", False)]
-    for case in ("packed", "budget"):
-        _assert_same(want, reference[(algorithm, case, False)], where=f"{algorithm} {case}")
+    for (name, case, mask), got in reference.items():
+        if name == algorithm and case != "padded":
+            _assert_same(want, got, where=f"{algorithm} {case}{' mask' if mask else ''}")
 
 
 def _check_world(reference: dict, results: list[dict]) -> None:
     for rank, res in enumerate(results):
-        for (algorithm, case, thd), got in res.items():
-            where = f"rank {rank} {algorithm} {case}{' thd' if thd else ''}"
+        for (algorithm, case, mask), got in res.items():
+            where = f"rank {rank} {algorithm} {case}{' mask' if mask else ''}"
             _assert_same(reference[(algorithm, "padded", False)], got, where=where)
 
 
 def test_cp2_packed_mask_and_thd_equal_one_process_padded(reference):
-    cases = [*ALL, ("dapo", "packed", True), ("grpo", "budget", True)]
-    _check_world(reference, run_local(world, 2, ["parallel.context_parallel_size=2"], cases))
+    _check_world(reference, run_local(world, 2, ["parallel.context_parallel_size=2"],
+                                      [*ALL, *MASKED]))  # fmt: skip
 
 
 @pytest.mark.slow
@@ -155,26 +174,28 @@ def test_dp2_partial_share_equals_one_process(reference):
 
 
 @pytest.mark.slow
-def test_tp2_equals_one_process(reference):
-    # Sequence parallel needs an SP-capable norm: megatron's local spec asserts it off
-    # (transformer/torch_norm.py ~32), so SP runs on TE only (tests/gpu); packed rows are
-    # already padded for it (rl.batch.row_layout, test_rl_batch_plan).
-    parallel = ["parallel.tensor_model_parallel_size=2"]
-    _check_world(reference, run_local(world, 2, parallel, ALL))
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
+def test_tp2_equals_one_process(reference, sequence_parallel):
+    # Sequence parallel on the local spec: megatron's local norm asserts it off
+    # (transformer/torch_norm.py ~32), models/sp_norm.py's RMSNorm takes its place; rows are
+    # padded to a multiple of TP for the sequence scatter (rl.batch.row_layout).
+    parallel = ["parallel.tensor_model_parallel_size=2",
+                f"parallel.sequence_parallel={str(sequence_parallel).lower()}"]  # fmt: skip
+    _check_world(reference, run_local(world, 2, parallel, [*ALL, *MASKED]))
 
 
 @pytest.mark.slow
-def test_pp2_packed_equals_padded(reference):
-    # Packed equals padded inside the PP=2 world, and the losses equal one process. The grad
-    # norm at PP=2 differs from one process by ~0.5% for padded rows too (LongAct's per-stage
-    # masks with tied embeddings; not a packing effect), so it is compared within PP=2 only.
-    results = run_local(world, 2, ["parallel.pipeline_model_parallel_size=2"], ALL)
-    for rank, res in enumerate(results):
-        for (algorithm, case, _), got in res.items():
-            where = f"pp2 rank {rank} {algorithm} {case}"
-            _assert_same(res[(algorithm, "padded", False)], got, where=where)
-            want = reference[(algorithm, "padded", False)]
-            assert got["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=1e-6), where
+def test_pp2_equals_one_process(reference):
+    # From one process's weights: pipeline stages initialise apart (equivalence.load_full_stage;
+    # without it the grad norm was ~0.5% off, the weights differing, not the norm). The grad
+    # norm counts the tied embedding once: megatron marks the last stage's copy ``shared``
+    # (language_module.py ~219-224) and leaves it out of the norm (optimizer.py ~136-162,
+    # ``param_is_not_shared``, module.py ~25) after summing both copies' grads
+    # (finalize_model_grads.py ``_allreduce_word_embedding_grads``); each stage's gradients
+    # are compared under one-process names, the copy on the last stage included.
+    init = reference[("dapo", "padded", False)]["initial"]
+    results = run_local(world, 2, ["parallel.pipeline_model_parallel_size=2"], ALL, init)
+    _check_world(reference, results)
 
 
 def _one_sample(overrides: list[str]) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from equivalence import ADAM_EPS_OVERRIDE, assert_params_close
+from equivalence import ADAM_EPS_OVERRIDE, assert_params_close, global_name, load_full_stage
 
 from megatron_longact.config import JobConfig, load_config
 from megatron_longact.runtime.launch import run_local
@@ -45,25 +45,6 @@ def _micro_batches(samples, *, dp_rank, dp, mbs):
     ]
 
 
-def _global_name(name: str, *, layer_offset: int) -> str:
-    if name == "output_layer.weight":  # tied: the last stage's copy of the embedding
-        return "embedding.word_embeddings.weight"
-    parts = name.split(".")
-    if "layers" in parts:
-        i = parts.index("layers") + 1
-        parts[i] = str(int(parts[i]) + layer_offset)
-    return ".".join(parts)
-
-
-@torch.no_grad()
-def _load_full(module, full: dict[str, torch.Tensor], *, layer_offset: int) -> None:
-    """Copies unsharded reference weights into this (TP=1) stage by global layer name."""
-    for name, param in module.named_parameters():
-        while name.startswith("module."):
-            name = name[len("module.") :]
-        param.copy_(full[_global_name(name, layer_offset=layer_offset)])
-
-
 def _train(overrides: list[str], mbs: int, init: dict | None = None):
     from megatron_longact.runtime.distributed import init_distributed
     from megatron_longact.runtime.forward import lm_forward_step
@@ -88,7 +69,7 @@ def _train(overrides: list[str], mbs: int, init: dict | None = None):
     initial = full_named_parameters(state.model[0])
     if init is not None:
         layers_per_stage = state.arch.num_layers // dims.pp
-        _load_full(state.model[0], init, layer_offset=dims.pp_rank * layers_per_stage)
+        load_full_stage(state.model[0], init, layer_offset=dims.pp_rank * layers_per_stage)
     losses, params = [], []
     for step in range(STEPS):
         micro = _micro_batches(
@@ -119,7 +100,7 @@ def _assert_params(ref: dict, res: dict, *, layer_offset: int | None = None) -> 
     covered = set()
     for step, (want, have) in enumerate(zip(ref["steps"], res["steps"], strict=True), start=1):
         if layer_offset is not None:  # this stage's parameters, under their global names
-            have = {_global_name(k, layer_offset=layer_offset): v for k, v in have.items()}
+            have = {global_name(k, layer_offset=layer_offset): v for k, v in have.items()}
             want = {k: want[k] for k in have}
         assert_params_close(have, want, lr=LR, step=step)
         covered |= have.keys()

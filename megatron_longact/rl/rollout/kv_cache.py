@@ -167,9 +167,9 @@ def _grouped_attention_forward(
 
 def has_local_attention(attention) -> bool:
     """Whether megatron ``Attention`` module ``attention`` computes with megatron's local
-    ``DotProductAttention`` (exact type: not TE's, not our CP attention), the one
-    :func:`grouped_query_attention` replaces."""
-    return type(attention.core_attention) is DotProductAttention
+    ``DotProductAttention`` (or our subclass of it that only adds packed THD rows; not TE's,
+    not our CP attention), the one :func:`grouped_query_attention` replaces."""
+    return isinstance(attention.core_attention, DotProductAttention)
 
 
 def attention_modules(gpt) -> list:
