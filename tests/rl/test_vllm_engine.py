@@ -342,6 +342,8 @@ def test_auto_engine_is_native_for_moe_on_cpu():
     from megatron_longact.rl.rollout.factory import resolve_engine
     from megatron_longact.rl.rollout.vllm_engine import vllm_available
 
-    assert resolve_engine("auto", moe=True) == ("vllm" if on_cuda() and vllm_available() else "native")
+    assert resolve_engine("auto", moe=True) == (
+        "vllm" if on_cuda() and vllm_available() else "native"
+    )
     assert resolve_engine("auto") == ("vllm" if vllm_available() else "native")
     assert resolve_engine("vllm", moe=True) == "vllm"  # explicit: check_moe_refit's one line
