@@ -50,12 +50,7 @@ def save_tiny_hf_model(
     torch.manual_seed(seed)
     config = AutoConfig.for_model(preset["model_type"], **fields)
     model = AutoModelForCausalLM.from_config(config).float()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1.0 + NORM_JITTER * torch.randn_like(param))
-            else:
-                param.normal_(0.0, WEIGHT_STD)
+    randomize_(model)
     model.to(dtype).save_pretrained(out, safe_serialization=True, max_shard_size=SHARD_SIZE)
     config_path = out / "config.json"
     config = json.loads(config_path.read_text())
@@ -65,6 +60,17 @@ def save_tiny_hf_model(
     for file in TINY_TOKENIZER_DIR.iterdir():
         shutil.copy2(file, out / file.name)
     return out
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module) -> None:
+    """Non-trivial random weights in place: norms 1 +- NORM_JITTER, the rest N(0, WEIGHT_STD)
+    (the global torch seed decides them)."""
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.copy_(1.0 + NORM_JITTER * torch.randn_like(param))
+        else:
+            param.normal_(0.0, WEIGHT_STD)
 
 
 def load_hf_tensors(folder: str | Path) -> dict[str, torch.Tensor]:

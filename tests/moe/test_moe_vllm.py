@@ -69,7 +69,7 @@ def test_a_layers_experts_are_one_vllm_module():
 
 def _save_moe_for_vllm(folder: Path) -> Path:
     """micro-qwen3-moe with head dim 32 and random non-trivial weights, by transformers."""
-    from tiny_hf import NORM_JITTER, WEIGHT_STD
+    from tiny_hf import randomize_
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from megatron_longact.data.tokenizer import TINY_TOKENIZER_DIR
@@ -81,12 +81,7 @@ def _save_moe_for_vllm(folder: Path) -> Path:
     fields["head_dim"] = VLLM_HEAD_DIM
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen3_moe", **fields)).float()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1.0 + NORM_JITTER * torch.randn_like(param))
-            else:
-                param.normal_(0.0, WEIGHT_STD)
+    randomize_(model)
     model.save_pretrained(folder, safe_serialization=True)
     config = json.loads((folder / "config.json").read_text())
     config.pop("rope_parameters", None)
