@@ -422,6 +422,10 @@ class RLConfig:
     ``heldout/*`` beside the reward curve. 0: never."""
     eval_num_prompts: int | None = None
     """Prompts of that held-out evaluation: the file's first N (None: all)."""
+    eval_at_start: bool = True
+    """Evaluate the start model (step 0) too. ``longact study`` turns it off for all runs but
+    one: every run starts from the same SFT model with the same evaluation seed, so their step-0
+    values are identical (~9% of a 100-step CPU run)."""
 
     def __post_init__(self) -> None:
         if self.max_tokens_per_microbatch < 0:

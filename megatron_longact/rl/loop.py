@@ -30,10 +30,12 @@ def _log_histograms(run: RLRun, writer: MetricsWriter, step: int) -> None:
 
 def interval_callbacks(run: RLRun, held_out: HeldOutEval | None) -> list[Every]:
     """What runs every N RL steps besides the step: the held-out evaluation
-    (``rl.eval_interval``), also on the start model (step 0) and after the last step."""
+    (``rl.eval_interval``), also on the start model (step 0, unless ``rl.eval_at_start`` is
+    off) and after the last step."""
     if held_out is None:
         return []
-    return [Every(held_out.interval, lambda step: held_out.evaluate(run), at_start=True,
+    return [Every(held_out.interval, lambda step: held_out.evaluate(run),
+                  at_start=run.job.rl.eval_at_start,
                   at_last=True)]  # fmt: skip
 
 

@@ -165,8 +165,12 @@ class StudyResult:
 
 
 def _rl_command(config: StudyConfig, arm: str, seed: int, *, sft: Path, run: Path) -> list[str]:
+    # Step 0 is the same SFT model under the same evaluation seed in every run: one run (the
+    # first job) evaluates it, the others start at their first interval.
+    first = (arm, seed) == (config.arms[0], 1)
     heldout = [
         f"rl.eval_interval={config.eval_interval}",
+        f"rl.eval_at_start={str(first).lower()}",
         f"eval.synthetic_kv_path={config.eval_data}",
         f"eval.num_samples={config.num_samples}",
     ]
@@ -256,11 +260,15 @@ def collect(out: Path, *, arms, seeds) -> StudyResult:
             result.curves.setdefault(arm, {})[seed] = read_curve(metrics)
             result.greedy.setdefault(arm, {})[seed] = read_curve(metrics, key=GREEDY_KEY)[last]
             result.eval_se.setdefault(arm, {})[seed] = read_curve(metrics, key=HELDOUT_SE_KEY)[last]
-            if result.sft_accuracy != result.sft_accuracy:  # the first run's step 0
+            if 0 in heldout and result.sft_accuracy != result.sft_accuracy:  # step 0: the SFT model
                 result.sft_accuracy = heldout[0]
                 result.sft_greedy = read_curve(metrics, key=GREEDY_KEY)[0]
     if not result.accuracy:
         raise ValueError(f"{out / 'rl'}: no finished RL run to report")
+    if result.sft_accuracy == result.sft_accuracy:  # runs that skipped step 0 start there too
+        for per_seed in result.heldout.values():
+            for curve in per_seed.values():
+                curve.setdefault(0, result.sft_accuracy)
     return result
 
 
