@@ -14,7 +14,7 @@ if [ ! -f "$OUT/data/sft_train.jsonl" ]; then
   # but still confuses the two keys about half the time, so RL has something to fix (one fact
   # is solved outright, 99% by step 300; four facts in 128 tokens stay at 0% after 500 steps).
   longact data --out-dir "$OUT/data" --context-tokens 64 --num-facts 2 \
-    --sft-train 6000 --sft-val 40 --rl-train 400 --rl-val 100
+    --sft-train 6000 --sft-val 40 --rl-train 400 --rl-val 200
 fi
 
 # The YAML files name runs/quickstart/...; these put every stage's files under $OUT instead.
@@ -22,8 +22,13 @@ sft_paths=("data.train_path=$OUT/data/sft_train.jsonl" "data.val_path=$OUT/data/
   "checkpoint.save_dir=$OUT/sft/checkpoints" "logging.tensorboard_dir=$OUT/sft/tensorboard")
 rl_paths=("data.train_path=$OUT/data/rl_train.jsonl" "checkpoint.load_dir=$OUT/sft/checkpoints"
   "checkpoint.save_dir=$OUT/rl/checkpoints" "logging.tensorboard_dir=$OUT/rl/tensorboard")
-longact sft --config examples/quickstart_cpu.yaml "${sft_paths[@]}" "$@"
-longact rl --config examples/quickstart_rl_cpu.yaml "${rl_paths[@]}" "$@"
+# Both training stages run as NPROC data-parallel processes of one thread each: on 2 cores,
+# 1.6x the speed of one process with 2 threads (this model's matmuls are too small to split
+# across threads). torchrun's flags; megatron_longact.runtime.launch passes one-line errors.
+train=("${PYTHON:-python}" -m megatron_longact.runtime.launch --standalone
+  --nproc-per-node "${NPROC:-2}" -m megatron_longact.cli)
+"${train[@]}" sft --config examples/quickstart_cpu.yaml "${sft_paths[@]}" "$@"
+"${train[@]}" rl --config examples/quickstart_rl_cpu.yaml "${rl_paths[@]}" "$@"
 
 if [ ! -f "$OUT/hf/config.json" ]; then
   longact convert --direction mcore2hf --load "$OUT/rl/checkpoints" --out "$OUT/hf"

@@ -28,9 +28,11 @@ def test_quickstart_sft_model_retrieves_held_out_facts(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     sft, rl = _kv_accuracy(out / "eval" / "sft"), _kv_accuracy(out / "eval" / "rl")
     print(f"held-out KV accuracy: SFT {sft:.0f}%, RL {rl:.0f}%")
-    # The README reports 43% and 52% for the SFT model (two runs; 100 prompts, greedy); 0%
-    # would mean it only learned the reply template, as every quickstart before this one did.
-    assert sft > 0.0
+    # The README's SFT runs scored 43-52% (greedy, held-out). A model that learned only the
+    # reply template scores 0%, one that copies the question's key instead of its value from
+    # the document 1-5% (three runs with the layout-invariant packing, quickstart_cpu.yaml):
+    # 20% separates both from a working run.
+    assert sft > 20.0, f"the quickstart's SFT model retrieves {sft:.0f}% of held-out facts"
     assert (out / "hf" / "config.json").is_file() and (out / "curves.png").is_file()
     # The sampled pass beside greedy: mean@8 with its standard error, and the table row of the
     # RL model's difference to the SFT model with the paired error (README's quickstart table).
