@@ -305,6 +305,29 @@ def details_table(result: StudyResult, *, window: int = 10) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired_table(result: StudyResult) -> str:
+    """Markdown: every arm minus the first arm (the baseline, e.g. dense) on the seeds both
+    finished, final held-out mean@k, mean ± 95% CI over seeds, percentage points. Runs of one
+    seed see the same prompts in the same order and are evaluated on the same prompts, so the
+    per-seed difference removes both from the comparison."""
+    arms = list(result.accuracy)
+    if len(arms) < 2:
+        return ""
+    base = arms[0]
+    lines = [f"| arm - {base} | seeds | mean@k difference, pp (mean ± 95% CI) | per seed |",
+             "|---|---|---|---|"]  # fmt: skip
+    for arm in arms[1:]:
+        seeds = sorted(set(result.accuracy[arm]) & set(result.accuracy[base]))
+        if not seeds:
+            continue
+        diffs = [result.accuracy[arm][s] - result.accuracy[base][s] for s in seeds]
+        d = summarize(diffs, arm=arm)
+        ci = "n/a" if d.ci95 != d.ci95 else f"{100 * d.ci95:.1f}"
+        per_seed = ", ".join(f"{100 * v:+.1f}" for v in diffs)
+        lines.append(f"| {arm} | {d.n} | {100 * d.mean:+.1f} ± {ci} | {per_seed} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(result: StudyResult, *, out: Path, config: StudyConfig) -> None:
     """study.json, study.md (the tables) and study.png (curves and accuracies)."""
     summaries = arm_summaries(result)
@@ -314,7 +337,8 @@ def write_report(result: StudyResult, *, out: Path, config: StudyConfig) -> None
         f"SFT model (step 0 of every RL run): {100 * result.sft_accuracy:.1f}% held-out mean@{k}, "
         f"{100 * result.sft_greedy:.1f}% greedy.\n\n"
     )
-    (out / "study.md").write_text(header + table + "\n" + details_table(result))
+    text = header + table + "\n" + details_table(result) + "\n" + paired_table(result)
+    (out / "study.md").write_text(text)
     payload = {
         "config": asdict(config),
         "result": asdict(result),
@@ -322,7 +346,7 @@ def write_report(result: StudyResult, *, out: Path, config: StudyConfig) -> None
     }
     (out / "study.json").write_text(json.dumps(payload, indent=2) + "\n")
     plot_study(result, out / "study.png", num_samples=k)
-    print(header + table + "\n" + details_table(result), flush=True)
+    print(text, flush=True)
 
 
 def _smooth(curve: dict[int, float], window: int) -> dict[int, float]:

@@ -14,6 +14,7 @@ from megatron_longact.study.harness import (
     claim,
     collect,
     details_table,
+    paired_table,
     read_accuracy,
     read_curve,
     write_report,
@@ -75,6 +76,8 @@ def test_collect_table_and_report(tmp_path):
     assert "| massive | 2 | 60.0 ± 0.0 | 60.0, 60.0 |" in table
     # Gain 0.6 - 0.25; rewards 1.01..1.10 first ten steps, 1.11..1.20 last ten.
     assert "| massive | +35.0 ± 0.0 | 55.0 ± 0.0 | 2.0 | 1.055 -> 1.155 |" in details_table(result)
+    # Same-seed differences to the first arm: 0.6 - 0.3 and 0.6 - 0.5.
+    assert "| massive | 2 | +20.0 ± 127.1 | +30.0, +10.0 |" in paired_table(result)
     config = StudyConfig(sft_config="a", rl_config="b", eval_data="c", out_dir=str(tmp_path))
     write_report(result, out=tmp_path, config=config)
     saved = json.loads((tmp_path / "study.json").read_text())
@@ -86,6 +89,22 @@ def test_collect_table_and_report(tmp_path):
     )
     with pytest.raises(ValueError, match="no finished RL run"):
         collect(tmp_path, arms=["random"], seeds=[1])
+
+
+def test_step_0_is_evaluated_once_and_starts_every_curve(tmp_path):
+    # Every run starts from the same SFT model under the same evaluation seed: only the first
+    # job (first arm, seed 1) evaluates step 0; the others' curves start from its value.
+    config = StudyConfig(sft_config="a", rl_config="b.yaml", eval_data="val.jsonl",
+                         out_dir=str(tmp_path), arms=["dense", "massive"])  # fmt: skip
+    for arm, seed, first in (("dense", 1, True), ("massive", 1, False), ("dense", 2, False)):
+        command = _rl_command(config, arm, seed, sft=tmp_path / "sft", run=tmp_path / "r")
+        assert f"rl.eval_at_start={str(first).lower()}" in command, command
+    rewards = {1: 1.0, 2: 1.1}
+    _write_run(tmp_path, "dense", 1, heldout={0: 0.25, 2: 0.3}, rewards=rewards, greedy=0.5)
+    _write_run(tmp_path, "massive", 1, heldout={2: 0.4}, rewards=rewards, greedy=0.5)
+    result = collect(tmp_path, arms=["massive", "dense"], seeds=[1])
+    assert result.sft_accuracy == 0.25
+    assert result.heldout["massive"][1] == {0: 0.25, 2: 0.4}
 
 
 def test_rl_command_sets_arm_seed_and_held_out_evaluation(tmp_path):
