@@ -24,6 +24,7 @@ from megatron_longact.eval.report import (
     INFINITEBENCH_TABLE,
     LONGBENCH_V2_TABLE,
     TableSpec,
+    add_greedy_errors,
     add_sampled_columns,
     load_scores,
     ruler_row,
@@ -193,8 +194,9 @@ def _tables(job: JobConfig, runs) -> list[Path]:
             "infinitebench": INFINITEBENCH_TABLE,
             "ruler": ruler_table([s.removeprefix("ruler-") for s in suites]),
         }[table]
-        if table != "ruler" and ev.num_samples > 0:  # mean@k ± SE columns beside greedy
+        if table != "ruler" and ev.num_samples > 0:  # greedy ± SE, then mean@k ± SE beside it
             suite = next(s for t, s, _ in runs if t == table)
+            spec = add_greedy_errors(spec, rows, dirs, suite=suite)
             name = sampled_suite_name(suite.name, ev.sample_temperature)
             spec = add_sampled_columns(spec, rows, dirs, suite=suite, name=name)
         # Difference rows are "this model vs the first compared one" (e.g. RL vs SFT).

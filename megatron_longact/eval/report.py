@@ -26,6 +26,7 @@ from megatron_longact.eval.runner import (
     scores_path,
 )
 from megatron_longact.eval.suite import Suite
+from megatron_longact.stats import mean_and_se
 
 Scores = Mapping[str, float]
 DECIMALS = 2  # the paper reports percentages with two decimals
@@ -206,6 +207,36 @@ def write_report(
     md_path.write_text(render_markdown(rows, spec, baseline=baseline), encoding="utf-8")
     csv_path.write_text(render_csv(rows, spec, baseline=baseline), encoding="utf-8")
     return md_path, csv_path
+
+
+def add_greedy_errors(
+    spec: TableSpec, rows: dict[str, dict[str, float]], dirs: Mapping[str, Path], *, suite: Suite
+) -> TableSpec:
+    """Extends ``spec`` and, in place, every row whose folder in ``dirs`` holds greedy
+    predictions of ``suite`` by the standard error over prompts of each column (one answer per
+    prompt: for a 0/1 score the binomial SE); rows after the first also get the paired SE of
+    their difference to it (the per-prompt differences, :data:`PAIRED`), as the sampled pass's
+    columns do (:func:`add_sampled_columns`)."""
+    records = {}
+    for label, folder in dirs.items():
+        file = predictions_path(folder, suite.name)
+        if file.is_file():  # one greedy answer per prompt, as a one-sample group
+            records[label] = [{"id": r["id"], "samples": [r]} for r in read_predictions(file)]
+    errors = dict(spec.errors)
+    for column in spec.columns:
+        if column in errors:
+            continue
+        errors[column] = f"{column} SE"
+        for label, recs in records.items():
+            per_prompt = [suite.aggregate(r["samples"]).get(column, math.nan) for r in recs]
+            rows[label][errors[column]] = mean_and_se(per_prompt)[1]
+    baseline, *others = list(rows)
+    for label in others:
+        if label in records and baseline in records:
+            for column in spec.columns:
+                diff = paired_difference(suite, records[label], records[baseline], column)
+                rows[label][f"{errors[column]} {PAIRED}"] = diff[1]
+    return TableSpec(spec.title, spec.columns, tuple(errors.items()))
 
 
 def add_sampled_columns(

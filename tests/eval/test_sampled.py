@@ -135,6 +135,7 @@ def test_longact_eval_tables_greedy_and_mean_at_k_with_paired_errors(tmp_path):
     from megatron_longact.data.rl_data import write_rl_jsonl
     from megatron_longact.eval.cli import run_eval
     from megatron_longact.eval.runner import paired_difference
+    from megatron_longact.stats import mean_and_se
 
     data = tmp_path / "kv.jsonl"
     write_rl_jsonl(_records(12), data)
@@ -172,3 +173,11 @@ def test_longact_eval_tables_greedy_and_mean_at_k_with_paired_errors(tmp_path):
     )
     delta_row = next(line for line in md.splitlines() if line.startswith("| RL vs SFT"))
     assert n == 12 and f"{mean:+.2f} ± {se:.2f}" in delta_row, (delta_row, mean, se)
+    # Greedy columns carry their SE over prompts too (one 0/1 answer per prompt: the binomial
+    # SE), and the difference row the paired one (both models answer alike: 0 ± 0).
+    greedy = [100.0 * r["correct"] for r in read_predictions(predictions_path(sft, "synthetic_kv"))]
+    g_mean, g_se = mean_and_se(greedy)
+    assert len(greedy) == 12 and 0 < g_mean < 100
+    sft_row = next(line for line in md.splitlines() if line.startswith("| SFT |"))
+    assert f"{g_mean:.2f}** ± {g_se:.2f}" in sft_row, (sft_row, g_mean, g_se)
+    assert delta_row.split("|")[2].strip() == "+0.00 ± 0.00", delta_row
