@@ -37,6 +37,8 @@ class HeldOutEval:
     records: list[RLRecord]
     interval: int
     """Evaluate every this many RL steps (and at step 0 and the last step)."""
+    at_start: bool = True
+    """Also at step 0, the start model (``rl.eval_at_start``)."""
 
     @classmethod
     def from_job(cls, job: JobConfig) -> HeldOutEval | None:
@@ -52,7 +54,7 @@ class HeldOutEval:
         records = load_rl_jsonl(ev.synthetic_kv_path)[: rl.eval_num_prompts]
         if not records:
             raise UserError(f"eval.synthetic_kv_path={ev.synthetic_kv_path} holds no prompts")
-        return cls(records=records, interval=rl.eval_interval)
+        return cls(records=records, interval=rl.eval_interval, at_start=rl.eval_at_start)
 
     def evaluate(self, run) -> dict[str, float]:
         """``heldout/*`` metrics (fractions; ``_se`` the standard error over prompts) of the

@@ -35,8 +35,7 @@ def interval_callbacks(run: RLRun, held_out: HeldOutEval | None) -> list[Every]:
     if held_out is None:
         return []
     return [Every(held_out.interval, lambda step: held_out.evaluate(run),
-                  at_start=run.job.rl.eval_at_start,
-                  at_last=True)]  # fmt: skip
+                  at_start=held_out.at_start, at_last=True)]  # fmt: skip
 
 
 def run_rl(job: JobConfig, *, config_yaml: str = "") -> Metrics:

@@ -39,6 +39,11 @@ def test_schedule_and_config(tmp_path):
     assert [r.id for r in held_out.records] == ["r0", "r1", "r2"]
     every = interval_callbacks(None, held_out)[0]  # the RL loop's schedule for it
     assert [s for s in range(26) if every.due(s, last_step=25)] == [0, 10, 20, 25]
+    # longact study evaluates the shared step 0 in one run only.
+    late = HeldOutEval.from_job(load_config(JobConfig, None, [
+        "rl.eval_interval=10", f"eval.synthetic_kv_path={data}", "rl.eval_at_start=false"]))  # fmt: skip
+    every = interval_callbacks(None, late)[0]
+    assert [s for s in range(26) if every.due(s, last_step=25)] == [10, 20, 25]
     with pytest.raises(ValueError, match="eval.synthetic_kv_path"):
         HeldOutEval.from_job(load_config(JobConfig, None, ["rl.eval_interval=10"]))
     with pytest.raises(ValueError, match="rl.eval_interval"):
