@@ -25,7 +25,7 @@ rl_paths=("data.train_path=$OUT/data/rl_train.jsonl" "checkpoint.load_dir=$OUT/s
 # Both training stages run as NPROC data-parallel processes of one thread each: on 2 cores,
 # 1.6x the speed of one process with 2 threads (this model's matmuls are too small to split
 # across threads). torchrun's flags; megatron_longact.runtime.launch passes one-line errors.
-train=("${PYTHON:-python}" -m megatron_longact.runtime.launch --standalone
+train=("${PYTHON:-python3}" -m megatron_longact.runtime.launch --standalone
   --nproc-per-node "${NPROC:-2}" -m megatron_longact.cli)
 "${train[@]}" sft --config examples/quickstart_cpu.yaml "${sft_paths[@]}" "$@"
 "${train[@]}" rl --config examples/quickstart_rl_cpu.yaml "${rl_paths[@]}" "$@"
