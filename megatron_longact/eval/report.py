@@ -23,10 +23,10 @@ from megatron_longact.eval.runner import (
     paired_difference,
     predictions_path,
     read_predictions,
+    sampled_scores,
     scores_path,
 )
 from megatron_longact.eval.suite import Suite
-from megatron_longact.stats import mean_and_se
 
 Scores = Mapping[str, float]
 DECIMALS = 2  # the paper reports percentages with two decimals
@@ -209,34 +209,42 @@ def write_report(
     return md_path, csv_path
 
 
+def _set_paired_errors(
+    rows: dict[str, dict[str, float]],
+    records: Mapping[str, list],
+    errors: Mapping[str, str],
+    *,
+    suite: Suite,
+) -> None:
+    """For every row after the first whose predictions are in ``records`` (as is the first's):
+    ``"<error> paired"``, the SE of its per-prompt differences to the first row, for each
+    ``{score column of suite.aggregate: error key}`` of ``errors``."""
+    baseline, *others = list(rows)
+    for label in others:
+        if label in records and baseline in records:
+            for source, error in errors.items():
+                diff = paired_difference(suite, records[label], records[baseline], source)
+                rows[label][f"{error} {PAIRED}"] = diff[1]
+
+
 def add_greedy_errors(
     spec: TableSpec, rows: dict[str, dict[str, float]], dirs: Mapping[str, Path], *, suite: Suite
 ) -> TableSpec:
     """Extends ``spec`` and, in place, every row whose folder in ``dirs`` holds greedy
     predictions of ``suite`` by the standard error over prompts of each column (one answer per
     prompt: for a 0/1 score the binomial SE); rows after the first also get the paired SE of
-    their difference to it (the per-prompt differences, :data:`PAIRED`), as the sampled pass's
-    columns do (:func:`add_sampled_columns`)."""
+    their difference to it, as the sampled pass's columns do (:func:`add_sampled_columns`)."""
     records = {}
     for label, folder in dirs.items():
         file = predictions_path(folder, suite.name)
-        if file.is_file():  # one greedy answer per prompt, as a one-sample group
+        if file.is_file():  # one greedy answer per prompt: a group of one sample
             records[label] = [{"id": r["id"], "samples": [r]} for r in read_predictions(file)]
-    errors = dict(spec.errors)
-    for column in spec.columns:
-        if column in errors:
-            continue
-        errors[column] = f"{column} SE"
-        for label, recs in records.items():
-            per_prompt = [suite.aggregate(r["samples"]).get(column, math.nan) for r in recs]
-            rows[label][errors[column]] = mean_and_se(per_prompt)[1]
-    baseline, *others = list(rows)
-    for label in others:
-        if label in records and baseline in records:
-            for column in spec.columns:
-                diff = paired_difference(suite, records[label], records[baseline], column)
-                rows[label][f"{errors[column]} {PAIRED}"] = diff[1]
-    return TableSpec(spec.title, spec.columns, tuple(errors.items()))
+    errors = {c: f"{c} SE" for c in spec.columns if c not in dict(spec.errors)}
+    for label, recs in records.items():
+        scores = sampled_scores(suite, recs, num_samples=1, temperature=0.0)
+        rows[label].update({e: scores.get(e, math.nan) for e in errors.values()})
+    _set_paired_errors(rows, records, errors, suite=suite)
+    return TableSpec(spec.title, spec.columns, (*spec.errors, *errors.items()))
 
 
 def add_sampled_columns(
@@ -255,15 +263,8 @@ def add_sampled_columns(
         file = scores_path(folder, name)
         if file.is_file():
             extended, rows[label] = with_sampled(spec, rows[label], load_scores(file))
-    baseline, *others = list(rows)
-    base_file = predictions_path(dirs[baseline], name)
-    for label in others:
-        file = predictions_path(dirs[label], name)
-        if not (base_file.is_file() and file.is_file()):
-            continue
-        mine, base = read_predictions(file), read_predictions(base_file)
-        for column, error in extended.errors:
-            if " mean@" in column:
-                source = column.split(" mean@")[0]
-                rows[label][f"{error} {PAIRED}"] = paired_difference(suite, mine, base, source)[1]
+    files = {label: predictions_path(folder, name) for label, folder in dirs.items()}
+    records = {label: read_predictions(f) for label, f in files.items() if f.is_file()}
+    errors = {c.split(" mean@")[0]: e for c, e in extended.errors if " mean@" in c}
+    _set_paired_errors(rows, records, errors, suite=suite)
     return extended
