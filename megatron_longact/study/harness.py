@@ -162,6 +162,8 @@ class StudyResult:
     eval_se: dict[str, dict[int, float]] = field(default_factory=dict)
     """arm -> seed -> standard error of that run's final mean@k over prompts (fraction)."""
     sft_greedy: float = float("nan")
+    pass_at_k: dict[str, dict[int, float]] = field(default_factory=dict)
+    """arm -> seed -> held-out pass@k after the last step (fraction; nan if not logged)."""
 
 
 def _rl_command(config: StudyConfig, arm: str, seed: int, *, sft: Path, run: Path) -> list[str]:
@@ -239,14 +241,15 @@ def run_study(config: StudyConfig) -> StudyResult:
         ]
         for future in futures:
             future.result()
-    result = collect(out, arms=config.arms, seeds=range(1, config.seeds + 1))
+    result = collect(out, arms=config.arms, seeds=range(1, config.seeds + 1),
+                     num_samples=config.num_samples)  # fmt: skip
     write_report(result, out=out, config=config)
     return result
 
 
-def collect(out: Path, *, arms, seeds) -> StudyResult:
+def collect(out: Path, *, arms, seeds, num_samples: int = 8) -> StudyResult:
     """The finished runs' curves and final held-out scores under ``out/rl`` (missing runs are
-    left out, so a partial study can be reported)."""
+    left out, so a partial study can be reported); ``num_samples`` is the k of pass@k."""
     result = StudyResult(sft_accuracy=float("nan"), accuracy={}, curves={})
     for arm in arms:
         for seed in seeds:
@@ -260,6 +263,8 @@ def collect(out: Path, *, arms, seeds) -> StudyResult:
             result.curves.setdefault(arm, {})[seed] = read_curve(metrics)
             result.greedy.setdefault(arm, {})[seed] = read_curve(metrics, key=GREEDY_KEY)[last]
             result.eval_se.setdefault(arm, {})[seed] = read_curve(metrics, key=HELDOUT_SE_KEY)[last]
+            pass_k = read_curve(metrics, key=f"heldout/pass@{num_samples}")
+            result.pass_at_k.setdefault(arm, {})[seed] = pass_k.get(last, float("nan"))
             if 0 in heldout and result.sft_accuracy != result.sft_accuracy:  # step 0: the SFT model
                 result.sft_accuracy = heldout[0]
                 result.sft_greedy = read_curve(metrics, key=GREEDY_KEY)[0]
@@ -282,6 +287,10 @@ def _ends(curve: dict[int, float], window: int) -> tuple[float, float]:
     return statistics.fmean(values[:window]), statistics.fmean(values[-window:])
 
 
+def _ci_text(summary: ArmSummary, scale: float = 100.0, digits: int = 1) -> str:
+    return "n/a" if summary.ci95 != summary.ci95 else f"{scale * summary.ci95:.{digits}f}"
+
+
 def details_table(result: StudyResult, *, window: int = 10) -> str:
     """Markdown: per arm, the gain over the SFT model's mean@k, greedy accuracy (each mean ±
     95% CI over seeds), the mean per-run evaluation SE, and the reward at both ends of the run
@@ -293,13 +302,9 @@ def details_table(result: StudyResult, *, window: int = 10) -> str:
         greedy = summarize(list(result.greedy[arm].values()), arm=arm)
         ends = [_ends(c, window) for c in result.curves[arm].values() if c]
         first, last = (statistics.fmean(e[i] for e in ends) for i in (0, 1))
-
-        def ci(s: ArmSummary) -> str:
-            return "n/a" if s.ci95 != s.ci95 else f"{100 * s.ci95:.1f}"
-
         lines.append(
-            f"| {arm} | {100 * gain.mean:+.1f} ± {ci(gain)} | {100 * greedy.mean:.1f} ± "
-            f"{ci(greedy)} | {100 * statistics.fmean(result.eval_se[arm].values()):.1f} | "
+            f"| {arm} | {100 * gain.mean:+.1f} ± {_ci_text(gain)} | {100 * greedy.mean:.1f} ± "
+            f"{_ci_text(greedy)} | {100 * statistics.fmean(result.eval_se[arm].values()):.1f} | "
             f"{first:.3f} -> {last:.3f} |"
         )
     return "\n".join(lines) + "\n"
@@ -322,9 +327,70 @@ def paired_table(result: StudyResult) -> str:
             continue
         diffs = [result.accuracy[arm][s] - result.accuracy[base][s] for s in seeds]
         d = summarize(diffs, arm=arm)
-        ci = "n/a" if d.ci95 != d.ci95 else f"{100 * d.ci95:.1f}"
         per_seed = ", ".join(f"{100 * v:+.1f}" for v in diffs)
-        lines.append(f"| {arm} | {d.n} | {100 * d.mean:+.1f} ± {ci} | {per_seed} |")
+        lines.append(f"| {arm} | {d.n} | {100 * d.mean:+.1f} ± {_ci_text(d)} | {per_seed} |")
+    return "\n".join(lines) + "\n"
+
+
+def _runs(result: StudyResult) -> list[tuple[str, int]]:
+    return [(arm, seed) for arm, per_seed in result.accuracy.items() for seed in sorted(per_seed)]
+
+
+def gain_table(result: StudyResult, *, window: int = 10) -> str:
+    """Markdown: the change over the SFT model pooled over every finished run, whatever its
+    arm (does RL move the held-out metric at all?): per evaluated step the mean@k gain, mean ±
+    95% CI over runs, its sd, range and how many runs gained; then the last step's greedy
+    gain and the reward's last-minus-first ``window`` steps. Percentage points (reward: its
+    own units)."""
+    runs = _runs(result)
+    steps = sorted({s for a, r in runs for s in result.heldout[a][r]} - {0})
+    lines = ["| all runs, vs SFT | runs | mean ± 95% CI | sd | range | runs gaining |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+
+    def row(name: str, values: list[float], scale: float, digits: int) -> str:
+        s = summarize(values, arm=name)
+        gaining = sum(v > 0 for v in values)
+        sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+        return (
+            f"| {name} | {s.n} | {scale * s.mean:+.{digits}f} ± {_ci_text(s, scale, digits)} | "
+            f"{scale * sd:.{digits}f} | {scale * min(values):+.{digits}f} .. "
+            f"{scale * max(values):+.{digits}f} | {gaining} of {s.n} |"
+        )
+
+    for step in steps:
+        gains = [result.heldout[a][r][step] - result.sft_accuracy for a, r in runs
+                 if step in result.heldout[a][r]]  # fmt: skip
+        lines.append(row(f"mean@k at step {step}, pp", gains, 100.0, 1))
+    if result.sft_greedy == result.sft_greedy:
+        greedy = [result.greedy[a][r] - result.sft_greedy for a, r in runs]
+        lines.append(row("greedy at the last step, pp", greedy, 100.0, 1))
+    rewards = [_ends(result.curves[a][r], window) for a, r in runs if result.curves[a][r]]
+    if rewards:
+        lines.append(row(f"reward, last - first {window} steps", [b - a for a, b in rewards],
+                         1.0, 3))  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def runs_table(result: StudyResult, *, window: int = 10, num_samples: int = 8) -> str:
+    """Markdown: one row per finished run: held-out mean@k at every evaluated step (± the
+    run's evaluation SE at the last), greedy and pass@k at the last step (percent), and the
+    reward of the first and last ``window`` steps."""
+    runs = _runs(result)
+    steps = sorted({s for a, r in runs for s in result.heldout[a][r]} - {0})
+    head = " | ".join(f"mean@{num_samples} at {s}" for s in steps)
+    lines = [f"| run | {head} | greedy at last | pass@{num_samples} at last | "
+             f"reward, first -> last {window} steps |", "|" + "---|" * (len(steps) + 4)]  # fmt: skip
+    for arm, seed in runs:
+        curve = result.heldout[arm][seed]
+        cells = [f"{100 * curve[s]:.1f}" if s in curve else "-" for s in steps]
+        cells[-1] += f" ± {100 * result.eval_se[arm][seed]:.1f}"
+        first, last = _ends(result.curves[arm][seed], window) if result.curves[arm][seed] else (
+            float("nan"), float("nan"))  # fmt: skip
+        lines.append(
+            f"| {arm}-s{seed} | {' | '.join(cells)} | {100 * result.greedy[arm][seed]:.1f} | "
+            f"{100 * result.pass_at_k.get(arm, {}).get(seed, float('nan')):.1f} | "
+            f"{first:.3f} -> {last:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -337,7 +403,8 @@ def write_report(result: StudyResult, *, out: Path, config: StudyConfig) -> None
         f"SFT model (step 0 of every RL run): {100 * result.sft_accuracy:.1f}% held-out mean@{k}, "
         f"{100 * result.sft_greedy:.1f}% greedy.\n\n"
     )
-    text = header + table + "\n" + details_table(result) + "\n" + paired_table(result)
+    text = "\n".join([header + table, details_table(result), paired_table(result),
+                      gain_table(result), runs_table(result, num_samples=k)])  # fmt: skip
     (out / "study.md").write_text(text)
     payload = {
         "config": asdict(config),
@@ -450,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
         eval_overrides=args.eval_override, launcher=args.launcher,
     )  # fmt: skip
     if args.report_only:
-        result = collect(Path(config.out_dir), arms=config.arms, seeds=range(1, config.seeds + 1))
+        result = collect(Path(config.out_dir), arms=config.arms,
+                         seeds=range(1, config.seeds + 1), num_samples=config.num_samples)  # fmt: skip
         write_report(result, out=Path(config.out_dir), config=config)
     else:
         run_study(config)

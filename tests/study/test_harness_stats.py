@@ -14,9 +14,11 @@ from megatron_longact.study.harness import (
     claim,
     collect,
     details_table,
+    gain_table,
     paired_table,
     read_accuracy,
     read_curve,
+    runs_table,
     write_report,
 )
 from megatron_longact.study.stats import format_table, mean_curve, summarize, t_quantile_975
@@ -52,7 +54,8 @@ def _write_run(root, arm: str, seed: int, *, heldout: dict, rewards: dict, greed
     (run / "tb").mkdir(parents=True)
     lines = [{"step": s, "rollout/reward_mean": r} for s, r in rewards.items()]
     lines += [{"step": s, "heldout/accuracy": a, "heldout/accuracy_se": 0.02,
-               "heldout/greedy_accuracy": greedy if s else 0.5} for s, a in heldout.items()]  # fmt: skip
+               "heldout/greedy_accuracy": greedy if s else 0.5, "heldout/pass@8": 0.9 - a}
+              for s, a in heldout.items()]  # fmt: skip
     (run / "tb" / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     (run / "done").write_text("")
 
@@ -78,6 +81,16 @@ def test_collect_table_and_report(tmp_path):
     assert "| massive | +35.0 ± 0.0 | 55.0 ± 0.0 | 2.0 | 1.055 -> 1.155 |" in details_table(result)
     # Same-seed differences to the first arm: 0.6 - 0.3 and 0.6 - 0.5.
     assert "| massive | 2 | +20.0 ± 127.1 | +30.0, +10.0 |" in paired_table(result)
+    # Pooled over the 4 runs: gains 0.05 at step 10 in all, 0.05/0.25/0.35/0.35 at step 20
+    # (mean 0.25, sd 0.1414, 3.182 * 0.1414 / 2 = 0.225); greedy 0.55 - 0.5; reward +0.1.
+    gains = gain_table(result)
+    assert "| mean@k at step 10, pp | 4 | +5.0 ± 0.0 | 0.0 | +5.0 .. +5.0 | 4 of 4 |" in gains
+    assert "| mean@k at step 20, pp | 4 | +25.0 ± 22.5 | 14.1 | +5.0 .. +35.0 | 4 of 4 |" in gains
+    assert "| greedy at the last step, pp | 4 | +5.0 ± 0.0 |" in gains
+    assert "| reward, last - first 10 steps | 4 | +0.100 ± 0.000 |" in gains
+    runs = runs_table(result)
+    assert "| run | mean@8 at 10 | mean@8 at 20 | greedy at last | pass@8 at last |" in runs
+    assert "| dense-s1 | 30.0 | 30.0 ± 2.0 | 55.0 | 60.0 | 1.055 -> 1.155 |" in runs
     config = StudyConfig(sft_config="a", rl_config="b", eval_data="c", out_dir=str(tmp_path))
     write_report(result, out=tmp_path, config=config)
     saved = json.loads((tmp_path / "study.json").read_text())
