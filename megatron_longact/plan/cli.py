@@ -19,6 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from megatron_longact.config.schema import LOGPROB_CHUNK_TOKENS
 from megatron_longact.errors import UserError
 from megatron_longact.plan.from_config import ConfigInputs, load_plan_config, read_plan_inputs
 from megatron_longact.plan.layout import Layout, LayoutError
@@ -99,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         "else te)",
     )
     parser.add_argument("--gpu-mem-gib", type=float, default=DEFAULT_GPU_MEM_GIB)
+    parser.add_argument(
+        "--logprob-chunk-tokens",
+        type=int,
+        help="tokens per chunk of the RL policy step's log-prob pass, 0 unchunked (default: the "
+        f"RL config's rl.logprob_chunk_tokens, else {LOGPROB_CHUNK_TOKENS})",
+    )
     parser.add_argument("--overhead-gib", type=float, default=DEFAULT_OVERHEAD_GIB)
     parser.add_argument(
         "overrides", nargs="*", help="dotted config overrides, e.g. data.seq_length=16384"
@@ -259,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
             flash_attention=not args.no_flash_attention,
             attention_backend=backend,
             rl_policy_step=bool(rollout_batch) or inputs.rollout_sequences is not None,
+            logprob_chunk_tokens=_pick(
+                args.logprob_chunk_tokens, inputs.logprob_chunk_tokens, LOGPROB_CHUNK_TOKENS
+            ),
             overhead_gib=args.overhead_gib,
             gpu_mem_gib=args.gpu_mem_gib,
             enforce_budget=False,  # print the breakdown first, then fail below

@@ -51,6 +51,8 @@ class ConfigInputs:
     """``rl.vllm_memory_fraction`` under ``rl.engine=vllm``: the GPU share vLLM reserves."""
     rollout_sleep: bool | None = None
     """True under ``rl.engine=vllm``: its pool is freed while megatron trains (sleep mode)."""
+    logprob_chunk_tokens: int | None = None
+    """``rl.logprob_chunk_tokens``: tokens per chunk of the RL log-prob pass (0: unchunked)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,9 +88,10 @@ def read_plan_inputs(config: PlanConfig) -> ConfigInputs:
     seq_length = job.data.seq_length
     global_batch = job.data.global_batch_size
     rollout_sequences = generation_sequences = generation_batch_size = None
-    rollout_memory_fraction = rollout_sleep = None
+    rollout_memory_fraction = rollout_sleep = logprob_chunk_tokens = None
     if written.get("rl"):
         rl = job.rl
+        logprob_chunk_tokens = rl.logprob_chunk_tokens
         seq_length = rl.max_seq_length
         rollout_sequences = global_batch = rl.prompts_per_step * rl.rollouts_per_prompt
         multiplier = rl.gen_batch_multiplier if rl.dynamic_sampling else 1
@@ -130,4 +133,5 @@ def read_plan_inputs(config: PlanConfig) -> ConfigInputs:
         attention_backend=job.model.attention_backend,
         rollout_memory_fraction=rollout_memory_fraction,
         rollout_sleep=rollout_sleep,
+        logprob_chunk_tokens=logprob_chunk_tokens,
     )

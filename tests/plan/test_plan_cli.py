@@ -5,6 +5,7 @@ import re
 
 import yaml
 
+from megatron_longact.config.schema import LOGPROB_CHUNK_TOKENS
 from megatron_longact.plan.cli import main
 
 RL_8B = ["--model", "qwen3-8b", "--nodes", "8", "--tp", "2", "--cp", "4"]
@@ -91,6 +92,16 @@ def test_reads_parallel_data_and_rl_sections_with_overrides(tmp_path, capsys):
     assert "9.00 GiB" in out
     # parallel.sequence_parallel is absent: off, as in the training config's default.
     assert re.search(r"sequence parallel\s+│\s+off", out)
+    # rl.logprob_chunk_tokens reaches the logits term: unchunked (0) holds the fp32
+    # temporaries of every token at once, so its logits row is larger; the flag wins.
+    logits = {}
+    flag = ["--logprob-chunk-tokens", str(LOGPROB_CHUNK_TOKENS)]
+    for name, extra in (("config", []), ("unchunked", ["rl.logprob_chunk_tokens=0"]),
+                        ("flag", ["rl.logprob_chunk_tokens=0", *flag])):  # fmt: skip
+        assert main(["--config", str(path), "--nodes", "8", *extra]) == 0
+        row = re.search(r"logits\s+│\s+([0-9.]+) GiB", capsys.readouterr().out)
+        logits[name] = float(row[1])
+    assert logits["unchunked"] > logits["config"] == logits["flag"], logits
 
 
 def test_config_preset_resolves_to_the_packaged_model(tmp_path, capsys):
