@@ -38,6 +38,7 @@ from megatron_longact.study.stats import (
     ArmSummary,
     format_table,
     mean_curve,
+    seed_arm_split,
     summarize,
     summarize_arms,
 )
@@ -332,6 +333,29 @@ def paired_table(result: StudyResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+def split_table(result: StudyResult) -> str:
+    """Markdown: the final held-out mean@k split into arm, seed and residual
+    (:func:`~megatron_longact.study.stats.seed_arm_split`) over the seeds every arm finished,
+    and the seeds per arm a paired arm difference of ±1 and ±2 pp (95%) would need. Empty
+    with fewer than 2 arms or 2 common seeds."""
+    arms = list(result.accuracy)
+    seeds = sorted(set.intersection(*(set(result.accuracy[a]) for a in arms))) if arms else []
+    if len(arms) < 2 or len(seeds) < 2:
+        return ""
+    split = seed_arm_split([[100 * result.accuracy[a][s] for s in seeds] for a in arms])
+    res_dof = (split.arms - 1) * (split.seeds - 1)
+    return "\n".join([
+        f"| final mean@k, {split.arms} arms x {split.seeds} seeds | share of variance | F (dof) |",
+        "|---|---|---|",
+        f"| arm | {split.share_arm:.0%} | {split.f_arm:.2f} ({split.arms - 1}, {res_dof}) |",
+        f"| seed | {split.share_seed:.0%} | {split.f_seed:.2f} ({split.seeds - 1}, {res_dof}) |",
+        f"| residual | {split.share_residual:.0%} | sd {split.residual_sd:.2f} pp |",
+        "",
+        f"A difference between two arms paired by seed, to ±1 pp (95%): "
+        f"{split.seeds_for(1.0)} seeds per arm; to ±2 pp: {split.seeds_for(2.0)}.",
+    ]) + "\n"  # fmt: skip
+
+
 def _runs(result: StudyResult) -> list[tuple[str, int]]:
     return [(arm, seed) for arm, per_seed in result.accuracy.items() for seed in sorted(per_seed)]
 
@@ -404,7 +428,8 @@ def write_report(result: StudyResult, *, out: Path, config: StudyConfig) -> None
         f"{100 * result.sft_greedy:.1f}% greedy.\n\n"
     )
     text = "\n".join([header + table, details_table(result), paired_table(result),
-                      gain_table(result), runs_table(result, num_samples=k)])  # fmt: skip
+                      split_table(result), gain_table(result),
+                      runs_table(result, num_samples=k)])  # fmt: skip
     (out / "study.md").write_text(text)
     payload = {
         "config": asdict(config),

@@ -68,3 +68,54 @@ def format_table(summaries: Sequence[ArmSummary], *, metric: str, scale: float =
         seeds = ", ".join(f"{scale * v:.1f}" for v in s.values)
         lines.append(f"| {s.arm} | {s.n} | {scale * s.mean:.1f} ± {ci} | {seeds} |")
     return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SeedArmSplit:
+    """Two-way split of final values over a complete arms x seeds grid (one run per cell):
+    how much of the spread the arm explains, how much the seed (prompt order and rollout
+    draws, shared by every arm of a seed), and what is left."""
+
+    arms: int
+    seeds: int
+    share_arm: float
+    """Fraction of the total sum of squares explained by the arm means."""
+    share_seed: float
+    share_residual: float
+    f_arm: float
+    """Mean square of the arms over the residual mean square (dof arms-1, (arms-1)(seeds-1))."""
+    f_seed: float
+    residual_sd: float
+    """sqrt(residual mean square): one run's noise once its arm and seed are accounted for."""
+
+    def seeds_for(self, half_width: float) -> int:
+        """Seeds per arm for a 95% CI of ``half_width`` on an arm-minus-arm difference paired by
+        seed (that difference's sd is sqrt(2) * residual_sd; normal approximation)."""
+        return math.ceil((_Z975 * math.sqrt(2) * self.residual_sd / half_width) ** 2)
+
+
+def seed_arm_split(grid: Sequence[Sequence[float]]) -> SeedArmSplit:
+    """Additive two-way analysis of variance without replication. ``grid[a][s]``: the value of
+    arm ``a`` at seed ``s`` (every cell filled; at least 2 arms and 2 seeds)."""
+    arms, seeds = len(grid), len(grid[0]) if grid else 0
+    if arms < 2 or seeds < 2 or any(len(row) != seeds for row in grid):
+        raise ValueError(f"seed_arm_split needs a full grid of >= 2 arms x >= 2 seeds, got "
+                         f"{[len(row) for row in grid]}")  # fmt: skip
+    grand = statistics.fmean(v for row in grid for v in row)
+    arm_means = [statistics.fmean(row) for row in grid]
+    seed_means = [statistics.fmean(row[s] for row in grid) for s in range(seeds)]
+    ss_total = sum((v - grand) ** 2 for row in grid for v in row)
+    ss_arm = seeds * sum((m - grand) ** 2 for m in arm_means)
+    ss_seed = arms * sum((m - grand) ** 2 for m in seed_means)
+    ss_res = max(ss_total - ss_arm - ss_seed, 0.0)
+    ms_res = ss_res / ((arms - 1) * (seeds - 1))
+
+    def f(ss: float, dof: int) -> float:
+        return ss / dof / ms_res if ms_res > 0 else math.inf
+
+    total = ss_total or 1.0
+    return SeedArmSplit(
+        arms=arms, seeds=seeds, share_arm=ss_arm / total, share_seed=ss_seed / total,
+        share_residual=ss_res / total, f_arm=f(ss_arm, arms - 1), f_seed=f(ss_seed, seeds - 1),
+        residual_sd=math.sqrt(ms_res),
+    )  # fmt: skip

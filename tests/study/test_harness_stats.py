@@ -19,9 +19,16 @@ from megatron_longact.study.harness import (
     read_accuracy,
     read_curve,
     runs_table,
+    split_table,
     write_report,
 )
-from megatron_longact.study.stats import format_table, mean_curve, summarize, t_quantile_975
+from megatron_longact.study.stats import (
+    format_table,
+    mean_curve,
+    seed_arm_split,
+    summarize,
+    t_quantile_975,
+)
 
 
 def test_summary_by_hand():
@@ -38,6 +45,20 @@ def test_t_quantiles_match_tables():
     assert t_quantile_975(30) == 2.042 and t_quantile_975(200) == 1.96
     with pytest.raises(ValueError, match="at least 2"):
         t_quantile_975(0)
+
+
+def test_seed_arm_split_by_hand():
+    # Grid [[1, 3], [2, 6]]: grand mean 3; arm means 2, 4 -> SS 2 * (1 + 1) = 4; seed means
+    # 1.5, 4.5 -> SS 2 * (2.25 + 2.25) = 9; total 4 + 0 + 1 + 9 = 14; residual 1 on 1 dof.
+    split = seed_arm_split([[1.0, 3.0], [2.0, 6.0]])
+    assert (split.share_arm, split.share_seed) == (pytest.approx(4 / 14), pytest.approx(9 / 14))
+    assert split.share_residual == pytest.approx(1 / 14)
+    assert (split.f_arm, split.f_seed, split.residual_sd) == (
+        pytest.approx(4.0), pytest.approx(9.0), pytest.approx(1.0))  # fmt: skip
+    # Paired difference sd sqrt(2): (1.96 * 1.414 / 1)^2 = 7.7 -> 8 seeds; / 2 -> 1.9 -> 2.
+    assert (split.seeds_for(1.0), split.seeds_for(2.0)) == (8, 2)
+    with pytest.raises(ValueError, match="full grid"):
+        seed_arm_split([[1.0, 2.0], [3.0]])
 
 
 def test_mean_curve_over_seeds_with_ragged_steps():
@@ -88,6 +109,10 @@ def test_collect_table_and_report(tmp_path):
     assert "| mean@k at step 20, pp | 4 | +25.0 ± 22.5 | 14.1 | +5.0 .. +35.0 | 4 of 4 |" in gains
     assert "| greedy at the last step, pp | 4 | +5.0 ± 0.0 |" in gains
     assert "| reward, last - first 10 steps | 4 | +0.100 ± 0.000 |" in gains
+    # Final values in pp [[30, 50], [60, 60]]: SS arm 400, seed 100, residual 100 of 600.
+    split = split_table(result)
+    assert "| arm | 67% | 4.00 (1, 1) |" in split and "| seed | 17% | 1.00 (1, 1) |" in split
+    assert "| residual | 17% | sd 10.00 pp |" in split and "769 seeds per arm" in split
     runs = runs_table(result)
     assert "| run | mean@8 at 10 | mean@8 at 20 | greedy at last | pass@8 at last |" in runs
     assert "| dense-s1 | 30.0 | 30.0 ± 2.0 | 55.0 | 60.0 | 1.055 -> 1.155 |" in runs
