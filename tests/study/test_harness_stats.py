@@ -7,16 +7,12 @@ import math
 
 import pytest
 
-from megatron_longact.study.harness import (
-    StudyConfig,
-    _rl_command,
+from megatron_longact.study.harness import StudyConfig, _rl_command, claim, collect
+from megatron_longact.study.report import (
     arm_summaries,
-    claim,
-    collect,
     details_table,
     gain_table,
     paired_table,
-    read_accuracy,
     read_curve,
     runs_table,
     split_table,
@@ -156,16 +152,11 @@ def test_rl_command_sets_arm_seed_and_held_out_evaluation(tmp_path):
         assert expected in command, (expected, command)
 
 
-def test_readers(tmp_path):
-    (tmp_path / "synthetic_kv.scores.json").write_text(json.dumps({"KV-Acc": 37.5}))
-    assert read_accuracy(tmp_path / "synthetic_kv.scores.json") == 0.375
+def test_read_curve(tmp_path):
     lines = [{"step": 1, "rollout/reward_mean": 0.5}, {"step": 1, "loss": 2.0},
              {"step": 2, "rollout/reward_mean": 0.75}]  # fmt: skip
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     assert read_curve(tmp_path / "m.jsonl") == {1: 0.5, 2: 0.75}
-    (tmp_path / "bad.json").write_text("{}")
-    with pytest.raises(ValueError, match="KV-Acc"):
-        read_accuracy(tmp_path / "bad.json")
 
 
 def test_a_run_claimed_by_a_live_process_is_left_to_it(tmp_path):
