@@ -22,13 +22,14 @@ sft_paths=("data.train_path=$OUT/data/sft_train.jsonl" "data.val_path=$OUT/data/
   "checkpoint.save_dir=$OUT/sft/checkpoints" "logging.tensorboard_dir=$OUT/sft/tensorboard")
 rl_paths=("data.train_path=$OUT/data/rl_train.jsonl" "checkpoint.load_dir=$OUT/sft/checkpoints"
   "checkpoint.save_dir=$OUT/rl/checkpoints" "logging.tensorboard_dir=$OUT/rl/tensorboard")
-# Both training stages run as NPROC data-parallel processes of one thread each: on 2 cores,
-# 1.6x the speed of one process with 2 threads (this model's matmuls are too small to split
-# across threads). torchrun's flags; megatron_longact.runtime.launch passes one-line errors.
-train=("${PYTHON:-python3}" -m megatron_longact.runtime.launch --standalone
+# Training and evaluation run as NPROC data-parallel processes of one thread each: on 2 cores,
+# training is 1.6x the speed of one process with 2 threads (this model's matmuls are too small
+# to split across threads) and an evaluation 1.3x (benchmarks/eval_sharding.py), with the same
+# predictions. torchrun's flags; megatron_longact.runtime.launch passes one-line errors.
+dp=("${PYTHON:-python3}" -m megatron_longact.runtime.launch --standalone
   --nproc-per-node "${NPROC:-2}" -m megatron_longact.cli)
-"${train[@]}" sft --config examples/quickstart_cpu.yaml "${sft_paths[@]}" "$@"
-"${train[@]}" rl --config examples/quickstart_rl_cpu.yaml "${rl_paths[@]}" "$@"
+"${dp[@]}" sft --config examples/quickstart_cpu.yaml "${sft_paths[@]}" "$@"
+"${dp[@]}" rl --config examples/quickstart_rl_cpu.yaml "${rl_paths[@]}" "$@"
 
 if [ ! -f "$OUT/hf/config.json" ]; then
   longact convert --direction mcore2hf --load "$OUT/rl/checkpoints" --out "$OUT/hf"
@@ -41,9 +42,9 @@ fi
 eval_args=(model.preset=tiny-qwen3 "eval.synthetic_kv_path=$OUT/data/rl_val.jsonl"
   "eval.ruler_lengths=[512]" eval.ruler_num_samples=8 eval.max_new_tokens=64
   eval.num_samples=8)
-longact eval "${eval_args[@]}" "checkpoint.load_dir=$OUT/sft/checkpoints" \
+"${dp[@]}" eval "${eval_args[@]}" "checkpoint.load_dir=$OUT/sft/checkpoints" \
   eval.model_name=SFT "eval.out_dir=$OUT/eval/sft"
-longact eval "${eval_args[@]}" "checkpoint.load_dir=$OUT/rl/checkpoints" \
+"${dp[@]}" eval "${eval_args[@]}" "checkpoint.load_dir=$OUT/rl/checkpoints" \
   "eval.model_name=SFT w/ DAPO + LongAct" "eval.out_dir=$OUT/eval/rl" \
   "eval.compare=[$OUT/eval/sft]"
 

@@ -66,9 +66,13 @@ def suite_generate(
 
 def native_backend(job: JobConfig, tokenizer) -> CompleteFn:
     """Greedy (temperature 0) or sampled decoding with the megatron model. All ranks call the
-    returned function with the same prompts (TP collectives); DP ranks all decode everything."""
+    returned function with the same prompts; the generation replicas (DP x CP) split each
+    call's engine batches between them (:func:`sharded_generate`) and all return every
+    response, the same ones one process would."""
+    from megatron.core import parallel_state
+
     from megatron_longact.models.gpt import load_architecture, make_transformer_config
-    from megatron_longact.rl.rollout.factory import stop_token_ids
+    from megatron_longact.rl.rollout.factory import replica_rank, stop_token_ids
     from megatron_longact.rl.rollout.native import NativeEngine
     from megatron_longact.rl.rollout.types import SamplingParams
     from megatron_longact.runtime.distributed import init_distributed
@@ -85,6 +89,8 @@ def native_backend(job: JobConfig, tokenizer) -> CompleteFn:
     engine = NativeEngine(model, pad_token_id=pad, batch_size=job.eval.batch_size)
     stops = stop_token_ids(tokenizer, [])
     dropped = set(stops)
+    rank, replicas = replica_rank()
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
 
     def generate(model_inputs: list[str], *, max_new_tokens: int, temperature: float | None = None,
                  seed: int | None = None) -> list[str]:  # fmt: skip
@@ -94,15 +100,69 @@ def native_backend(job: JobConfig, tokenizer) -> CompleteFn:
             seed=job.eval.seed if seed is None else seed,
         )  # fmt: skip
         ids = [tokenizer.encode(text, add_special_tokens=False) for text in model_inputs]
-        outputs = engine.generate(ids, params)
+        responses = sharded_generate(engine, ids, params, rank=rank, replicas=replicas,
+                                     group=group)  # fmt: skip
         return [
-            tokenizer.decode(
-                [t for t in out.response_ids if t not in dropped], skip_special_tokens=False
-            )  # fmt: skip
-            for out in outputs
+            tokenizer.decode([t for t in r if t not in dropped], skip_special_tokens=False)
+            for r in responses
         ]
 
     return generate
+
+
+def sharded_generate(
+    engine, prompts: list[list[int]], params, *, rank: int, replicas: int, group=None
+) -> list[list[int]]:
+    """Response token ids of ``prompts`` (one list per prompt, input order), decoded by
+    ``replicas`` generation replicas together: the call's engine batches (``engine.batch_size``
+    prompts each) are dealt round-robin, batch i to replica i % replicas, each seeded with
+    ``batch_seed(params.seed, i)`` as :meth:`NativeEngine.generate` seeds batch i of one call,
+    then gathered over ``group`` (the DP x CP group). So every replica returns exactly what
+    one process decoding the whole call returns, in 1 / replicas of the decode time when the
+    call holds at least ``replicas`` batches (the runner's calls do: :func:`eval_batch_size`).
+
+    Every rank makes the same number of ``engine.generate`` calls (an idle one passes no
+    prompts), so an MoE model's expert-parallel all-to-alls stay paired across replicas.
+    Collective over ``group`` when ``replicas`` > 1; all ranks call it with the same prompts.
+    """
+    import dataclasses
+    import math
+
+    import torch.distributed as dist
+
+    from megatron_longact.rl.rollout.native import batch_seed
+
+    if replicas == 1:
+        return [out.response_ids for out in engine.generate(prompts, params)]
+    size = engine.batch_size
+    batches = [prompts[start : start + size] for start in range(0, len(prompts), size)]
+    mine: dict[int, list[list[int]]] = {}
+    for round_ in range(math.ceil(len(batches) / replicas)):
+        index = round_ * replicas + rank
+        if index >= len(batches):
+            engine.generate([], params)
+            continue
+        seeded = dataclasses.replace(params, seed=batch_seed(params.seed, index))
+        mine[index] = [list(out.response_ids) for out in engine.generate(batches[index], seeded)]
+    gathered: list[dict[int, list[list[int]]] | None] = [None] * replicas
+    dist.all_gather_object(gathered, mine, group=group)
+    merged = {index: rows for part in gathered for index, rows in part.items()}
+    return [row for index in range(len(batches)) for row in merged[index]]
+
+
+def eval_batch_size(job: JobConfig) -> int:
+    """Prompts per greedy call of the runner: ``eval.batch_size`` for each generation replica
+    of the native backend, so that every replica gets an engine batch of the call
+    (:func:`sharded_generate`); the batches are those of one process, so the responses are
+    too. ``eval.batch_size`` for vLLM (one engine, its own batching), one process, or before
+    megatron's parallel state exists (another backend)."""
+    from megatron.core import parallel_state
+
+    from megatron_longact.rl.rollout.factory import replica_rank
+
+    if job.eval.backend != "native" or not parallel_state.model_parallel_is_initialized():
+        return job.eval.batch_size
+    return job.eval.batch_size * replica_rank()[1]
 
 
 def vllm_backend(job: JobConfig, tokenizer) -> CompleteFn:

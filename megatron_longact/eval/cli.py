@@ -15,6 +15,7 @@ from megatron_longact.eval.backends import (
     DEFAULT_MAX_NEW_TOKENS,
     Backend,
     chat_prompt,
+    eval_batch_size,
     has_chat_template,
     native_backend,
     suite_generate,
@@ -207,6 +208,14 @@ def _tables(job: JobConfig, runs) -> list[Path]:
     return written
 
 
+def done_on_every_rank(done: set[str]) -> set[str]:
+    """The sample ids finished on every rank (:data:`runner.DoneSync`). Collective over the
+    world."""
+    gathered: list[set[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, done)
+    return set.intersection(*gathered)
+
+
 def run_eval(job: JobConfig, *, backend: Backend | None = None) -> list[Path]:
     """Generates, scores and tabulates; returns the markdown tables (rank 0 writes them).
 
@@ -220,21 +229,22 @@ def run_eval(job: JobConfig, *, backend: Backend | None = None) -> list[Path]:
     runs = suite_runs(job, tokenizer)
     is_writer = not dist.is_initialized() or dist.get_rank() == 0
     out_dir = Path(job.eval.out_dir)
+    # Every rank generates (collectives inside the backend) and keeps its own predictions, so
+    # a resumed rank can differ from the others by the batch it was writing when killed.
+    rank_dir = out_dir if is_writer else out_dir / f".rank{dist.get_rank()}"
+    sync = done_on_every_rank if dist.is_initialized() and dist.get_world_size() > 1 else None
+    common = dict(out_dir=rank_dir, show_progress=is_writer and job.logging.progress,
+                  done_everywhere=sync)  # fmt: skip
     for _, suite, samples in runs:
         generate = suite_generate(
             complete, tokenizer, suite, max_new_tokens=job.eval.max_new_tokens
         )
-        scores = evaluate(suite, samples, generate, out_dir=out_dir if is_writer else
-                          out_dir / f".rank{dist.get_rank()}", batch_size=job.eval.batch_size,
-                          show_progress=is_writer and job.logging.progress)  # fmt: skip
+        scores = evaluate(suite, samples, generate, batch_size=eval_batch_size(job), **common)
         logger.info("%s: %s", suite.name, scores)
         if job.eval.num_samples > 0 and suite.followup_prompt is None:
             scores = evaluate_sampled(suite, samples, generate, num_samples=job.eval.num_samples,
                                       temperature=job.eval.sample_temperature, seed=job.eval.seed,
-                                      out_dir=out_dir if is_writer else
-                                      out_dir / f".rank{dist.get_rank()}",
-                                      batch_size=job.eval.batch_size,
-                                      show_progress=is_writer and job.logging.progress)  # fmt: skip
+                                      batch_size=job.eval.batch_size, **common)  # fmt: skip
             logger.info("%s sampled: %s", suite.name, scores)
     if not is_writer:
         return []

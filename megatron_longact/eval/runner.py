@@ -107,6 +107,15 @@ def _batches(suite: Suite[S], todo: list[tuple[str, S]], batch_size: int):
             yield budget, items[start : start + batch_size]
 
 
+DoneSync = Callable[[set[str]], set[str]]
+"""This rank's finished sample ids -> the ids finished on every rank that generates with it
+(their intersection; :func:`eval.cli.done_on_every_rank`)."""
+
+
+def _finished(done: dict[str, Record], done_everywhere: DoneSync | None) -> set[str]:
+    return set(done) if done_everywhere is None else done_everywhere(set(done))
+
+
 def evaluate(
     suite: Suite[S],
     samples: Sequence[S],
@@ -116,6 +125,7 @@ def evaluate(
     batch_size: int = DEFAULT_BATCH_SIZE,
     resume: bool = True,
     show_progress: bool = True,
+    done_everywhere: DoneSync | None = None,
 ) -> dict[str, float]:
     """Generate, score and aggregate ``samples``; returns ``suite.aggregate`` over all records.
 
@@ -128,8 +138,13 @@ def evaluate(
         batch_size: prompts per ``generate_fn`` call (and per flushed write).
         resume: skip samples already in the predictions file; False starts the file afresh.
         show_progress: draw a progress bar (rich) on the terminal.
+        done_everywhere: for ranks that generate together (each with its own predictions
+            file): maps this rank's finished ids to those finished on every rank
+            (:data:`DoneSync`), so that all ranks make the same ``generate_fn`` calls after a
+            resume; samples some rank lacks are generated again everywhere.
 
-    Call it on one process (rank 0) -- it does file I/O and no collectives.
+    File I/O only, no collectives of its own: one process, or every rank of a collective
+    ``generate_fn`` with ``done_everywhere``.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -147,7 +162,8 @@ def evaluate(
     wanted = set(ids)
     # Records of samples no longer asked for are kept on disk but not scored.
     done = {r["id"]: r for r in read_predictions(pred_file) if r.get("id") in wanted}
-    todo = [(i, s) for i, s in zip(ids, samples) if i not in done]
+    finished = _finished(done, done_everywhere)
+    todo = [(i, s) for i, s in zip(ids, samples) if i not in finished]
 
     with Progress(
         TextColumn(f"[bold]{suite.name}"),
@@ -156,7 +172,7 @@ def evaluate(
         TimeElapsedColumn(),
         disable=not show_progress,
     ) as progress:
-        bar = progress.add_task(suite.name, total=len(ids), completed=len(done))
+        bar = progress.add_task(suite.name, total=len(ids), completed=len(finished))
         for budget, batch in _batches(suite, todo, batch_size):
             responses = _generate(generate_fn, [suite.build_prompt(s) for _, s in batch], budget)
             first_turn: list[str] | None = None
@@ -235,6 +251,7 @@ def evaluate_sampled(
     batch_size: int = DEFAULT_BATCH_SIZE,
     resume: bool = True,
     show_progress: bool = True,
+    done_everywhere: DoneSync | None = None,
 ) -> dict[str, float]:
     """k = ``num_samples`` responses per prompt at ``temperature``; returns :func:`sampled_scores`.
 
@@ -243,7 +260,7 @@ def evaluate_sampled(
     :func:`sampled_suite_name`. ``batch_size`` prompts (x k rows) per ``sample_fn`` call, seeded
     by :func:`call_seed` from ``seed`` and the batch's first prompt: a whole run is reproducible
     (a resumed one draws fresh samples for what it generates). Resume skips prompts that have k
-    samples on disk. One process (rank 0), as :func:`evaluate`.
+    samples on disk. One process, or every rank with ``done_everywhere``, as :func:`evaluate`.
     """
     if num_samples < 1 or temperature <= 0:
         raise UserError(
@@ -266,10 +283,11 @@ def evaluate_sampled(
     wanted = set(ids)
     done = {r["id"]: r for r in read_predictions(pred_file)
             if r.get("id") in wanted and len(r.get("samples", ())) == num_samples}  # fmt: skip
-    todo = [(n, i, s) for n, (i, s) in enumerate(zip(ids, samples)) if i not in done]
+    finished = _finished(done, done_everywhere)
+    todo = [(n, i, s) for n, (i, s) in enumerate(zip(ids, samples)) if i not in finished]
     with Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), disable=not show_progress) as progress:  # fmt: skip
-        bar = progress.add_task(name, total=len(ids), completed=len(done))
+        bar = progress.add_task(name, total=len(ids), completed=len(finished))
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             prompts = [suite.build_prompt(s) for _, _, s in batch for _ in range(num_samples)]

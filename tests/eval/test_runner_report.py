@@ -63,6 +63,24 @@ def test_evaluate_writes_predictions_and_scores(tmp_path):
     assert load_scores(scores_path(tmp_path, suite.name)) == scores
 
 
+def test_resume_regenerates_what_another_rank_lacks(tmp_path):
+    """``done_everywhere`` (the ranks' common finished ids) decides what is left: a sample
+    this rank has but another lacks is generated again, and its new record wins."""
+    suite = longbench_v2.make_suite(max_prompt_tokens=None)
+    evaluate(suite, _samples(4), _oracle, out_dir=tmp_path, batch_size=2, show_progress=False)
+    asked: list[str] = []
+
+    def recording(prompts: list[str]) -> list[str]:
+        asked.extend(prompts)
+        return _oracle(prompts)
+
+    others_have = {"q0", "q1", "q2"}
+    scores = evaluate(suite, _samples(4), recording, out_dir=tmp_path, batch_size=2,
+                      show_progress=False, done_everywhere=lambda mine: mine & others_have)  # fmt: skip
+    assert len(asked) == 1 and "question: Q3" in asked[0]
+    assert scores["Overall"] == 100.0 and scores["num_samples"] == 4.0
+
+
 def test_a_crash_loses_only_the_batch_in_flight_and_resume_finishes(tmp_path):
     suite = longbench_v2.make_suite(max_prompt_tokens=None)
     calls = []
