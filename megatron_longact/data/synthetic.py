@@ -24,9 +24,11 @@ from megatron_longact.errors import UserError
 DEFAULT_NUM_FACTS = 4
 VALUE_MIN = 100  # values are 3-digit numbers: 3 tokens with per-digit tokenizers
 VALUE_MAX = 999
-# Filler sentences are drawn and tokenized in batches: one tokenizer call per batch is much
-# cheaper than one per sentence.
+# Filler sentences are drawn in batches of 64 (the draws define the data set: keep it) and
+# tokenized 8 at a time until the document is long enough: one tokenizer call per 8 is much
+# cheaper than one per sentence, and a short document needs only the first few of the 64.
 _FILLER_BATCH = 64
+_TOKENIZE_CHUNK = 8
 
 SOURCE = "synthetic_kv"  # the RL records' "source" field
 FACT_TEMPLATE = "The code of the {key} is {value}."
@@ -109,12 +111,16 @@ def _filler_sentences(
     total = 0
     while total < num_tokens:
         batch = [_filler_sentence(rng) for _ in range(_FILLER_BATCH)]
-        encoded = tokenizer([" " + s for s in batch], add_special_tokens=False)["input_ids"]
-        for sentence, ids in zip(batch, encoded):
+        for start in range(0, _FILLER_BATCH, _TOKENIZE_CHUNK):
             if total >= num_tokens:
                 break
-            sentences.append(sentence)
-            total += len(ids)
+            chunk = batch[start : start + _TOKENIZE_CHUNK]
+            encoded = tokenizer([" " + s for s in chunk], add_special_tokens=False)["input_ids"]
+            for sentence, ids in zip(chunk, encoded):
+                if total >= num_tokens:
+                    break
+                sentences.append(sentence)
+                total += len(ids)
     return sentences
 
 
