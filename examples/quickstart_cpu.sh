@@ -38,7 +38,7 @@ fi
 # Held-out tasks: the synthetic key-value retrieval (rl_val) and RULER NIAH at 512 tokens,
 # decoded with the megatron model itself (eval.backend=vllm takes the HF export): greedy, and
 # 8 samples per prompt at temperature 1 (mean@8 ± its standard error, pass@8). RL's effect
-# shows in the sampled accuracy (the policy RL trains); greedy accuracy stays within its noise.
+# shows in the sampled accuracy (the policy RL trains), if at all; greedy accuracy does not rise.
 eval_args=(model.preset=tiny-qwen3 "eval.synthetic_kv_path=$OUT/data/rl_val.jsonl"
   "eval.ruler_lengths=[512]" eval.ruler_num_samples=8 eval.max_new_tokens=64
   eval.num_samples=8)

@@ -4,7 +4,7 @@ Every ``rl.eval_interval`` steps (and before the first and after the last) the p
 the held-out prompts of ``eval.synthetic_kv_path`` with the rollout engine itself: k =
 ``eval.num_samples`` responses per prompt at ``eval.sample_temperature`` and one greedy
 response, scored with the training reward (``rl.reward``). Sampled accuracy is the lens that
-shows RL's effect at small scale (mean@k moves while greedy accuracy stays within its noise);
+shows RL's effect at small scale (mean@k rises while greedy accuracy does not: docs/study.md);
 the greedy pass is kept for comparison with ``longact eval``'s default.
 
 The sampling seed is the same at every evaluation (``eval.seed``), so consecutive points differ
