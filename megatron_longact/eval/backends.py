@@ -11,6 +11,8 @@ depend on megatron.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 
 from megatron_longact.config.schema import JobConfig
@@ -125,9 +127,6 @@ def sharded_generate(
     prompts), so an MoE model's expert-parallel all-to-alls stay paired across replicas.
     Collective over ``group`` when ``replicas`` > 1; all ranks call it with the same prompts.
     """
-    import dataclasses
-    import math
-
     import torch.distributed as dist
 
     from megatron_longact.rl.rollout.native import batch_seed

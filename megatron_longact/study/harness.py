@@ -37,8 +37,9 @@ from megatron_longact.study.report import (
     GREEDY_KEY,
     HELDOUT_KEY,
     HELDOUT_SE_KEY,
+    REWARD_KEY,
     StudyResult,
-    read_curve,
+    read_curves,
     write_report,
 )
 
@@ -211,18 +212,20 @@ def collect(out: Path, *, arms, seeds, num_samples: int = 8) -> StudyResult:
             metrics = out / "rl" / f"{arm}-s{seed}" / "tb" / "metrics.jsonl"
             if not (metrics.parent.parent / DONE_FILE).is_file():
                 continue
-            heldout = read_curve(metrics, key=HELDOUT_KEY)
+            pass_key = f"heldout/pass@{num_samples}"
+            curves = read_curves(metrics, [HELDOUT_KEY, REWARD_KEY, GREEDY_KEY, HELDOUT_SE_KEY,
+                                           pass_key])  # fmt: skip
+            heldout, greedy = curves[HELDOUT_KEY], curves[GREEDY_KEY]
             last = max(heldout)
             result.accuracy.setdefault(arm, {})[seed] = heldout[last]
             result.heldout.setdefault(arm, {})[seed] = heldout
-            result.curves.setdefault(arm, {})[seed] = read_curve(metrics)
-            result.greedy.setdefault(arm, {})[seed] = read_curve(metrics, key=GREEDY_KEY)[last]
-            result.eval_se.setdefault(arm, {})[seed] = read_curve(metrics, key=HELDOUT_SE_KEY)[last]
-            pass_k = read_curve(metrics, key=f"heldout/pass@{num_samples}")
-            result.pass_at_k.setdefault(arm, {})[seed] = pass_k.get(last, float("nan"))
+            result.curves.setdefault(arm, {})[seed] = curves[REWARD_KEY]
+            result.greedy.setdefault(arm, {})[seed] = greedy[last]
+            result.eval_se.setdefault(arm, {})[seed] = curves[HELDOUT_SE_KEY][last]
+            result.pass_at_k.setdefault(arm, {})[seed] = curves[pass_key].get(last, float("nan"))
             if 0 in heldout and result.sft_accuracy != result.sft_accuracy:  # step 0: the SFT model
                 result.sft_accuracy = heldout[0]
-                result.sft_greedy = read_curve(metrics, key=GREEDY_KEY)[0]
+                result.sft_greedy = greedy[0]
     if not result.accuracy:
         raise ValueError(f"{out / 'rl'}: no finished RL run to report")
     if result.sft_accuracy == result.sft_accuracy:  # runs that skipped step 0 start there too

@@ -31,15 +31,22 @@ HELDOUT_SE_KEY = "heldout/accuracy_se"
 GREEDY_KEY = "heldout/greedy_accuracy"
 
 
-def read_curve(metrics_jsonl: Path, *, key: str = REWARD_KEY) -> dict[int, float]:
-    """``{step: value}`` of one metric from a run's ``metrics.jsonl`` (last write wins)."""
-    curve = {}
+def read_curves(metrics_jsonl: Path, keys) -> dict[str, dict[int, float]]:
+    """``{key: {step: value}}`` for each of ``keys`` from a run's ``metrics.jsonl`` in one read
+    (last write wins; a key never logged maps to ``{}``)."""
+    curves: dict[str, dict[int, float]] = {key: {} for key in keys}
     for line in Path(metrics_jsonl).read_text().splitlines():
         if line.strip():
             record = json.loads(line)
-            if key in record:
-                curve[int(record["step"])] = float(record[key])
-    return curve
+            for key, curve in curves.items():
+                if key in record:
+                    curve[int(record["step"])] = float(record[key])
+    return curves
+
+
+def read_curve(metrics_jsonl: Path, *, key: str = REWARD_KEY) -> dict[int, float]:
+    """``{step: value}`` of one metric from a run's ``metrics.jsonl`` (:func:`read_curves`)."""
+    return read_curves(metrics_jsonl, [key])[key]
 
 
 @dataclass(kw_only=True)
